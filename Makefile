@@ -1,0 +1,47 @@
+# llmc: two commands on a fresh machine.
+#   make demo   create .venv, install llmc, compile a model for the CPU and generate text
+#   make test   install the dev extra and run the whole test suite
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+LLMC   := $(VENV)/bin/llmc
+DATA   := data
+TORCH  := torch==2.13.0
+
+.PHONY: demo test venv install install-dev lint clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+venv: $(VENV)/.created
+
+# torch is installed first, pinned, so that nothing later pulls another build.
+$(VENV)/.installed: $(VENV)/.created pyproject.toml
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[dev,onnx,serve,bench]'
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(PY) examples/demo.py --data-dir $(DATA)
+
+test: install-dev
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DATA) build *.egg-info

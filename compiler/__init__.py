@@ -1,0 +1,1 @@
+"""llmc front end: model files to llmc's IR."""

@@ -1,0 +1,45 @@
+"""What every front end hands to the compiler driver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmc.compiler.config import ModelConfig
+from llmc.compiler.tokenizer import LlmcTokenizer
+from llmc.compiler.weights import WeightStore
+from llmc.errors import InputError
+
+
+@dataclass
+class ModelSource:
+    """A loaded model: config, canonical-named weights, tokenizer and the files read."""
+
+    kind: str
+    path: Path
+    config: ModelConfig
+    weights: WeightStore
+    tokenizer: LlmcTokenizer | None
+    files: list[Path] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def load_source(path: str | Path) -> ModelSource:
+    """Load a model from a Hugging Face folder or a ``.gguf`` file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        from llmc.compiler.frontends.hf import load_hf_folder
+
+        return load_hf_folder(path)
+    if path.suffix == ".gguf" or _has_gguf_magic(path):
+        from llmc.compiler.frontends.gguf import load_gguf
+
+        return load_gguf(path)
+    raise InputError(f"{path}: not a model folder or a GGUF file")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"

@@ -1,0 +1,1 @@
+"""llmc passes: verified, timed, dumpable rewrites of the IR."""

@@ -1,0 +1,82 @@
+"""Named pipelines and custom pipeline strings (``"dce,fuse-qkv,quantize(int4,group=32)"``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from llmc.errors import LlmcError
+from llmc.passes.base import Pass
+
+PassFactory = Callable[..., Pass]
+PASSES: dict[str, PassFactory] = {}
+PIPELINES: dict[str, list[str]] = {"O0": []}
+
+
+def register_pass(factory: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry under its ``name``."""
+    if factory.name in PASSES:
+        raise ValueError(f"pass {factory.name!r} registered twice")
+    PASSES[factory.name] = factory
+    return factory
+
+
+def _load_builtin_passes() -> None:
+    import llmc.passes.builtin  # noqa: F401  (registers the passes)
+
+
+_ITEM = re.compile(r"\s*([a-z0-9_-]+)\s*(?:\((.*?)\))?\s*(?:,|$)")
+
+
+def _parse_value(text: str) -> Any:
+    text = text.strip()
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+
+def parse_pipeline(text: str) -> list[Pass]:
+    """Passes from a comma-separated string; arguments in parentheses (``k=v`` or positional)."""
+    _load_builtin_passes()
+    passes: list[Pass] = []
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        match = _ITEM.match(text, pos)
+        if match is None or match.end() == pos:
+            raise LlmcError(f"cannot parse pipeline {text!r} at {text[pos:]!r}")
+        name, raw_args = match.group(1), match.group(2)
+        pos = match.end()
+        if name not in PASSES:
+            raise LlmcError(f"unknown pass {name!r}; known passes: {', '.join(sorted(PASSES))}")
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        for part in filter(None, (p.strip() for p in (raw_args or "").split(","))):
+            key, eq, value = part.partition("=")
+            if eq:
+                kwargs[key.strip().replace("-", "_")] = _parse_value(value)
+            else:
+                args.append(_parse_value(part))
+        try:
+            passes.append(PASSES[name](*args, **kwargs))
+        except (TypeError, ValueError) as exc:
+            raise LlmcError(f"bad arguments for pass {name!r}: {exc}") from exc
+    return passes
+
+
+def pipeline_for(opt_level: int, target_ops: frozenset[str]) -> list[Pass]:
+    """The named pipeline ``O<opt_level>``, keeping only passes whose fused ops the target runs."""
+    _load_builtin_passes()
+    key = f"O{opt_level}"
+    if key not in PIPELINES:
+        raise LlmcError(f"unknown optimization level {opt_level}; levels: {', '.join(PIPELINES)}")
+    passes = parse_pipeline(",".join(PIPELINES[key])) if PIPELINES[key] else []
+    return [p for p in passes if p.produces <= target_ops]

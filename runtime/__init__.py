@@ -1,0 +1,1 @@
+"""llmc runtime: load artifacts, schedule and run generation, serve it."""

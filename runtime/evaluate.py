@@ -1,0 +1,99 @@
+"""Perplexity and reference divergence of an executor over a token sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmc.compiler.ir.batch import BatchLayout
+from llmc.errors import RequestError
+from llmc.runtime.kv_cache import BlockAllocator
+from llmc.targets.base import Executor, StepBatch
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def scored_logits(executor: Executor, ids: list[int], window: int | None = None,
+                  chunk: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(position, logits)`` predicting ``ids[position]`` for every position >= 1.
+
+    Texts longer than the context use a sliding window with half-window stride: each token is
+    scored once, with at least half a window of context (except at the start).
+    """
+    config = executor.config
+    window = min(window or config.max_position, config.max_position)
+    if len(ids) < 2:
+        raise RequestError("need at least two tokens to score")
+    spec = executor.kv_spec()
+    allocator = BlockAllocator(-(-window // spec.block_size), spec.block_size)
+    executor.init_cache(allocator.num_blocks)
+    stride = max(window // 2, 1)
+    scored_until = 1  # next position to score
+    start = 0
+    while scored_until < len(ids):
+        end = min(start + window, len(ids))
+        table = allocator.allocate(allocator.blocks_for(end - start))
+        for c0 in range(start, end, chunk):
+            c1 = min(c0 + chunk, end)
+            layout = BatchLayout((0,), (c1 - c0,), (c1 - start,))
+            rows = np.arange(c1 - c0)
+            logits = executor.step(StepBatch(np.asarray(ids[c0:c1]), layout, [table], rows))
+            for r in range(c1 - c0):
+                target = c0 + r + 1
+                if scored_until <= target < end:
+                    yield target, logits[r]
+            scored_until = max(scored_until, min(c1 + 1, end))
+        allocator.free(table)
+        if end == len(ids):
+            break
+        start += stride
+
+
+@dataclass
+class EvalResult:
+    tokens: int
+    mean_nll: float
+    perplexity: float
+    kl_mean: float | None = None
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return {
+            "tokens": self.tokens,
+            "mean_nll": self.mean_nll,
+            "perplexity": self.perplexity,
+            "kl_mean": self.kl_mean,
+            "top1_agreement": self.top1_agreement,
+        }
+
+
+def evaluate(executor: Executor, ids: list[int], reference: Executor | None = None,
+             window: int | None = None) -> EvalResult:
+    """Mean NLL and perplexity; with ``reference``, mean KL(reference || model) and top-1 agreement."""
+    nll: list[float] = []
+    kls: list[float] = []
+    agree = 0
+    ref_iter = scored_logits(reference, ids, window) if reference is not None else None
+    for position, logits in scored_logits(executor, ids, window):
+        logp = log_softmax(logits)
+        nll.append(-float(logp[ids[position]]))
+        if ref_iter is not None:
+            ref_pos, ref_logits = next(ref_iter)
+            assert ref_pos == position
+            ref_logp = log_softmax(ref_logits)
+            kls.append(float(np.sum(np.exp(ref_logp) * (ref_logp - logp))))
+            agree += int(np.argmax(ref_logits) == np.argmax(logits))
+    mean = float(np.mean(nll))
+    return EvalResult(
+        tokens=len(nll),
+        mean_nll=mean,
+        perplexity=float(np.exp(mean)),
+        kl_mean=float(np.mean(kls)) if kls else None,
+        top1_agreement=agree / len(nll) if ref_iter is not None else None,
+    )

@@ -1,0 +1,54 @@
+"""Human and JSON summaries of an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmc.runtime.artifact import IR_FILE, Artifact
+
+
+def summarize(path: Path) -> tuple[dict[str, Any], str]:
+    """A summary dict (with a ``text`` rendering) and the IR text."""
+    artifact = Artifact.load(path)
+    m = artifact.manifest
+    counts = artifact.module.op_counts()
+    weight_bytes = sum(int(r.get("bytes", 0)) for r in m["params"].values())
+    quant: dict[str, int] = {}
+    for record in m["params"].values():
+        key = record.get("quant") or record.get("dtype", "?")
+        quant[key] = quant.get(key, 0) + 1
+    summary: dict[str, Any] = {
+        "path": str(path),
+        "schema_version": m["schema_version"],
+        "llmc_version": m["llmc_version"],
+        "source": m["source"],
+        "target": m["target"],
+        "model": m["model"],
+        "pipeline": m["pipeline"],
+        "op_counts": counts,
+        "param_count": len(m["params"]),
+        "weight_bytes": weight_bytes,
+        "weight_types": quant,
+        "quality": m.get("quality"),
+    }
+    lines = [
+        f"artifact     {path}",
+        f"llmc         {m['llmc_version']} (schema {m['schema_version']})",
+        f"source       {m['source']['kind']} {m['source']['path']}",
+        f"target       {m['target']['name']} {m['target'].get('options', {})}",
+        f"model        {m['model']['num_layers']} layers, hidden {m['model']['hidden_size']}, "
+        f"heads {m['model']['num_heads']}/{m['model']['num_kv_heads']}, vocab {m['model']['vocab_size']}",
+        f"weights      {len(m['params'])} params, {weight_bytes / 2**20:.2f} MiB, types {quant}",
+        f"pipeline     O{m['pipeline']['opt_level']}"
+        + (f" custom {m['pipeline']['custom']!r}" if m["pipeline"].get("custom") else ""),
+    ]
+    for record in m["pipeline"]["passes"]:
+        lines.append(f"  {record['name']:<28} changed={record['changed']!s:<5} {record['seconds'] * 1e3:8.2f} ms "
+                     f"{record['stats']}")
+    if m.get("quality"):
+        lines.append(f"quality      {m['quality']}")
+    for fn_name, fn_counts in counts.items():
+        lines.append(f"ops {fn_name:<8} " + ", ".join(f"{op}={n}" for op, n in fn_counts.items()))
+    summary["text"] = "\n".join(lines)
+    return summary, (path / IR_FILE).read_text()

@@ -1,0 +1,1 @@
+"""llmc targets: code generators from the optimized IR to runnable artifacts."""
