@@ -1,0 +1,70 @@
+"""Small helpers shared by tests: drive an executor or the interpreter step by step."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.compiler.ir.batch import BatchLayout
+from llmc.compiler.ir.interp import Interpreter, NumpyKVCache
+from llmc.targets.base import Executor, StepBatch
+
+
+class SequenceDriver:
+    """Feeds tokens of several sequences to an executor with simple per-sequence block tables."""
+
+    def __init__(self, executor: Executor, blocks_per_seq: int = 16, max_seqs: int = 8) -> None:
+        self.executor = executor
+        spec = executor.kv_spec()
+        self.block_size = spec.block_size
+        self.blocks_per_seq = blocks_per_seq
+        executor.init_cache(blocks_per_seq * max_seqs)
+        self.lengths: dict[int, int] = {}
+
+    def table(self, seq: int) -> list[int]:
+        return list(range(seq * self.blocks_per_seq, (seq + 1) * self.blocks_per_seq))
+
+    def step(self, chunks: dict[int, list[int]], all_rows: bool = True) -> list[np.ndarray]:
+        """Feed ``chunks[seq]`` for each seq; returns logits per seq (all rows or the last)."""
+        seqs = list(chunks)
+        qlens = tuple(len(chunks[s]) for s in seqs)
+        ctx = tuple(self.lengths.get(s, 0) + q for s, q in zip(seqs, qlens, strict=True))
+        layout = BatchLayout(tuple(seqs), qlens, ctx)
+        ids = np.concatenate([np.asarray(chunks[s], dtype=np.int64) for s in seqs])
+        rows = np.arange(layout.num_tokens) if all_rows else np.asarray(layout.last_token_rows())
+        logits = self.executor.step(StepBatch(ids, layout, [self.table(s) for s in seqs], rows))
+        for s, c in zip(seqs, ctx, strict=True):
+            self.lengths[s] = c
+        out, start = [], 0
+        for q in qlens:
+            n = q if all_rows else 1
+            out.append(logits[start : start + n])
+            start += n
+        return out
+
+
+def interpret(module, weights, chunks_per_step: list[dict[int, list[int]]], dtype=np.float64) -> list[list[np.ndarray]]:
+    """Run the reference interpreter over successive steps; returns all-row logits per seq per step."""
+    interp = Interpreter(module, weights, dtype)
+    kv = NumpyKVCache()
+    lengths: dict[int, int] = {}
+    results = []
+    for chunks in chunks_per_step:
+        seqs = list(chunks)
+        qlens = tuple(len(chunks[s]) for s in seqs)
+        ctx = tuple(lengths.get(s, 0) + q for s, q in zip(seqs, qlens, strict=True))
+        layout = BatchLayout(tuple(seqs), qlens, ctx)
+        ids = np.concatenate([np.asarray(chunks[s], dtype=np.int64) for s in seqs])
+        out = interp.run(
+            "prefill",
+            {"input_ids": ids, "positions": np.asarray(layout.positions()),
+             "logits_index": np.arange(layout.num_tokens)},
+            layout,
+            kv,
+        )["logits"]
+        lengths.update(dict(zip(seqs, ctx, strict=True)))
+        per_seq, start = [], 0
+        for q in qlens:
+            per_seq.append(out[start : start + q])
+            start += q
+        results.append(per_seq)
+    return results
