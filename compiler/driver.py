@@ -23,6 +23,9 @@ from llmc.targets.registry import get_target
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+# --quant: "none" keeps weights as loaded (GGUF blocks dequantized to float32); "native" keeps
+# GGUF Q8_0/Q4_0/Q4_1 blocks as QuantizedTensor bit for bit; fp16..int4 are the quantization passes.
+QUANT_MODES = ("none", "fp16", "bf16", "int8", "int4", "native")
 
 
 @dataclass
@@ -36,10 +39,26 @@ class CompileOptions:
     dump_ir: Path | None = None
     device: str = "cpu"
     target_options: dict[str, Any] = field(default_factory=dict)
+    quant: str = "none"
+    group_size: int = 32
+    sym: bool | None = None
+    """Symmetric quantization (None: int8 symmetric, int4 asymmetric)."""
+    calib_file: Path | None = None
+    quant_override: tuple[str, ...] = ()
+    eval_file: Path | None = None
+    max_ppl_increase: str | float | None = None
+    auto_escalate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quant not in QUANT_MODES:
+            raise LlmcError(f"unknown --quant {self.quant!r}; choose from {', '.join(QUANT_MODES)}")
 
     def manifest_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["dump_ir"] = str(self.dump_ir) if self.dump_ir else None
+        for key in ("calib_file", "eval_file"):
+            data[key] = str(data[key]) if data[key] else None
+        data["quant_override"] = list(self.quant_override)
         return data
 
 
@@ -72,8 +91,10 @@ def frontend_module(source: ModelSource, dtype: str | None) -> Module:
 
 
 def optimize(module: Module, weights: WeightStore, options: CompileOptions, target_ops: frozenset[str],
-             target_name: str) -> tuple[Module, PassManager]:
-    passes = parse_pipeline(options.passes) if options.passes else pipeline_for(options.opt_level, target_ops)
+             target_name: str, preferred: list[str] | None = None) -> tuple[Module, PassManager]:
+    """Run ``--passes`` or the ``O<n>`` pipeline (``preferred``: the target's own list for that level)."""
+    passes = (parse_pipeline(options.passes) if options.passes
+              else pipeline_for(options.opt_level, target_ops, preferred))
     manager = PassManager(passes, verify=True, dump_dir=options.dump_ir)
     ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name, options=options.target_options)
     return manager.run(module, ctx), manager
@@ -82,12 +103,27 @@ def optimize(module: Module, weights: WeightStore, options: CompileOptions, targ
 def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions) -> Path:
     """Compile a model file or folder into an artifact directory; returns its path."""
     target = get_target(options.target)
-    source = load_source(source_path)
+    source = load_source(source_path, native_quant=options.quant == "native")
+    if options.quant == "native" and source.kind != "gguf":
+        raise LlmcError(f"{source_path}: --quant native keeps GGUF quant blocks; this source is {source.kind!r}, "
+                        "not a GGUF file")
     module = frontend_module(source, options.dtype)
-    module, manager = optimize(module, source.weights, options, target.fused_ops, target.name)
+    module, manager = optimize(module, source.weights, options, target.fused_ops, target.name,
+                               target.preferred_passes(options.opt_level))
+    quant_manifest: dict[str, Any] = {}
+    if options.quant != "none" or options.eval_file is not None:
+        from llmc.compiler.quantization import quantize_and_gate  # last pass: after the fusions
+
+        quant = quantize_and_gate(module, source.weights, options, source.tokenizer, target.fused_ops, target.name)
+        module = quant.module
+        manager.records.extend(quant.records)
+        quant_manifest = quant.manifest
     out = Path(out)
     with ArtifactWriter(out) as writer:
-        writer.write_weights(module, source.weights)
+        if target.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
+            writer.record_weights(module, source.weights)
+        else:
+            writer.write_weights(module, source.weights)
         writer.write_ir(module)
         writer.write_tokenizer(source.tokenizer)
         emitted = target.emit(module, source.weights, writer, {"device": options.device, **options.target_options})
@@ -99,7 +135,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             },
             "model": source.config.to_dict(),
             "target": {"name": target.name, "options": emitted.options, "files": emitted.files,
-                       "notes": emitted.notes},
+                       "notes": emitted.notes, "stores_weights": target.stores_weights},
             "compile_options": options.manifest_dict(),
             "pipeline": {
                 "opt_level": options.opt_level,
@@ -115,6 +151,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             },
             "op_counts": module.op_counts(),
             "tokenizer": source.tokenizer is not None,
+            **quant_manifest,
         }
         return writer.finish(manifest)
 

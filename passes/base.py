@@ -19,13 +19,19 @@ class PassContext:
     target_ops: frozenset[str]
     target_name: str = "reference"
     options: dict[str, Any] = field(default_factory=dict)
+    derived_params: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Params made by concatenating others (name -> sources), so functions share them."""
 
 
 @dataclass
 class PassResult:
+    """The rewritten module, whether anything changed, counters (``matches``, ``rejected``,
+    ...) and, for rule passes, how many matches each reason rejected."""
+
     module: Module
     changed: bool
     stats: dict[str, int] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)
 
 
 class Pass(ABC):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.compiler.ir.graph import Module
+from llmc.compiler.ir.ops import OPS
 from llmc.compiler.ir.printer import print_module
 from llmc.compiler.ir.verify import verify_module
 from llmc.errors import IRError, LlmcError, PassError
@@ -16,13 +17,26 @@ from llmc.passes.base import Pass, PassContext
 
 @dataclass
 class PassRecord:
+    """What one pass did: for the manifest, ``llmc inspect`` and ``--dump-ir`` readers."""
+
     name: str
     changed: bool
     seconds: float
     stats: dict[str, int] = field(default_factory=dict)
+    rejections: dict[str, int] = field(default_factory=dict)
+    nodes_before: int = 0
+    nodes_after: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "changed": self.changed, "seconds": round(self.seconds, 6), "stats": self.stats}
+        data: dict[str, Any] = {"name": self.name, "changed": self.changed, "seconds": round(self.seconds, 6),
+                                "stats": self.stats, "nodes": [self.nodes_before, self.nodes_after]}
+        if self.rejections:
+            data["rejections"] = self.rejections
+        return data
+
+
+def _node_count(module: Module) -> int:
+    return sum(len(fn.nodes) for fn in module)
 
 
 class PassManager:
@@ -53,14 +67,29 @@ class PassManager:
                 try:
                     verify_module(result.module)
                 except IRError as exc:
+                    self._dump(number, f"{p.name}.broken", result.module)
                     raise PassError(
                         f"pass {p.describe()!r} left the IR malformed: {exc} (passes run before: {done or 'none'})"
                     ) from exc
+            self.records.append(PassRecord(p.describe(), result.changed, elapsed, dict(result.stats),
+                                           dict(result.rejections), _node_count(module),
+                                           _node_count(result.module)))
             module = result.module
-            self.records.append(PassRecord(p.describe(), result.changed, elapsed, dict(result.stats)))
             self._dump(number, p.name, module)
             done.append(p.describe())
+        self._check_ops(module, ctx, done)
         return module
+
+    @staticmethod
+    def _check_ops(module: Module, ctx: PassContext, done: list[str]) -> None:
+        """No pipeline may leave a fused op the target cannot lower."""
+        for fn in module:
+            for node in fn.nodes:
+                if OPS[node.op].fused and node.op not in ctx.target_ops:
+                    raise PassError(
+                        f"function {fn.name!r} contains fused op {node.op!r}, which target "
+                        f"{ctx.target_name!r} cannot run (passes run: {done or 'none'})"
+                    )
 
     def _check_target(self, ctx: PassContext) -> None:
         for p in self.passes:

@@ -11,7 +11,20 @@ from llmc.passes.base import Pass
 
 PassFactory = Callable[..., Pass]
 PASSES: dict[str, PassFactory] = {}
-PIPELINES: dict[str, list[str]] = {"O0": []}
+CLEANUP = ["share-tied-weights", "cse", "dce"]
+FUSIONS = ["fuse-qkv", "fuse-gate-up", "fuse-add-rmsnorm", "fold-rope"]
+PIPELINES: dict[str, list[str]] = {
+    "O0": [],
+    "O1": list(CLEANUP),
+    "O2": ["share-tied-weights", *FUSIONS, "cse", "dce"],
+    "O3": ["share-tied-weights", *FUSIONS, "cse", "dce"],
+}
+PIPELINE_DOCS: dict[str, str] = {
+    "O0": "nothing: the front end's graph as built",
+    "O1": "cleanup: share tied weights, merge common subexpressions, remove dead code",
+    "O2": "O1 + fusions the target lowers (the default)",
+    "O3": "O2 + layout/extra passes the target asks for (Target.preferred_passes)",
+}
 
 
 def register_pass(factory: type[Pass]) -> type[Pass]:
@@ -72,11 +85,13 @@ def parse_pipeline(text: str) -> list[Pass]:
     return passes
 
 
-def pipeline_for(opt_level: int, target_ops: frozenset[str]) -> list[Pass]:
-    """The named pipeline ``O<opt_level>``, keeping only passes whose fused ops the target runs."""
+def pipeline_for(opt_level: int, target_ops: frozenset[str], preferred: list[str] | None = None) -> list[Pass]:
+    """The named pipeline ``O<opt_level>`` (or the target's ``preferred`` pass list for that
+    level), keeping only passes whose fused ops the target runs."""
     _load_builtin_passes()
     key = f"O{opt_level}"
     if key not in PIPELINES:
         raise LlmcError(f"unknown optimization level {opt_level}; levels: {', '.join(PIPELINES)}")
-    passes = parse_pipeline(",".join(PIPELINES[key])) if PIPELINES[key] else []
+    names = PIPELINES[key] if preferred is None else preferred
+    passes = parse_pipeline(",".join(names)) if names else []
     return [p for p in passes if p.produces <= target_ops]

@@ -100,6 +100,11 @@ class ArtifactWriter:
         tensors, self.param_records = flatten_weights(used)
         save_file(tensors, str(self.path(WEIGHTS_FILE)), metadata={"format": "llmc"})
 
+    def record_weights(self, module: Module, weights: WeightStore) -> None:
+        """Record the params in the manifest without writing ``weights/`` (the target payload holds them)."""
+        used = {name: weights[name] for name in sorted(module.referenced_params())}
+        self.param_records = flatten_weights(used)[1]
+
     def write_ir(self, module: Module) -> None:
         self.path(IR_FILE).write_text(print_module(module))
 
@@ -162,7 +167,11 @@ class Artifact:
         return LlmcTokenizer.load(directory) if directory.exists() else None
 
     def weights(self) -> WeightStore:
-        """Every param, loaded lazily from the weights file."""
+        """Every param, loaded lazily from the weights file (or from the target payload when it holds them)."""
+        if self.manifest["target"].get("stores_weights") and not self.file(WEIGHTS_FILE).exists():
+            from llmc.targets.registry import get_target
+
+            return get_target(self.target).read_weights(self)
         path = str(self.file(WEIGHTS_FILE))
         store = WeightStore()
         for name, record in self.manifest["params"].items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,19 +73,45 @@ class EvalResult:
         }
 
 
-def evaluate(executor: Executor, ids: list[int], reference: Executor | None = None,
+def reference_logits(executor: Executor, ids: list[int], window: int | None = None) -> list[tuple[int, np.ndarray]]:
+    """Every ``(position, logits)`` of :func:`scored_logits`, kept to compare many models against."""
+    return [(pos, np.asarray(logits, dtype=np.float32).copy()) for pos, logits in scored_logits(executor, ids, window)]
+
+
+def evaluate(executor: Executor, ids: list[int], reference: Executor | list[tuple[int, np.ndarray]] | None = None,
              window: int | None = None) -> EvalResult:
-    """Mean NLL and perplexity; with ``reference``, mean KL(reference || model) and top-1 agreement."""
+    """Mean NLL and perplexity; with ``reference`` (an executor, or logits from :func:`reference_logits`
+    over the same ids and window), mean KL(reference || model) and top-1 agreement."""
+    vocab = executor.config.vocab_size
+    if isinstance(reference, Executor) and reference.config.vocab_size != vocab:
+        raise RequestError(
+            f"the reference model has a vocabulary of {reference.config.vocab_size} tokens, this one {vocab}: "
+            "KL divergence needs the same tokenizer"
+        )
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"token ids {bad[:5]} are outside the vocabulary of {vocab}")
+    ref_iter: Iterator[tuple[int, np.ndarray]] | None = None
+    if isinstance(reference, Executor):
+        ref_iter = scored_logits(reference, ids, window)
+    elif reference is not None:
+        ref_iter = iter(reference)
+    return score(scored_logits(executor, ids, window), ids, ref_iter)
+
+
+def score(scored: Iterable[tuple[int, np.ndarray]], ids: list[int],
+          ref_iter: Iterator[tuple[int, np.ndarray]] | None = None) -> EvalResult:
+    """Mean NLL, perplexity (and KL/top-1 against ``ref_iter``) of ``(position, logits)`` pairs."""
     nll: list[float] = []
     kls: list[float] = []
     agree = 0
-    ref_iter = scored_logits(reference, ids, window) if reference is not None else None
-    for position, logits in scored_logits(executor, ids, window):
+    for position, logits in scored:
         logp = log_softmax(logits)
         nll.append(-float(logp[ids[position]]))
         if ref_iter is not None:
-            ref_pos, ref_logits = next(ref_iter)
-            assert ref_pos == position
+            ref_pos, ref_logits = next(ref_iter, (-1, None))
+            if ref_pos != position or ref_logits is None:
+                raise RequestError("the reference logits do not cover the same tokens and window")
             ref_logp = log_softmax(ref_logits)
             kls.append(float(np.sum(np.exp(ref_logp) * (ref_logp - logp))))
             agree += int(np.argmax(ref_logits) == np.argmax(logits))

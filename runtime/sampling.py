@@ -1,4 +1,15 @@
-"""Sampling parameters and the token sampler."""
+"""Sampling parameters and the batched token sampler.
+
+:func:`sample_batch` picks the next token of every row of a ``[B, vocab]`` logits array at
+once (NumPy over the whole batch): penalties, temperature, top-k, top-p and min-p masks,
+then an inverse-CDF draw whose uniform number comes from each request's own generator, so
+a seeded request gives the same tokens whatever else is in the batch. Greedy rows take the
+argmax. Logprobs are those of the model's raw distribution (before penalties and
+temperature), as the OpenAI API reports them.
+
+Stop strings are applied to text by :mod:`llmc.runtime.detokenizer`; stop token ids, EOS and
+``max_tokens`` by :meth:`RequestSampler.check_stop`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +22,7 @@ from llmc.errors import RequestError
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop."""
+    """How to pick tokens and when to stop (field names follow the OpenAI API)."""
 
     max_tokens: int = 64
     temperature: float = 1.0
@@ -26,8 +37,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -40,37 +56,140 @@ class SamplingParams:
             raise RequestError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise RequestError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
-
-def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """Next-token probabilities after temperature, top-k, top-p and min-p (float64)."""
-    x = logits.astype(np.float64) / max(params.temperature, 1e-6)
-    if params.top_k > 0 and params.top_k < x.shape[-1]:
-        kth = np.partition(x, -params.top_k)[-params.top_k]
-        x = np.where(x < kth, -np.inf, x)
-    probs = np.exp(x - x.max())
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
-        keep = cumulative - probs[order] < params.top_p  # always keeps the top token
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-    if params.min_p > 0:
-        probs = np.where(probs >= params.min_p * probs.max(), probs, 0.0)
-    return probs / probs.sum()
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from ``logits [vocab]``: argmax when greedy, else a filtered draw."""
-    if params.greedy:
-        return int(np.argmax(logits))
-    probs = filtered_probs(logits, params)
-    return int(rng.choice(probs.shape[-1], p=probs))
+@dataclass
+class TokenLogprobs:
+    """The chosen token's logprob and the ``n`` most likely alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class RequestSampler:
+    """Per-request sampling state: the parameters, a private generator and penalty counts."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int]) -> None:
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+        self.prompt_ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
+        self.output_ids: list[int] = []
+        self.stop_ids = stop_ids
+
+    def check_stop(self, token: int) -> str | None:
+        """Record ``token``; returns ``'stop'`` or ``'length'`` when the request is done."""
+        self.output_ids.append(token)
+        if token in self.stop_ids:
+            return "stop"
+        if len(self.output_ids) >= self.params.max_tokens:
+            return "length"
+        return None
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def apply_penalties(x: np.ndarray, samplers: list[RequestSampler]) -> None:
+    """Repetition (prompt and output tokens), presence and frequency (output tokens) in place."""
+    for r, s in enumerate(samplers):
+        p = s.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = np.union1d(s.prompt_ids, np.asarray(s.output_ids, dtype=np.int64))
+            vals = x[r, seen]
+            x[r, seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if s.output_ids and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = np.unique(np.asarray(s.output_ids, dtype=np.int64), return_counts=True)
+            x[r, ids] -= p.frequency_penalty * counts + p.presence_penalty
+
+
+def filter_probs(x: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
+                 min_p: np.ndarray) -> np.ndarray:
+    """Probabilities ``[B, V]`` (float64) after temperature, top-k, top-p and min-p, per row."""
+    x = x.astype(np.float64) / temperature[:, None]
+    vocab = x.shape[1]
+    if np.any((top_k > 0) & (top_k < vocab)):
+        k = np.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        kth = -np.sort(-x, axis=1)[np.arange(len(k)), k - 1]  # ties with the k-th value are kept
+        x = np.where(x < kth[:, None], -np.inf, x)
+    probs = np.exp(x - x.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    if np.any(top_p < 1.0):
+        order = np.argsort(-probs, axis=1, kind="stable")
+        sorted_p = np.take_along_axis(probs, order, axis=1)
+        keep_sorted = np.cumsum(sorted_p, axis=1) - sorted_p < top_p[:, None]  # the top token always stays
+        keep = np.empty_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=1)
+        probs = np.where(keep, probs, 0.0)
+    if np.any(min_p > 0):
+        probs = np.where(probs >= (min_p[:, None] * probs.max(axis=1, keepdims=True)), probs, 0.0)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def draw(probs: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """Inverse-CDF draw per row: the first token whose cumulative mass exceeds ``u * total``."""
+    cdf = np.cumsum(probs, axis=1)
+    idx = (cdf <= uniforms[:, None] * cdf[:, -1:]).sum(axis=1)
+    return np.minimum(idx, probs.shape[1] - 1)
+
+
+def top_logprobs(logp: np.ndarray, tokens: np.ndarray, n: list[int | None]) -> list[TokenLogprobs | None]:
+    out: list[TokenLogprobs | None] = []
+    for r, k in enumerate(n):
+        if k is None:
+            out.append(None)
+            continue
+        top: list[tuple[int, float]] = []
+        if k > 0:
+            ids = np.argpartition(-logp[r], k - 1)[:k]
+            ids = ids[np.argsort(-logp[r, ids], kind="stable")]
+            top = [(int(i), float(logp[r, i])) for i in ids]
+        out.append(TokenLogprobs(int(tokens[r]), float(logp[r, tokens[r]]), top))
+    return out
+
+
+def sample_batch(logits: np.ndarray, samplers: list[RequestSampler]) -> tuple[np.ndarray, list[TokenLogprobs | None]]:
+    """Next token of every row of ``logits [B, V]``; returns (token ids [B], logprobs per row)."""
+    logits = np.asarray(logits, dtype=np.float32)
+    want_lp = [s.params.logprobs for s in samplers]
+    logp = log_softmax(logits) if any(n is not None for n in want_lp) else None
+    x = logits
+    if any(s.params.has_penalties for s in samplers):
+        x = logits.copy()
+        apply_penalties(x, samplers)
+    tokens = np.argmax(x, axis=1)
+    rand = [r for r, s in enumerate(samplers) if not s.params.greedy]
+    if rand:
+        ps = [samplers[r].params for r in rand]
+        probs = filter_probs(
+            x[rand],
+            np.array([p.temperature for p in ps]),
+            np.array([p.top_k for p in ps], dtype=np.int64),
+            np.array([p.top_p for p in ps]),
+            np.array([p.min_p for p in ps]),
+        )
+        uniforms = np.array([samplers[r].rng.random() for r in rand])
+        tokens[rand] = draw(probs, uniforms)
+    lps = top_logprobs(logp, tokens, want_lp) if logp is not None else [None] * len(samplers)
+    return tokens, lps

@@ -92,6 +92,14 @@ class Executor(ABC):
         """Copy cache blocks ``src -> dst`` (for copy-on-write prefix sharing)."""
         raise NotImplementedError
 
+    def release(self, seq_id: int) -> None:
+        """Sequence ``seq_id`` finished: drop any per-sequence state the executor keeps.
+
+        Executors that use the runtime's block tables keep none (the default is a no-op); the
+        runtime calls this when it frees a sequence's blocks. Executors whose cache pages
+        internally (tvm) free the sequence's pages here.
+        """
+
 
 class Target(ABC):
     """A code generator plus the loader of what it generates."""
@@ -100,6 +108,9 @@ class Target(ABC):
     doc: ClassVar[str]
     fused_ops: ClassVar[frozenset[str]] = frozenset()
     quant_bits: ClassVar[frozenset[int]] = frozenset({4, 8})
+    stores_weights: ClassVar[bool] = False
+    """True when the payload holds the weights itself: the driver then writes no ``weights/`` copy
+    and :meth:`read_weights` reads them back from the payload."""
 
     def availability(self) -> str | None:
         """None when usable here, else the reason it is not."""
@@ -116,3 +127,9 @@ class Target(ABC):
     @abstractmethod
     def load(self, artifact: Artifact, **options: Any) -> Executor:
         """Load an artifact written by :meth:`emit`."""
+
+    def read_weights(self, artifact: Artifact) -> WeightStore:
+        """The params of an artifact whose payload stores them (``stores_weights``)."""
+        from llmc.errors import ArtifactError
+
+        raise ArtifactError(f"{artifact.path}: target {self.name!r} keeps no weights in its payload")

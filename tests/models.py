@@ -49,3 +49,53 @@ def write_random_hf_model(directory: Path, seed: int = 0, **overrides: Any) -> P
     model.eval()
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_level_tokenizer(vocab_size: int, printable_only: bool = False) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` without merges (one token per byte) plus the
+    special tokens ``<s>`` (0, added as BOS), ``<|im_start|>`` (1) and ``<|im_end|>`` (2).
+
+    ``printable_only`` keeps only the bytes of printable ASCII and newline (99 tokens in all),
+    so that every id a random model samples decodes to readable text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if printable_only:
+        alphabet = [_byte_level_char(b) for b in [10, *range(32, 127)]]
+    vocab = {"<s>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    assert len(vocab) <= vocab_size
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "<|im_start|>", "<|im_end|>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return tok
+
+
+def _byte_level_char(byte: int) -> str:
+    """The character GPT-2's byte-level alphabet spells ``byte`` with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if byte in printable:
+        return chr(byte)
+    return chr(256 + [b for b in range(256) if b not in printable].index(byte))
+
+
+def write_byte_level_tokenizer(directory: Path, vocab_size: int, chat_template: str = CHATML_TEMPLATE,
+                               printable_only: bool = False) -> Path:
+    """Add ``tokenizer.json`` and a ``tokenizer_config.json`` (ChatML template, EOS ``<|im_end|>``)
+    to a model folder."""
+    import json
+
+    byte_level_tokenizer(vocab_size, printable_only).save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": {"content": "<|im_end|>"}, "chat_template": chat_template,
+    }))
+    return directory

@@ -24,8 +24,11 @@ class ModelSource:
     meta: dict[str, str] = field(default_factory=dict)
 
 
-def load_source(path: str | Path) -> ModelSource:
-    """Load a model from a Hugging Face folder or a ``.gguf`` file."""
+def load_source(path: str | Path, native_quant: bool = False) -> ModelSource:
+    """Load a model from a Hugging Face folder or a ``.gguf`` file.
+
+    ``native_quant`` keeps GGUF Q8_0/Q4_0/Q4_1 blocks quantized (else they are dequantized).
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
@@ -36,7 +39,7 @@ def load_source(path: str | Path) -> ModelSource:
     if path.suffix == ".gguf" or _has_gguf_magic(path):
         from llmc.compiler.frontends.gguf import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, native_quant=native_quant)
     raise InputError(f"{path}: not a model folder or a GGUF file")
 
 

@@ -23,7 +23,8 @@ from llmc.compiler.ir.rope import cos_sin
 from llmc.compiler.weights import WeightStore
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
-from llmc.targets.torch.weights import PackedWeight, TorchWeight, float_weight, to_torch_weight
+from llmc.targets.torch.invariant import invariant_attend, invariant_step
+from llmc.targets.torch.weights import PackedWeight, TorchWeight, linear, to_torch_weight
 
 
 @dataclass
@@ -72,6 +73,7 @@ class TorchExecutor(Executor):
         block_size: int = 16,
         activation_dtype: str = "float32",
         threads: int | None = None,
+        deterministic: bool = False,
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
@@ -83,14 +85,28 @@ class TorchExecutor(Executor):
         self.torch_device = torch.device(device)
         self.block_size = block_size
         self.act_dtype = getattr(torch, activation_dtype)
+        self.deterministic = deterministic  # batch-invariant kernels (targets/torch/invariant.py)
         self.params: dict[str, TorchWeight] = {
             name: to_torch_weight(weights[name], self.torch_device) for name in sorted(module.referenced_params())
         }
+        self._prepare_kernels(module)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.programs = {fn.name: self._lower(fn) for fn in module}
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _prepare_kernels(self, module: Module) -> None:
+        """Move packed weights read only by ``linear`` into torch's low-precision kernel layouts."""
+        uses: dict[str, set[str]] = {}
+        for fn in module:
+            for node in fn.nodes:
+                for value in node.inputs:
+                    if value.node.op == "param":
+                        uses.setdefault(str(value.node.attrs["name"]), set()).add(node.op)
+        for name, weight in self.params.items():
+            if isinstance(weight, PackedWeight) and uses.get(name) == {"linear"} and self.act_dtype == torch.float32:
+                weight.prepare_linear()
 
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
@@ -153,7 +169,7 @@ class TorchExecutor(Executor):
 
             return add_rms_norm
         if op == "linear":
-            return lambda x, c: F.linear(x[0], float_weight(x[1], x[0].dtype))
+            return lambda x, c: linear(x[0], x[1])
         if op == "split":
             sizes = list(a["sizes"])  # type: ignore[call-overload]
             return lambda x, c: tuple(torch.split(x[0], sizes, dim=-1))
@@ -219,6 +235,8 @@ class TorchExecutor(Executor):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext, scale: float
     ) -> torch.Tensor:
         assert self.k_cache is not None and self.v_cache is not None, "init_cache() first"
+        if self.deterministic:
+            return invariant_attend(self.k_cache[layer], self.v_cache[layer], q, k, v, ctx, scale)
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         kc.index_copy_(0, ctx.slot_mapping, k.to(kc.dtype))
         vc.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
@@ -265,18 +283,22 @@ class TorchExecutor(Executor):
     def step(self, batch: StepBatch) -> np.ndarray:
         if self.k_cache is None:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
+        if self.deterministic:
+            return invariant_step(self, batch)
         name = "decode" if batch.is_decode and "decode" in self.programs else "prefill"
+        ctx = self._context(batch)
+        token_ids = torch.from_numpy(batch.token_ids).to(self.torch_device)
+        logits_index = torch.from_numpy(batch.logits_rows).to(self.torch_device)
+        return self.run_program(name, token_ids, logits_index, ctx).float().cpu().numpy()
+
+    def run_program(self, name: str, token_ids: torch.Tensor, logits_index: torch.Tensor,
+                    ctx: StepContext) -> torch.Tensor:
+        """Run the lowered function ``name`` on prepared inputs; returns its logits tensor."""
         program = self.programs[name]
         env: list[Any] = [None] * program.n_slots
         for slot, value in program.constants:
             env[slot] = value
-        ctx = self._context(batch)
-        feeds = {
-            "input_ids": torch.from_numpy(batch.token_ids).to(self.torch_device),
-            "positions": ctx.positions,
-            "logits_index": torch.from_numpy(batch.logits_rows).to(self.torch_device),
-            "kv_cache": None,
-        }
+        feeds = {"input_ids": token_ids, "positions": ctx.positions, "logits_index": logits_index, "kv_cache": None}
         for input_name, slot in program.inputs.items():
             env[slot] = feeds[input_name]
         for instr in program.instrs:
@@ -285,8 +307,7 @@ class TorchExecutor(Executor):
                 env[instr.out] = result
             else:
                 env[instr.out : instr.out + instr.n_out] = list(result)
-        logits = env[program.outputs["logits"]]
-        return logits.float().cpu().numpy()
+        return env[program.outputs["logits"]]
 
 
 def _rope_key(attrs: dict[str, Any]) -> tuple:

@@ -41,4 +41,5 @@ class TorchTarget(Target):
             block_size=int(options.get("block_size") or saved.get("block_size", 16)),
             activation_dtype=saved.get("activation_dtype", "float32"),
             threads=options.get("threads"),
+            deterministic=bool(options.get("deterministic", False)),
         )

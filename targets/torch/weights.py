@@ -37,6 +37,11 @@ class PackedWeight:
         self.qdata = numpy_to_torch(qt.qdata).to(device)
         self.scales = numpy_to_torch(qt.scales).to(device)
         self.offsets = None if qt.offsets is None else numpy_to_torch(qt.offsets).to(device)
+        self._raw = True  # the llmc layout above is still held
+        self._int8: torch.Tensor | None = None
+        self._scale32: torch.Tensor | None = None
+        self._int4: torch.Tensor | None = None
+        self._scale_zeros: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -51,6 +56,8 @@ class PackedWeight:
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight (or only ``rows`` of it), computed in float32 then cast."""
+        if not self._raw:
+            raise RuntimeError("this packed weight was converted for a matmul kernel and cannot be dequantized")
         qdata, scales, offsets = self.qdata, self.scales, self.offsets
         if rows is not None:
             qdata, scales = qdata[rows], scales[rows]
@@ -65,7 +72,75 @@ class PackedWeight:
         return w.to(dtype)
 
 
+    # -- low-precision matmul kernels ---------------------------------------------------
+    def kernel_name(self) -> str:
+        """Which matmul :meth:`linear` uses: ``int8pack``, ``int4pack`` or ``dequant``."""
+        out, inp = self.shape
+        if self.qdata.device.type != "cpu":
+            return "dequant"
+        if self.spec.bits == 8 and self.spec.symmetric and self.spec.group_size >= inp:
+            return "int8pack"
+        g = self.spec.group_size
+        if self.spec.bits == 4 and g in (32, 64, 128, 256) and inp % g == 0 and out % 16 == 0:
+            return "int4pack"
+        return "dequant"
+
+    def prepare_linear(self) -> None:
+        """Convert to the layout of torch's CPU weight-only kernels, dropping the llmc layout.
+
+        int8 (per output channel, symmetric): ``w = s * (q - 128)`` is ``s * int8(q - 128)``,
+        exact. int4: torch computes ``(q - 8) * scale + zero``; llmc's ``s * (q - 8)`` gives
+        ``zero = 0`` (exact) and ``s * q + offset`` gives ``zero = offset + 8 * s`` (float32).
+        Weights the kernels cannot take (shapes, ragged groups) keep on-the-fly dequantization.
+        """
+        kind = self.kernel_name()
+        if kind == "int8pack" and self._int8 is None:
+            self._int8 = (self.qdata.view(torch.int8) ^ -128).contiguous()  # q - 128 as int8
+            self._scale32 = self.scales.to(torch.float32).reshape(-1).contiguous()
+            self._drop_raw()
+        elif kind == "int4pack" and self._int4 is None:
+            codes = self._codes(self.qdata).to(torch.int32)
+            s = self.scales.to(torch.float32)
+            zero = torch.zeros_like(s) if self.offsets is None else self.offsets.to(torch.float32) + 8.0 * s
+            self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+            self._scale_zeros = torch.stack((s.T, zero.T), dim=-1).contiguous()  # [groups, out, 2]
+            self._drop_raw()
+
+    def _drop_raw(self) -> None:
+        empty = lambda t: torch.empty(0, dtype=t.dtype, device=t.device)  # frees the storage
+        self.qdata, self.scales = empty(self.qdata), empty(self.scales)
+        self.offsets = None if self.offsets is None else empty(self.offsets)
+        self._raw = False
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this weight holds in memory now (kernel layout or llmc layout)."""
+        total = self.nbytes
+        for t in (self._int8, self._scale32, self._int4, self._scale_zeros):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` with a low-precision kernel when prepared, else dequantizing this layer."""
+        if self._int8 is not None and x.dtype == torch.float32:
+            return torch._weight_int8pack_mm(x.contiguous(), self._int8, self._scale32)
+        if self._int4 is not None and x.dtype == torch.float32:
+            return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self._int4, self.spec.group_size,
+                                                     self._scale_zeros)
+        if not self._raw:
+            raise RuntimeError("packed weight was converted for float32 kernels; input is " + str(x.dtype))
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+
+
 TorchWeight = torch.Tensor | PackedWeight
+
+
+def linear(x: torch.Tensor, weight: TorchWeight) -> torch.Tensor:
+    """``x @ weight.T`` for a plain or packed weight."""
+    if isinstance(weight, PackedWeight):
+        return weight.linear(x)
+    return torch.nn.functional.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
 
 def to_torch_weight(weight: Weight, device: torch.device) -> TorchWeight:

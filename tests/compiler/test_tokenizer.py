@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from llmc.compiler.frontends.source import load_source
 from llmc.errors import LlmcError
-from tests.models import write_random_hf_model
-
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _byte_level_tokenizer(vocab_size: int) -> Tokenizer:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<s>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    for ch in sorted(alphabet):
-        vocab[ch] = len(vocab)
-    assert len(vocab) <= vocab_size
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<s>", "<|im_start|>", "<|im_end|>"])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return tok
+from tests.models import write_byte_level_tokenizer, write_random_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +21,7 @@ def model_300(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def folder(model_300: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "model"
     shutil.copytree(model_300, dst)
-    _byte_level_tokenizer(300).save(str(dst / "tokenizer.json"))
-    (dst / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"content": "<|im_end|>"}, "chat_template": TEMPLATE,
-    }))
-    return dst
+    return write_byte_level_tokenizer(dst, 300)
 
 
 def test_encode_decode_and_chat(folder: Path) -> None:

@@ -1,0 +1,43 @@
+"""Dead-code elimination: drop nodes nothing reads, and params no function references."""
+
+from __future__ import annotations
+
+from llmc.compiler.ir.graph import Function, Module
+from llmc.compiler.ir.ops import OPS
+from llmc.passes.base import Pass, PassContext, PassResult
+from llmc.passes.pipelines import register_pass
+
+
+def live_nodes(fn: Function) -> list:
+    """The nodes of ``fn`` that reach an output or have a side effect (inputs always stay:
+    they are the function's signature)."""
+    live: set[int] = set()
+    stack = [v.node for v in fn.outputs.values()]
+    stack += [n for n in fn.nodes if OPS[n.op].side_effect or n.op == "input"]
+    while stack:
+        node = stack.pop()
+        if id(node) in live:
+            continue
+        live.add(id(node))
+        stack.extend(v.node for v in node.inputs)
+    return [n for n in fn.nodes if id(n) in live]
+
+
+@register_pass
+class DeadCodeElimination(Pass):
+    name = "dce"
+    doc = "remove nodes whose results are unused (side-effecting ops stay) and unreferenced params"
+
+    def run(self, module: Module, ctx: PassContext) -> PassResult:
+        functions = {}
+        removed = 0
+        for name, fn in module.functions.items():
+            nodes = live_nodes(fn)
+            removed += len(fn.nodes) - len(nodes)
+            functions[name] = Function(fn.name, nodes, dict(fn.outputs)) if len(nodes) != len(fn.nodes) else fn
+        out = Module(functions, dict(module.params), dict(module.config), dict(module.meta))
+        used = out.referenced_params()
+        dropped = [p for p in out.params if p not in used]
+        for p in dropped:
+            del out.params[p]
+        return PassResult(out, bool(removed or dropped), {"nodes_removed": removed, "params_removed": len(dropped)})

@@ -1,0 +1,49 @@
+"""What ``llmc passes`` shows: every registered pass and every named pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmc.passes.pipelines import PASSES, PIPELINE_DOCS, PIPELINES, _load_builtin_passes, pipeline_for
+
+
+def describe_passes(target: Any | None = None) -> dict[str, Any]:
+    """Passes (name, doc, fused ops produced) and pipelines; with a target, also the pass
+    list each level runs for it (passes producing ops it cannot lower are dropped)."""
+    _load_builtin_passes()
+    passes = [
+        {"name": name, "doc": factory.doc, "produces": sorted(getattr(factory, "produces", ()))}
+        for name, factory in sorted(PASSES.items())
+    ]
+    pipelines = [{"name": key, "doc": PIPELINE_DOCS.get(key, ""), "passes": list(names)}
+                 for key, names in PIPELINES.items()]
+    data: dict[str, Any] = {"passes": passes, "pipelines": pipelines}
+    if target is not None:
+        data["target"] = {
+            "name": target.name,
+            "fused_ops": sorted(target.fused_ops),
+            "pipelines": {
+                key: [p.describe() for p in pipeline_for(int(key[1:]), target.fused_ops,
+                                                         target.preferred_passes(int(key[1:])))]
+                for key in PIPELINES
+            },
+        }
+    return data
+
+
+def format_passes(data: dict[str, Any]) -> str:
+    width = max(len(p["name"]) for p in data["passes"])
+    lines = ["passes:"]
+    for p in data["passes"]:
+        produces = f"  [produces {', '.join(p['produces'])}]" if p["produces"] else ""
+        lines.append(f"  {p['name']:<{width}}  {p['doc']}{produces}")
+    lines.append("pipelines:")
+    for pl in data["pipelines"]:
+        lines.append(f"  {pl['name']}  {pl['doc']}")
+        lines.append(f"      {', '.join(pl['passes']) or '(no passes)'}")
+    if "target" in data:
+        t = data["target"]
+        lines.append(f"for target {t['name']} (lowers {', '.join(t['fused_ops']) or 'no fused ops'}):")
+        for key, names in t["pipelines"].items():
+            lines.append(f"  {key}  {', '.join(names) or '(no passes)'}")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""What a benchmark drives: a :class:`Backend` runs a static batch or concurrent requests.
+
+llmc's own backend is here; peers (llama.cpp, transformers, ONNX Runtime GenAI) implement the
+same interface in ``benchmarks/peers.py``, so every engine is timed by the same harness with the
+same prompts. All decoding is greedy and ignores EOS, so every sequence produces exactly
+``gen_len`` tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmc.errors import UnsupportedError
+
+Tick = Callable[[], None]
+
+
+@dataclass
+class BatchRun:
+    """One static batch: every sequence prefilled together, then decoded in lock-step."""
+
+    batch_size: int
+    prefill_s: float  # start to the first token of every sequence
+    step_s: list[float]  # each later decode step (one token per sequence)
+    total_s: float
+    output_tokens: int  # per sequence
+    token_ids: list[list[int]] | None = None  # the greedy tokens of each sequence (for cross-checks)
+
+
+@dataclass
+class RequestRun:
+    """One request of a concurrent run, timed from its submission."""
+
+    ttft_s: float
+    e2e_s: float
+    output_tokens: int
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class BackendInfo:
+    """What the report says about an engine."""
+
+    engine: str
+    label: str
+    version: str | None
+    weight_bytes: int  # all weights as stored
+    weight_bytes_per_step: int  # weights read by one decode step (embedding: one row per sequence)
+    embed_row_bytes: int = 0
+    threads: int | None = None
+    device: str = "cpu"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine, "label": self.label, "version": self.version,
+            "weight_bytes": self.weight_bytes, "weight_bytes_per_step": self.weight_bytes_per_step,
+            "embed_row_bytes": self.embed_row_bytes, "threads": self.threads, "device": self.device,
+            "details": self.details,
+        }
+
+
+class Backend(ABC):
+    """An engine under test."""
+
+    @abstractmethod
+    def info(self) -> BackendInfo:
+        """Engine name, label, version and weight sizes."""
+
+    @abstractmethod
+    def run_batch(self, prompts: list[list[int]], gen_len: int) -> BatchRun:
+        """Prefill ``prompts`` together and decode ``gen_len`` tokens each, greedily."""
+
+    def run_concurrent(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
+        """Submit ``prompts`` as simultaneous requests; one :class:`RequestRun` per prompt."""
+        raise UnsupportedError(f"{self.info().label} has no concurrent-request mode")
+
+    def gpu_peak_bytes(self) -> int | None:
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing to free
+        """Free what the backend holds."""
+
+
+def weight_bytes_per_step(params: dict[str, dict[str, Any]], batch: int = 1) -> tuple[int, int, int]:
+    """(total, per decode step, embedding row) bytes from an artifact manifest's ``params``.
+
+    A decode step reads every weight once, except the embedding table, of which it reads one
+    row per sequence; a tied head is a separate ``lm_head`` param that is read in full."""
+    total = sum(int(r.get("bytes", 0)) for r in params.values())
+    embed = params.get("embed")
+    row = 0
+    per_step = total
+    if embed is not None and "lm_head" in params:
+        rows = int(embed["shape"][0]) or 1
+        row = int(embed.get("bytes", 0)) // rows
+        per_step = total - int(embed.get("bytes", 0)) + batch * row
+    return total, per_step, row
+
+
+class LlmcBackend(Backend):
+    """A compiled llmc artifact: static batches on its executor, concurrency on the Engine."""
+
+    def __init__(self, artifact: str | Path, threads: int | None = None, device: str | None = None,
+                 engine_config: dict[str, Any] | None = None) -> None:
+        from llmc.runtime.artifact import Artifact
+        from llmc.targets.registry import get_target
+
+        self.path = Path(artifact)
+        self.artifact = Artifact.load(self.path)
+        self.threads = threads
+        self.device = device
+        options: dict[str, Any] = {}
+        if threads:
+            options["threads"] = threads
+        if device:
+            options["device"] = device
+        self.load_options = options
+        self.executor = get_target(self.artifact.target).load(self.artifact, **options)
+        self.engine_config = dict(engine_config or {})
+        self._engine: Any = None
+        self._engine_slots = 0
+
+    def info(self) -> BackendInfo:
+        from llmc import __version__
+
+        m = self.artifact.manifest
+        total, per_step, row = weight_bytes_per_step(m["params"])
+        types: dict[str, int] = {}
+        for record in m["params"].values():
+            key = record.get("quant") or record.get("dtype", "?")
+            types[key] = types.get(key, 0) + 1
+        return BackendInfo(
+            engine="llmc",
+            label=f"llmc/{self.artifact.target}",
+            version=__version__,
+            weight_bytes=total,
+            weight_bytes_per_step=per_step,
+            embed_row_bytes=row,
+            threads=self.threads,
+            device=str(getattr(self.executor, "device", self.device or "cpu")),
+            details={"artifact": str(self.path), "target": self.artifact.target,
+                     "target_options": m["target"].get("options", {}), "weight_types": types,
+                     "opt_level": m.get("pipeline", {}).get("opt_level"), "source": m["source"].get("path")},
+        )
+
+    # -- static batches on the executor -------------------------------------------------
+    def _tables(self, batch: int, tokens: int) -> list[list[int]]:
+        spec = self.executor.kv_spec()
+        if spec.layout == "slots":
+            self.executor.init_cache(batch)
+            return [[j] for j in range(batch)]
+        per_seq = -(-tokens // spec.block_size)
+        self.executor.init_cache(batch * per_seq)
+        return [list(range(j * per_seq, (j + 1) * per_seq)) for j in range(batch)]
+
+    def run_batch(self, prompts: list[list[int]], gen_len: int) -> BatchRun:
+        self.close()  # an engine would share this executor's cache
+        from llmc.compiler.ir.batch import BatchLayout
+        from llmc.targets.base import StepBatch
+
+        batch = len(prompts)
+        lens = tuple(len(p) for p in prompts)
+        tables = self._tables(batch, max(lens) + gen_len)
+        seqs = tuple(range(batch))
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+        start = time.perf_counter()
+        layout = BatchLayout(seqs, lens, lens)
+        logits = self.executor.step(StepBatch(ids, layout, tables, layout.last_token_rows()))
+        tokens = logits.argmax(axis=-1)
+        first = time.perf_counter()
+        out = [tokens]
+        steps: list[float] = []
+        ctx = list(lens)
+        for _ in range(gen_len - 1):
+            t0 = time.perf_counter()
+            ctx = [c + 1 for c in ctx]
+            layout = BatchLayout(seqs, (1,) * batch, tuple(ctx))
+            logits = self.executor.step(StepBatch(tokens, layout, tables, np.arange(batch)))
+            tokens = logits.argmax(axis=-1)
+            out.append(tokens)
+            steps.append(time.perf_counter() - t0)
+        end = time.perf_counter()
+        ids = np.stack(out, axis=1).tolist()
+        return BatchRun(batch, first - start, steps, end - start, gen_len, ids)
+
+    # -- concurrent requests on the engine ----------------------------------------------
+    def run_concurrent(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
+        """All prompts submitted at once to a continuous-batching Engine with one slot each
+        (``max_running`` = the number of prompts); the engine reuses this executor."""
+        from llmc.runtime.bench.concurrency import run_engine_requests
+
+        slots = len(prompts)
+        if self._engine is None or self._engine_slots != slots:
+            self.close()
+            self._engine = _make_engine(self.executor, self.artifact, {"max_running": slots, **self.engine_config})
+            self._engine_slots = slots
+        return run_engine_requests(self._engine, prompts, gen_len)
+
+    def gpu_peak_bytes(self) -> int | None:
+        if not str(getattr(self.executor, "device", "cpu")).startswith("cuda"):
+            return None
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine = None
+        self._engine_slots = 0
+
+
+def _make_engine(executor: Any, artifact: Any, config: dict[str, Any]) -> Any:
+    try:
+        from llmc.runtime.engine import Engine, EngineConfig
+    except ImportError as exc:
+        raise UnsupportedError(
+            f"the concurrency scenario needs the continuous-batching engine (llmc.runtime.engine): {exc}"
+        ) from exc
+    return Engine(executor, artifact.tokenizer(), EngineConfig.from_kwargs(**config))

@@ -1,0 +1,112 @@
+"""OpenAI response bodies and stream chunks for completions and chat completions."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from llmc.runtime.server.backend import Delta, TokenLogprob
+from llmc.runtime.server.generation import ChoiceResult
+from llmc.runtime.server.tokens import TokenBytes
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON object."""
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def usage_of(results: list[ChoiceResult], prompt_tokens: int) -> dict[str, int]:
+    return usage(prompt_tokens, sum(len(r.token_ids) for r in results))
+
+
+class Formatter:
+    """Builds the JSON of one request's response (ids, timestamps and model name fixed per request)."""
+
+    def __init__(self, request_id: str, model: str, token_bytes: TokenBytes) -> None:
+        self.id = request_id
+        self.model = model
+        self.created = int(time.time())
+        self.tokens = token_bytes
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    # -- logprobs ------------------------------------------------------------------------------
+    def _chat_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        return {"token": self.tokens.text_of(token_id), "logprob": logprob,
+                "bytes": list(self.tokens.bytes_of(token_id))}
+
+    def chat_logprobs(self, logprobs: list[TokenLogprob], top_n: int) -> dict[str, Any]:
+        content = []
+        for lp in logprobs:
+            entry = self._chat_entry(lp.token_id, lp.logprob)
+            entry["top_logprobs"] = [self._chat_entry(t, v) for t, v in lp.top[:top_n]]
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def completion_logprobs(self, logprobs: list[TokenLogprob], top_n: int, offset: int) -> dict[str, Any]:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for lp in logprobs:
+            text = self.tokens.text_of(lp.token_id)
+            tokens.append(text)
+            token_logprobs.append(lp.logprob)
+            alternatives = {self.tokens.text_of(t): v for t, v in lp.top[:top_n]}
+            alternatives.setdefault(text, lp.logprob)  # the sampled token is always listed
+            top.append(alternatives)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    # -- completions ---------------------------------------------------------------------------
+    def completion(self, results: list[ChoiceResult], prompt_tokens: int, top_n: int | None,
+                   echo_texts: list[str] | None = None) -> dict[str, Any]:
+        choices = []
+        for r in results:
+            prefix = echo_texts[r.index] if echo_texts else ""
+            choices.append({
+                "index": r.index, "text": prefix + r.text,
+                "logprobs": None if top_n is None else self.completion_logprobs(r.logprobs, top_n, 0),
+                "finish_reason": r.finish_reason,
+            })
+        return {**self._head("text_completion"), "choices": choices, "usage": usage_of(results, prompt_tokens)}
+
+    def completion_chunk(self, index: int, delta: Delta, top_n: int | None, offset: int, text: str | None = None,
+                         include_usage: bool = False) -> dict[str, Any]:
+        choice = {
+            "index": index, "text": delta.text if text is None else text,
+            "logprobs": None if top_n is None else self.completion_logprobs(delta.logprobs or [], top_n, offset),
+            "finish_reason": delta.finish_reason,
+        }
+        chunk = {**self._head("text_completion"), "choices": [choice]}
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    # -- chat ----------------------------------------------------------------------------------
+    def chat(self, results: list[ChoiceResult], prompt_tokens: int, top_n: int | None) -> dict[str, Any]:
+        choices = [{
+            "index": r.index,
+            "message": {"role": "assistant", "content": r.text, "refusal": None},
+            "logprobs": None if top_n is None else self.chat_logprobs(r.logprobs, top_n),
+            "finish_reason": r.finish_reason,
+        } for r in results]
+        return {**self._head("chat.completion"), "choices": choices, "usage": usage_of(results, prompt_tokens)}
+
+    def chat_chunk(self, index: int, delta: dict[str, Any], *, logprobs: dict[str, Any] | None = None,
+                   finish_reason: str | None = None, include_usage: bool = False) -> dict[str, Any]:
+        chunk = {**self._head("chat.completion.chunk"),
+                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, obj: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return {**self._head(obj), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,118 @@
+"""The ONNX target: ``target/model.onnx`` + ``model.onnx.data`` (the weights) + ``onnx.json``.
+
+The payload holds the weights (``stores_weights``), so the driver writes no second copy in
+``weights/``; :meth:`OnnxTarget.read_weights` reads them back from the ONNX data file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from llmc.compiler.ir.graph import Module
+from llmc.compiler.weights import WeightStore
+from llmc.errors import ArtifactError, LlmcError, TargetUnavailableError
+from llmc.targets.base import EmitResult, Executor, Target
+
+if TYPE_CHECKING:
+    from llmc.runtime.artifact import Artifact, ArtifactWriter
+
+MODEL = "target/model.onnx"
+DATA = "target/model.onnx.data"
+META = "target/onnx.json"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    doc = ("ONNX Runtime: one ONNX graph with MatMulNBits, GroupQueryAttention and "
+           "SkipSimplifiedLayerNormalization over a slot KV cache (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)")
+    fused_ops = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
+    stores_weights = True
+
+    def availability(self) -> str | None:
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return f"{exc.name} is not installed (pip install 'llmc[onnx]')"
+        return None
+
+    def _require(self) -> None:
+        reason = self.availability()
+        if reason is not None:
+            raise TargetUnavailableError(f"target 'onnx' is not available here: {reason}")
+
+    def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:
+        self._require()
+        from llmc.targets.onnx.external import ExternalData, check
+        from llmc.targets.onnx.graph import IR_VERSION, OPSET, GraphBuilder
+        from llmc.targets.onnx.lower import Lowering
+
+        level = int(options.get("accuracy_level", 0))
+        if level not in ACCURACY_LEVELS:
+            raise LlmcError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {level}")
+        data = ExternalData(writer.path(DATA))
+        try:
+            graph = GraphBuilder(data)
+            lowering = Lowering(module, weights, graph, accuracy_level=level)
+            lowering.run()
+        finally:
+            data.close()
+        model = graph.model("llmc", f"llmc {module.meta.get('source', '')}")
+        writer.path(MODEL).write_bytes(model.SerializeToString())
+        check(writer.path(MODEL))
+        ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+        stats = lowering.stats
+        opts = {
+            "device": options.get("device", "cpu"),
+            "opset": OPSET,
+            "ir_version": IR_VERSION,
+            "accuracy_level": level,
+            "kv_layout": "slots",
+            "rope": {"in_gqa": stats.gqa_rotary, "explicit": stats.explicit_rope},
+            "linear": {"matmulnbits": stats.matmulnbits, "dequant": stats.dequant_linear, "float": stats.float_linear},
+        }
+        meta = {"model": "model.onnx", "data": "model.onnx.data", "options": opts,
+                "inputs": [i.name for i in model.graph.input], "onnx_ops": dict(sorted(ops.items())),
+                "params": lowering.param_records, "initializers": data.index}
+        writer.path(META).write_text(json.dumps(meta, indent=1))
+        notes = ["onnx ops: " + ", ".join(f"{k}={v}" for k, v in sorted(ops.items()))]
+        return EmitResult(options=opts, files=[MODEL, DATA, META], notes=notes)
+
+    def load(self, artifact: Artifact, **options: Any) -> Executor:
+        self._require()
+        from llmc.targets.onnx.executor import OnnxExecutor
+
+        saved = artifact.target_options
+        return OnnxExecutor(
+            artifact.file(MODEL),
+            artifact.config,
+            device=options.get("device") or saved.get("device", "cpu"),
+            threads=options.get("threads"),
+            inter_op_threads=options.get("inter_op_threads"),
+            kv_capacity=options.get("kv_capacity"),
+            optimization=options.get("optimization") or "all",
+            tensorrt=options.get("tensorrt"),
+        )
+
+    def read_weights(self, artifact: Artifact) -> WeightStore:
+        """The params, read back lazily from ``model.onnx.data`` (bit-identical to what was emitted)."""
+        from llmc.targets.onnx.external import read_tensor
+        from llmc.targets.onnx.quant import read_quantized
+
+        try:
+            meta = json.loads(artifact.file(META).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{artifact.file(META)}: cannot read the onnx payload index: {exc}") from exc
+        data_file = artifact.file(DATA)
+        index = meta["initializers"]
+        tensor = lambda name: read_tensor(data_file, index[name])
+        store = WeightStore()
+        for name, record in meta["params"].items():
+            if record["kind"] == "quant":
+                store.set_lazy(name, lambda r=record: read_quantized(r, tensor))
+            else:
+                store.set_lazy(name, lambda r=record: tensor(r["init"]))
+        return store

@@ -1,0 +1,122 @@
+"""The tvm target: emits an exported TVM library (``target/tvm/model.so``) plus its feed plan.
+
+Options (``CompileOptions.target_options`` / ``llmc compile --arch --tune``): ``device``
+(``cpu``, ``cuda``, ``rocm``), ``arch`` (the LLVM CPU, CUDA tag/arch or AMD gfx arch), ``tune``
+(meta-schedule trials, 0 = TVM's default schedules), ``page_size`` (KV cache page, 16).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from llmc.compiler.ir.graph import Module
+from llmc.compiler.weights import WeightStore
+from llmc.errors import UnsupportedError
+from llmc.targets.base import EmitResult, Executor, Target
+
+if TYPE_CHECKING:
+    from llmc.runtime.artifact import Artifact, ArtifactWriter
+
+LIBRARY = "target/tvm/model.so"
+PAYLOAD = "target/tvm/tvm.json"
+PAGE_SIZE = 16
+
+
+class TvmTarget(Target):
+    name = "tvm"
+    doc = "Apache TVM Relax over TVM's paged KV cache: llvm (CPU) runs here; cuda and rocm cross-compile"
+    fused_ops = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
+
+    def availability(self) -> str | None:
+        if importlib.util.find_spec("tvm") is None:
+            return "apache-tvm is not installed (pip install 'llmc[tvm]')"
+        return None
+
+    def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:
+        from llmc.targets.registry import require_available
+
+        require_available(self)
+        from llmc.compiler.ir.printer import print_module
+        from llmc.targets.tvm import build
+        from llmc.targets.tvm.lower import lower_module
+
+        device = str(options.get("device") or "cpu")
+        arch = options.get("arch")
+        tune = int(options.get("tune") or 0)
+        page_size = int(options.get("page_size") or PAGE_SIZE)
+        spec = build.target_spec(device, arch)
+        kind = build.device_kind(spec)
+        if tune and kind != "cpu":
+            raise UnsupportedError("--tune needs a GPU to measure on for cuda/rocm; here it tunes cpu builds only")
+        target = build.make_target(spec)
+        start = time.perf_counter()
+        lowered = lower_module(module, target)
+        tune_key = print_module(module) if tune else ""
+        exe, notes = build.compile_module(lowered.mod, spec, tune, tune_key)
+        lib = writer.path(LIBRARY)
+        exe.export_library(str(lib))
+        seconds = time.perf_counter() - start
+        device_code = _check_device_code(exe, lib, kind) if kind != "cpu" else None
+        import tvm
+
+        payload = {
+            "tvm_version": tvm.__version__,
+            "device": kind,
+            "target": spec,
+            "target_full": str(target),
+            "functions": lowered.functions,
+            "param_slots": [list(s) for s in lowered.param_slots],
+            "page_size": page_size,
+            "kv_dtype": lowered.kv_dtype,
+            "rope": lowered.rope.to_dict(),
+            "tune_trials": tune,
+            "device_code": device_code,
+            "compile_seconds": round(seconds, 2),
+        }
+        writer.path(PAYLOAD).write_text(json.dumps(payload, indent=1))
+        opts = {"device": kind, "arch": spec.get("mcpu") or spec.get("arch") or spec.get("tag"),
+                "target": spec, "tune": tune, "page_size": page_size}
+        return EmitResult(options=opts, files=[LIBRARY, PAYLOAD], notes=lowered.notes + notes)
+
+    def load(self, artifact: Artifact, **options: Any) -> Executor:
+        from llmc.targets.registry import require_available
+
+        require_available(self)
+        from llmc.targets.tvm.executor import TvmExecutor
+
+        return TvmExecutor(artifact, device=options.get("device"), threads=options.get("threads"))
+
+
+def _check_device_code(exe: Any, lib: Any, kind: str) -> dict[str, Any]:
+    """Compare the kernels of the generated device source with the ELF symbols in ``lib``."""
+    from llmc.targets.tvm.devcode import device_images, kernel_names
+
+    source_kind, fmt = ("cuda", "cuda") if kind == "cuda" else ("rocm", "llvm")
+    device_modules = [m for m in _walk(exe.mod) if m.kind in ("cuda", "hip")]
+    if not device_modules:
+        raise UnsupportedError(f"tvm.compile produced no {kind} device module")
+    kernels = sorted({k for m in device_modules for k in kernel_names(m.inspect_source(fmt), source_kind)})
+    images = device_images(lib)
+    functions = {f for im in images for f in im.functions}
+    missing = [k for k in kernels if k not in functions]
+    if not images or missing:
+        raise UnsupportedError(
+            f"the exported library lacks compiled {kind} code for {len(missing) or len(kernels)} of "
+            f"{len(kernels)} kernels (e.g. {(missing or kernels)[:3]}); was the device code left as source?"
+        )
+    return {
+        "machine": images[0].machine,
+        "elf_flags": images[0].flags,
+        "kernels": kernels,
+        "binary_bytes": sum(im.size for im in images),
+    }
+
+
+def _walk(mod: Any) -> list[Any]:
+    out = [mod]
+    for imp in mod.imports:
+        out.extend(_walk(imp))
+    return out

@@ -1,0 +1,182 @@
+"""Engine mechanics over a fake executor: batching, KV exhaustion, cancellation, streaming, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from llmc.errors import RequestError
+from llmc.runtime.engine import Engine, EngineConfig, QueueFullError
+from llmc.runtime.sampling import SamplingParams
+from tests.runtime.fakes import FakeExecutor, reference
+
+VOCAB = 64
+
+
+def _prompts(n: int, seed: int = 0, shared: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    prefix = [int(t) for t in rng.integers(3, VOCAB, size=shared)]
+    return [prefix + [int(t) for t in rng.integers(3, VOCAB, size=int(rng.integers(1, 30)))] for _ in range(n)]
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("layout", ["paged", "slots"])
+def test_concurrent_requests_match_reference(layout: str) -> None:
+    prompts = _prompts(24, shared=9)
+    lens = [1 + (i * 7) % 23 for i in range(24)]
+    ex = FakeExecutor(vocab=VOCAB, layout=layout)
+    with Engine(ex, config=EngineConfig(max_running=8, max_num_tokens=32)) as engine:
+        outs = engine.generate(prompts, [_greedy(n) for n in lens])
+        stats = engine.stats()
+    for p, n, out in zip(prompts, lens, outs, strict=True):
+        assert out.token_ids == reference(p, n, VOCAB)
+        assert out.prompt_token_ids == p and out.finish_reason == "length"
+    assert stats["kv_used_blocks"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["generation_tokens"] == sum(lens) and stats["requests_finished"] == 24
+    assert max(len(b.layout.seq_ids) for b in ex.batches) > 1  # really batched
+    assert all(b.layout.num_tokens <= 32 for b in ex.batches)  # token budget
+    if layout == "paged":
+        assert stats["prefix_cache_hits"] > 0  # the shared 9-token prefix was reused
+
+
+def test_kv_exhaustion_queues_and_preempts() -> None:
+    prompts = _prompts(12, seed=1)
+    ex = FakeExecutor(vocab=VOCAB, block_size=4)
+    # 16 blocks = 64 tokens for 12 requests of up to ~60 tokens each
+    with Engine(ex, config=EngineConfig(max_running=6, max_num_tokens=24, num_blocks=16)) as engine:
+        outs = engine.generate(prompts, _greedy(30))
+        stats = engine.stats()
+    for p, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == reference(p, 30, VOCAB)
+    assert stats["num_preemptions"] > 0
+    assert stats["kv_used_blocks"] == 0
+
+
+def test_prefix_cache_off_gives_same_outputs() -> None:
+    prompts = _prompts(6, seed=2, shared=12)
+    ex = FakeExecutor(vocab=VOCAB)
+    with Engine(ex, config=EngineConfig(max_running=4, max_num_tokens=16, prefix_caching=False)) as engine:
+        outs = engine.generate(prompts, _greedy(10))
+        assert engine.stats()["prefix_cache_hits"] == 0
+    assert [o.token_ids for o in outs] == [reference(p, 10, VOCAB) for p in prompts]
+
+
+def test_stop_token_and_eos() -> None:
+    ex = FakeExecutor(vocab=VOCAB, eos=2)
+    prompts = _prompts(8, seed=3)
+    with Engine(ex) as engine:
+        outs = engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0))
+        first = reference(prompts[0], 40, VOCAB)[3]
+        stopped = engine.generate([prompts[0]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                               stop_token_ids=[first]))[0]
+    for p, out in zip(prompts, outs, strict=True):
+        ref = reference(p, 40, VOCAB, eos=2)
+        assert out.token_ids == ref
+        assert out.finish_reason == ("stop" if ref[-1] == 2 else "length")
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == first
+    assert stopped.token_ids[-1] == first
+
+
+def test_cancel_frees_blocks() -> None:
+    ex = FakeExecutor(vocab=VOCAB, delay=0.002)
+    with Engine(ex, config=EngineConfig(max_running=4)) as engine:
+        results: list = []
+        worker = threading.Thread(target=lambda: results.extend(engine.generate(_prompts(3), _greedy(200 - 30))))
+        worker.start()
+        while engine.stats()["running"] < 3:
+            pass
+        assert engine.cancel("req-0") and engine.cancel("req-2")
+        worker.join()
+        stats = engine.stats()
+        assert not engine.cancel("req-0")  # already done
+    assert [r.finish_reason for r in results] == ["cancelled", "length", "cancelled"]
+    assert stats["kv_used_blocks"] == 0 and stats["requests_cancelled"] == 2
+
+
+def test_stream_and_task_cancellation() -> None:
+    ex = FakeExecutor(vocab=VOCAB, delay=0.002)
+    prompt = _prompts(1, seed=4)[0]
+
+    async def main(engine: Engine) -> tuple[list, int]:
+        chunks = [c async for c in engine.stream(prompt, _greedy(12))]
+
+        async def consume() -> None:
+            async for _ in engine.stream(prompt, _greedy(150)):
+                pass
+
+        task = asyncio.create_task(consume())
+        while engine.stats()["running"] == 0:
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):
+            if engine.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.002)
+        return chunks, engine.stats()["kv_used_blocks"]
+
+    with Engine(ex) as engine:
+        chunks, used = asyncio.run(main(engine))
+        assert engine.stats()["requests_cancelled"] == 1
+    assert [t for c in chunks for t in c.token_ids] == reference(prompt, 12, VOCAB)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].output is not None
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert used == 0
+
+
+def test_request_errors() -> None:
+    ex = FakeExecutor(vocab=VOCAB, max_position=64)
+    with Engine(ex, config=EngineConfig(num_blocks=8, max_queue=2)) as engine:
+        with pytest.raises(RequestError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) exceeds the context of 64"):
+            engine.generate([[5] * 60], _greedy(10))
+        with pytest.raises(RequestError, match="empty"):
+            engine.generate([[]], _greedy(1))
+        with pytest.raises(RequestError, match="outside the vocabulary"):
+            engine.generate([[VOCAB + 1]], _greedy(1))
+        with pytest.raises(RequestError, match="whole kv cache"):
+            engine.generate([[5] * 30], _greedy(10))  # 40 tokens > 8 blocks of 4
+        with pytest.raises(RequestError, match="tokenizer"):
+            engine.generate(["text"], _greedy(1))
+        ex.gate = threading.Event()
+        engine.submit([5], _greedy(1), lambda item: None)
+        engine.submit([6], _greedy(1), lambda item: None)
+        with pytest.raises(QueueFullError):
+            engine.submit([7], _greedy(1), lambda item: None)
+        ex.gate.set()
+
+
+def test_executor_failure_is_reported_and_engine_survives() -> None:
+    ex = FakeExecutor(vocab=VOCAB, fail_on=63)
+    with Engine(ex) as engine:
+        with pytest.raises(RuntimeError, match="fake executor failure"):
+            engine.generate([[63, 5]], _greedy(3))
+        out = engine.generate([[4, 5]], _greedy(3))[0]
+        assert out.token_ids == reference([4, 5], 3, VOCAB)
+        assert engine.stats()["kv_used_blocks"] == 0
+
+
+def test_seeded_sampling_is_batch_independent() -> None:
+    prompts = _prompts(6, seed=5)
+    params = SamplingParams(max_tokens=15, temperature=1.0, seed=1234)
+    ex = FakeExecutor(vocab=VOCAB)
+    with Engine(ex) as engine:
+        alone = engine.generate([prompts[0]], params)[0].token_ids
+        batched = engine.generate(prompts, params)[0].token_ids
+        other = engine.generate([prompts[0]], SamplingParams(max_tokens=15, temperature=1.0, seed=99))[0].token_ids
+    assert alone == batched
+    assert alone != other
+
+
+def test_config_errors() -> None:
+    with pytest.raises(Exception, match="unknown engine option"):
+        EngineConfig.from_kwargs(max_runing=3)
+    with pytest.raises(Exception, match="max_num_tokens"):
+        Engine(FakeExecutor(), config=EngineConfig(max_running=8, max_num_tokens=4))

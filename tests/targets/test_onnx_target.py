@@ -1,0 +1,171 @@
+"""The ONNX Runtime target against the torch target (and the stories260k golden output)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc[onnx]')")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc[onnx]')")
+
+import onnx
+
+from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.compiler.ir.batch import BatchLayout
+from llmc.compiler.weights import QuantizedTensor
+from llmc.errors import LlmcError, RequestError, TargetUnavailableError
+from llmc.runtime.artifact import WEIGHTS_FILE, Artifact
+from llmc.runtime.evaluate import evaluate
+from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.sampling import SamplingParams
+from llmc.targets.base import StepBatch
+from llmc.targets.registry import get_target
+from tests.targets.onnx_util import compile_transformed, drive, quantize_source
+
+pytestmark = pytest.mark.onnx
+
+# A ragged schedule: first prompts of different lengths, two of equal length (one batched
+# call), decode rows in non-adjacent slots (gather path) and adjacent ones (in place), and
+# prefill chunks after a cached prefix, mixed with decode rows in the same step.
+SCHEDULE = [
+    [(0, [1, 5, 9, 33, 7]), (1, [1, 8, 2, 40, 41, 42, 3, 4, 5]), (2, [1, 60, 61])],
+    [(0, [11]), (2, [12]), (1, [13, 14, 15, 16])],
+    [(2, [17]), (1, [18]), (0, [19]), (3, [1, 3, 5, 7, 9, 11]), (4, [1, 2, 4, 8]), (5, [1, 9, 7, 5])],
+    [(0, [20, 21, 22, 23, 24, 25, 26]), (3, [27]), (2, [28]), (5, [29])],
+    [(0, [30]), (1, [31]), (2, [32]), (3, [33]), (4, [34]), (5, [35])],
+]
+
+
+def _load(path: Path, **options: object):
+    return get_target(Artifact.load(path).target).load(Artifact.load(path), **options)
+
+
+@pytest.fixture(scope="module")
+def stories_onnx(stories_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_model(stories_hf, tmp_path_factory.mktemp("onnx") / "stories", CompileOptions(target="onnx"))
+
+
+def test_stories_greedy_200_exact(stories_onnx: Path, stories_expected_ids: list[int]) -> None:
+    model = load_model(str(stories_onnx))
+    result = generate_ids(model, [1], SamplingParams(max_tokens=200, temperature=0.0))
+    assert result.token_ids == stories_expected_ids
+
+
+def test_artifact_layout_and_checker(stories_onnx: Path) -> None:
+    artifact = Artifact.load(stories_onnx)
+    assert not (stories_onnx / WEIGHTS_FILE).exists(), "weights must live only in the ONNX payload"
+    model_path = stories_onnx / "target" / "model.onnx"
+    onnx.checker.check_model(str(model_path))
+    ops = [n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == artifact.config.num_layers
+    assert "SkipSimplifiedLayerNormalization" in ops and "RMSNormalization" in ops
+    assert artifact.manifest["target"]["stores_weights"] is True
+
+
+def test_weights_read_back_bit_identical(stories_onnx: Path, stories_artifact: Path) -> None:
+    stored = Artifact.load(stories_onnx).weights()
+    reference = Artifact.load(stories_artifact).weights()  # the torch target's weights/ of the same module
+    assert set(stored) == set(reference) == set(Artifact.load(stories_onnx).manifest["params"])
+    for name in stored:
+        np.testing.assert_array_equal(stored[name], reference[name], err_msg=name)
+
+
+@pytest.mark.parametrize(("model", "opt_level", "style"), [
+    ("stories", 2, None),  # head_dim 8: RoPE with standard ops before GQA
+    ("tiny", 2, None),  # head_dim 16: RoPE inside GQA (rotate-half)
+    ("tiny", 2, "interleaved"),  # GQA rotary_interleaved
+    ("tiny", 0, None),  # unfused IR: rope, attention, rms_norm, add, silu, mul
+])
+def test_logits_match_torch_ragged_batches(model: str, opt_level: int, style: str | None, stories_hf: Path,
+                                           tiny_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = stories_hf if model == "stories" else tiny_hf
+
+    def transform(source) -> None:
+        if style is not None:
+            source.config = dataclasses.replace(source.config, rope_style=style)
+
+    arts = {t: compile_transformed(monkeypatch, folder, tmp_path / t, t, transform, opt_level=opt_level)
+            for t in ("torch", "onnx")}
+    got = drive(_load(arts["onnx"]), SCHEDULE)
+    want = drive(_load(arts["torch"]), SCHEDULE)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=f"step {i}")
+
+
+QUANT_CASES = {
+    "int4_g32_sym": (4, 32, True),
+    "int4_g32_asym": (4, 32, False),
+    "int8_g32_sym": (8, 32, True),
+    "int8_channel_asym": (8, None, False),  # group = row: 64 via MatMulNBits, 172 dequantized in the graph
+}
+
+
+@pytest.fixture(scope="module")
+def stories_eval_ids(stories_expected_ids: list[int]) -> list[int]:
+    return [1, *stories_expected_ids]
+
+
+@pytest.mark.parametrize("case", list(QUANT_CASES))
+def test_quantized_matches_torch(case: str, stories_hf: Path, stories_eval_ids: list[int], tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    bits, group, symmetric = QUANT_CASES[case]
+    arts = {t: compile_transformed(monkeypatch, stories_hf, tmp_path / t, t,
+                                   lambda s: quantize_source(s, bits, group, symmetric))
+            for t in ("torch", "onnx")}
+    meta = json.loads((arts["onnx"] / "target" / "onnx.json").read_text())
+    assert meta["onnx_ops"].get("com.microsoft.MatMulNBits", 0) > 0
+    onnx_exec, torch_exec = _load(arts["onnx"]), _load(arts["torch"])
+    for i, (g, w) in enumerate(zip(drive(onnx_exec, SCHEDULE), drive(torch_exec, SCHEDULE), strict=True)):
+        np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")
+    ppl_onnx = evaluate(onnx_exec, stories_eval_ids).perplexity
+    ppl_torch = evaluate(torch_exec, stories_eval_ids).perplexity
+    assert abs(ppl_onnx / ppl_torch - 1) < 0.005, (ppl_onnx, ppl_torch)
+    # the payload holds llmc's packing exactly: reading it back gives the same QuantizedTensor
+    stored = Artifact.load(arts["onnx"]).weights()
+    for name in stored:
+        w = stored[name]
+        if isinstance(w, QuantizedTensor):
+            ref = Artifact.load(arts["torch"]).weights()[name]
+            assert w.spec == ref.spec
+            np.testing.assert_array_equal(w.qdata, ref.qdata)
+            np.testing.assert_array_equal(w.scales, ref.scales)
+            if ref.offsets is not None:
+                np.testing.assert_array_equal(w.offsets, ref.offsets)
+
+
+def test_runs_in_fresh_process_from_artifact_alone(stories_onnx: Path, stories_expected_ids: list[int],
+                                                   tmp_path: Path) -> None:
+    moved = tmp_path / "copy" / "artifact"
+    shutil.copytree(stories_onnx, moved)
+    code = ("import json, sys; from llmc.runtime.generate import generate_ids, load_model; "
+            "from llmc.runtime.sampling import SamplingParams; "
+            "r = generate_ids(load_model(sys.argv[1]), [1], SamplingParams(max_tokens=40, temperature=0.0)); "
+            "print(json.dumps(r.token_ids))")
+    proc = subprocess.run([sys.executable, "-c", code, str(moved)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == stories_expected_ids[:40]
+
+
+def test_slot_capacity_and_device_errors(stories_onnx: Path) -> None:
+    import onnxruntime as ort
+
+    model = load_model(str(stories_onnx), kv_capacity=8)
+    assert model.executor.kv_spec().layout == "slots"
+    with pytest.raises(LlmcError, match="kv_capacity"):  # 12 tokens do not fit one 8-token slot
+        generate_ids(model, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], SamplingParams(max_tokens=2, temperature=0.0))
+    executor = model.executor
+    executor.init_cache(1)
+    layout = BatchLayout((0,), (9,), (9,))
+    with pytest.raises(RequestError, match="kv_capacity"):
+        executor.step(StepBatch(np.arange(1, 10), layout, [[0]], np.asarray([8])))
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(TargetUnavailableError, match="CUDA"):
+            load_model(str(stories_onnx), device="cuda")

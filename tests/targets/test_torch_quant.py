@@ -1,0 +1,83 @@
+"""Quantized weights on the torch target: low-precision CPU kernels and on-the-fly dequantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.compiler.ir.types import QuantSpec
+from llmc.passes.quant_rtn import per_channel_group, quantize_rtn
+from llmc.targets.torch.executor import TorchExecutor
+from llmc.targets.torch.weights import PackedWeight
+from tests.helpers import SequenceDriver
+from tests.passes.util import interpret_steps, llama_config, random_llama, run_pipeline
+
+
+def _packed(spec: QuantSpec, out: int, inp: int, seed: int = 0) -> tuple[PackedWeight, np.ndarray]:
+    w = np.random.default_rng(seed).standard_normal((out, inp)).astype(np.float32) * 0.1
+    qt = quantize_rtn(w, spec)
+    return PackedWeight(qt, torch.device("cpu")), qt.dequantize(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("spec", "out", "inp", "kernel"),
+    [
+        (QuantSpec(8, per_channel_group(96), True), 48, 96, "int8pack"),
+        (QuantSpec(4, 32, True), 64, 96, "int4pack"),
+        (QuantSpec(4, 32, False), 64, 128, "int4pack"),
+        (QuantSpec(4, 64, False), 32, 128, "int4pack"),
+        (QuantSpec(4, 32, False), 40, 96, "dequant"),  # rows not a multiple of 16
+        (QuantSpec(4, 32, False), 64, 80, "dequant"),  # ragged last group
+        (QuantSpec(8, 32, True), 64, 96, "dequant"),  # int8 group-wise (e.g. GGUF Q8_0)
+    ],
+)
+def test_kernels_match_the_dequantized_weight(spec: QuantSpec, out: int, inp: int, kernel: str) -> None:
+    pw, deq = _packed(spec, out, inp)
+    assert pw.kernel_name() == kernel
+    before = pw.resident_bytes
+    pw.prepare_linear()
+    x = torch.randn(5, inp, generator=torch.Generator().manual_seed(1))
+    got = pw.linear(x).numpy()
+    want = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    if kernel == "int8pack":
+        assert pw.resident_bytes <= before + 4 * out  # int8 codes + float32 scales, no float weight
+    assert pw.resident_bytes < out * inp * 4 / 3
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    ["quantize(int8)", "quantize(int4,group=16)", "quantize(int4,group=16,sym=true)", "quantize(fp16)",
+     "quantize(bf16)", "fuse-qkv,fuse-gate-up,fuse-add-rmsnorm,dce,quantize(int4,group=16)"],
+)
+def test_executor_matches_interpreter_on_the_same_quantized_weights(pipeline: str) -> None:
+    config = llama_config(hidden=64, inter=96, vocab=64, heads=4, kv_heads=2, head_dim=16)
+    module, weights = random_llama(config, seed=2)
+    module, _ = run_pipeline(module, weights, pipeline)
+    want = interpret_steps(module, weights, seed=4)
+    executor = TorchExecutor(module, weights)
+    driver = SequenceDriver(executor)
+    rng = np.random.default_rng(4)
+    lens = (5, 3)
+    ids = rng.integers(0, config.vocab_size, size=sum(lens))
+    got = [np.concatenate(driver.step({0: list(ids[:5]), 1: list(ids[5:])}))]
+    for _ in range(2):
+        nxt = rng.integers(0, config.vocab_size, size=2)
+        got.append(np.concatenate(driver.step({0: [int(nxt[0])], 1: [int(nxt[1])]})))
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(1.0, np.abs(a).max()))
+
+
+def test_int4_model_uses_kernels_and_less_memory() -> None:
+    config = llama_config(hidden=64, inter=128, vocab=64, heads=4, kv_heads=2, head_dim=16)
+    module, weights = random_llama(config)
+    fp32 = TorchExecutor(module, weights)
+    dense = sum(t.numel() * t.element_size() for t in fp32.params.values() if isinstance(t, torch.Tensor))
+    module, _ = run_pipeline(module, weights, "quantize(int4,group=32)")
+    ex = TorchExecutor(module, weights)
+    packed = [w for w in ex.params.values() if isinstance(w, PackedWeight)]
+    assert {w.kernel_name() for w in packed} >= {"int4pack", "int8pack"}
+    resident = sum(w.resident_bytes for w in packed) + sum(
+        t.numel() * t.element_size() for t in ex.params.values() if isinstance(t, torch.Tensor))
+    assert resident < dense / 4

@@ -1,0 +1,80 @@
+"""Helpers for the tvm target tests: tiny modules built from numpy weights, artifacts without a source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmc.compiler.config import ModelConfig, RopeScaling
+from llmc.compiler.frontends.llama import build_module, declare_params, param_shapes
+from llmc.compiler.ir.graph import Module
+from llmc.compiler.ir.types import QuantSpec
+from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore, pack_codes
+from llmc.runtime.artifact import Artifact, ArtifactWriter
+from llmc.targets.registry import get_target
+
+
+def tiny_config(**overrides: Any) -> ModelConfig:
+    values: dict[str, Any] = {
+        "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_layers": 2, "num_heads": 4,
+        "num_kv_heads": 2, "head_dim": 8, "max_position": 64, "rope_theta": 10000.0,
+    }
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def random_weights(config: ModelConfig, seed: int = 0) -> WeightStore:
+    rng = np.random.default_rng(seed)
+    store = WeightStore()
+    for name, shape in param_shapes(config).items():
+        if len(shape) == 1:
+            store[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+        else:
+            store[name] = rng.normal(0.0, 0.15, shape).astype(np.float32)
+    return store
+
+
+def quantize(weight: np.ndarray, spec: QuantSpec) -> QuantizedTensor:
+    """Round-to-nearest group quantization of ``weight [out, in]`` into llmc's quantized form."""
+    out, inp = weight.shape
+    groups = -(-inp // spec.group_size)
+    padded = np.zeros((out, groups * spec.group_size), np.float32)
+    padded[:, :inp] = weight
+    g = padded.reshape(out, groups, spec.group_size)
+    top = 2**spec.bits - 1
+    if spec.symmetric:
+        half = 2 ** (spec.bits - 1)
+        scale = np.maximum(np.abs(g).max(-1), 1e-8) / (half - 1)
+        codes = np.clip(np.round(g / scale[..., None]) + half, 0, top)
+        offsets = None
+    else:
+        lo, hi = g.min(-1), g.max(-1)
+        scale = np.maximum(hi - lo, 1e-8) / top
+        codes = np.clip(np.round((g - lo[..., None]) / scale[..., None]), 0, top)
+        offsets = lo
+    codes = codes.reshape(out, -1)[:, :inp].astype(np.uint8)
+    dtype = NUMPY_DTYPES[spec.scale_dtype]
+    return QuantizedTensor(spec, (out, inp), pack_codes(codes, spec.bits), scale.astype(dtype),
+                           None if offsets is None else offsets.astype(dtype))
+
+
+def tiny_module(config: ModelConfig, weights: WeightStore) -> Module:
+    params = declare_params(config, weights, "test")
+    return build_module(config, params)
+
+
+def write_artifact(module: Module, weights: WeightStore, out: Path, **options: Any) -> Artifact:
+    """An artifact for ``module`` written straight by the tvm target (no source file, no passes)."""
+    target = get_target("tvm")
+    with ArtifactWriter(out) as writer:
+        writer.write_weights(module, weights)
+        writer.write_ir(module)
+        result = target.emit(module, weights, writer, {"device": "cpu", **options})
+        path = writer.finish({"model": dict(module.config),
+                              "target": {"name": "tvm", "options": result.options, "files": result.files}})
+    return Artifact.load(path)
+
+
+LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=16)
