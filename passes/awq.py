@@ -115,10 +115,12 @@ def collect_activations(module: Module, weights: WeightStore, ids: list[int],
 
 
 def search_scale(x: np.ndarray, ws: list[np.ndarray], names: list[str], fake_quant: FakeQuant,
-                 grid: int) -> tuple[np.ndarray, float, float, float]:
+                 grid: int, search_tokens: int = 512) -> tuple[np.ndarray, float, float, float]:
     """Best per-channel scale for weights ``ws`` reading ``x``; returns (s, alpha, err, rtn_err)."""
     mag = np.abs(x).mean(axis=0).astype(np.float64)
     mag = np.maximum(mag, 1e-8)
+    if x.shape[0] > search_tokens:  # the error is measured on an evenly spaced subset of rows
+        x = x[np.linspace(0, x.shape[0] - 1, search_tokens).astype(np.int64)]
     ref = [x @ w.T for w in ws]
     best: tuple[float, float, np.ndarray] | None = None
     rtn_err = 0.0
@@ -153,7 +155,10 @@ def apply_awq(module: Module, weights: WeightStore, ids: list[int], fake_quant: 
         if node.op == "linear" and _param_name(node.inputs[1]) is not None:
             act_values[f"act:{_param_name(node.inputs[1])}"] = node.inputs[0]
     keys = {g.act_key: act_values[g.act_key] for g in groups}
-    acts = collect_activations(module, weights, ids, keys)
+    window = int(module.config.get("max_position") or len(ids))  # texts longer than the context: in windows
+    parts = [collect_activations(module, weights, ids[i : i + window], keys)
+             for i in range(0, len(ids), window) if len(ids[i : i + window]) >= 2]
+    acts = {k: np.concatenate([p[k] for p in parts]) for k in keys}
     improved = 0
     total_err = total_rtn = 0.0
     for g in groups:

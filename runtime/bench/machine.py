@@ -85,7 +85,17 @@ def software_info() -> dict[str, str | None]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far."""
+    """This process's peak resident set size so far.
+
+    Linux's ``VmHWM`` when available: ``ru_maxrss`` carries a parent's peak over fork + exec, so
+    a benchmark worker started by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(kib) * 1024
 

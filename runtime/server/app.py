@@ -193,8 +193,10 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, back
     install_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": state.model_name}
+    async def health() -> JSONResponse:
+        if not state.backend.alive():
+            return JSONResponse({"status": "engine stopped", "model": state.model_name}, status_code=503)
+        return JSONResponse({"status": "ok", "model": state.model_name})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -225,6 +227,7 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, back
 
 
 async def _completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+    arrival = time.perf_counter()
     state.check_model(body.model)
     tokenizer = state.backend.tokenizer
     raw = body.prompts()
@@ -238,7 +241,7 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     requested = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     limits = [_check_context(state, len(p), requested, "prompt") for p in prompts]
     run = RequestRun(state.backend, _jobs(body, prompts, limits, body.logprobs), f"cmpl-{uuid.uuid4().hex}",
-                     state.metrics)
+                     state.metrics, arrival)
     fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [texts[j.index // body.n] for j in run.jobs] if body.echo else None
@@ -270,6 +273,7 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
 
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
+    arrival = time.perf_counter()
     state.check_model(body.model)
     tokenizer = state.backend.tokenizer
 
@@ -284,7 +288,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     limit = _check_context(state, len(prompt), body.completion_limit(), "messages")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     run = RequestRun(state.backend, _jobs(body, [prompt], [limit], top_n), f"chatcmpl-{uuid.uuid4().hex}",
-                     state.metrics)
+                     state.metrics, arrival)
     fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
 
     def build(results: list[Any]) -> dict[str, Any]:

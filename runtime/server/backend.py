@@ -95,10 +95,17 @@ class Backend:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def alive(self) -> bool:
+        """Whether the engine's step loop still runs (engines without one count as alive)."""
+        thread = getattr(self.engine, "_thread", None)
+        return thread is None or thread.is_alive()
+
     def open(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> SequenceStream:
         """Submit one sequence (raises :class:`APIError` 429/400 when the engine refuses it)."""
         from llmc.runtime.engine import QueueFullError
 
+        if not self.alive():
+            raise APIError(503, "the engine has stopped; restart the server", code="engine_stopped")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -71,6 +71,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
                         code="invalid_json")
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return APIError(400, "the request body must be a JSON object (send it with Content-Type: application/json)",
+                        code="invalid_json")
     if first.get("type") == "missing":
         message = f"missing required parameter: {param!r}"
         code = "missing_required_parameter"

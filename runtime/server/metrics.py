@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -33,6 +33,12 @@ class _EngineCollector(Collector):
                                 value=s.get("kv_used_blocks", 0))
         yield GaugeMetricFamily("llmc_kv_cache_total_blocks", "KV cache blocks in all.",
                                 value=s.get("kv_total_blocks", 0))
+        yield GaugeMetricFamily("llmc_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache (0..1).",
+                                value=s.get("prefix_cache_hit_rate", 0.0))
+        yield GaugeMetricFamily("llmc_generation_tokens_per_second", "Engine decode throughput, last 10 s.",
+                                value=s.get("generation_tok_s", 0.0))
+        yield CounterMetricFamily("llmc_num_preemptions", "Sequences preempted (KV cache full) and recomputed.",
+                                  value=s.get("num_preemptions", 0))
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -1,6 +1,8 @@
 """Runs the ONNX graph over a slot KV cache: one slot (a whole sequence's KV) per sequence.
 
 The cache of layer ``l`` is one buffer per key/value, ``[slots, kv_heads, capacity, head_dim]``.
+On the CPU the capacity starts small and doubles (up to the slot size) as sequences grow: the
+CPU ``GroupQueryAttention`` kernel's cost grows with the buffer length, not only the context.
 A step's sequences are split into calls that ``GroupQueryAttention`` accepts (all one-token
 rows together; first prompts of one length together; each prefill chunk after a cached prefix
 alone). A call whose sequences sit in consecutive slots binds that slice of the buffer as both
@@ -23,6 +25,8 @@ from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.onnx.session import create_session, parse_device
+
+INITIAL_CAPACITY = 256
 
 
 @dataclass
@@ -78,31 +82,53 @@ class OnnxExecutor(Executor):
         if capacity <= 0:
             raise LlmcError(f"kv_capacity must be positive, got {capacity}")
         self.capacity = min(capacity, config.max_position)
-        self.slot_shape = (config.num_kv_heads, self.capacity, config.head_dim)
-        self.slot_bytes = 4 * int(np.prod(self.slot_shape))
+        self.allocated = 0  # tokens per slot in the buffers now (<= capacity)
+        self.slot_shape = (config.num_kv_heads, 0, config.head_dim)
+        self.slot_bytes = 0
         self.num_slots = 0
         self.keys: list[Any] = []
         self.values: list[Any] = []
 
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
-        return KVSpec("slots", self.capacity, 2 * self.config.num_layers * self.slot_bytes, 1)
+        c = self.config
+        per_slot = 2 * c.num_layers * c.num_kv_heads * self.capacity * c.head_dim * 4
+        return KVSpec("slots", self.capacity, per_slot, 1)
 
     def init_cache(self, num_blocks: int) -> None:
-        """Allocate ``num_blocks`` slots (zeroed lazily by the OS on the CPU)."""
+        """Allocate ``num_blocks`` slots (on the CPU for a short context first; they grow on demand)."""
         if num_blocks <= 0:
             raise LlmcError(f"the kv cache needs at least one slot, got {num_blocks}")
-        shape = (num_blocks, *self.slot_shape)
+        self.num_slots = num_blocks
+        self.keys, self.values = [], []
+        self.allocated = 0
+        self._grow(min(self.capacity, INITIAL_CAPACITY) if self.kind == "cpu" else self.capacity)
+
+    def _grow(self, tokens: int) -> None:
+        """Reallocate every slot for ``tokens`` tokens (doubling), keeping what they hold."""
+        size = min(self.capacity, max(tokens, 2 * self.allocated))
+        c = self.config
+        shape = (self.num_slots, c.num_kv_heads, size, c.head_dim)
         if self.kind == "cpu":
-            make = lambda: np.zeros(shape, dtype=np.float32)
+            old = self.allocated
+            grown = []
+            for store in (*self.keys, *self.values):
+                new = np.zeros(shape, dtype=np.float32)
+                new[:, :, :old] = store[:, :, :old]
+                grown.append(new)
+            if not grown:
+                grown = [np.zeros(shape, dtype=np.float32) for _ in range(2 * c.num_layers)]
         else:
             import onnxruntime as ort
 
-            make = lambda: ort.OrtValue.ortvalue_from_shape_and_type(
-                shape, np.float32, "cuda", self.device_id)
-        self.keys = [make() for _ in range(self.config.num_layers)]
-        self.values = [make() for _ in range(self.config.num_layers)]
-        self.num_slots = num_blocks
+            if self.allocated:
+                raise LlmcError("the CUDA kv cache is allocated at full capacity and cannot grow")
+            grown = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", self.device_id)
+                     for _ in range(2 * c.num_layers)]
+        self.keys, self.values = grown[: c.num_layers], grown[c.num_layers:]
+        self.allocated = size
+        self.slot_shape = shape[1:]
+        self.slot_bytes = 4 * int(np.prod(self.slot_shape))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if self.kind != "cpu":
@@ -133,6 +159,9 @@ class OnnxExecutor(Executor):
                                    f"{self.capacity} (load option kv_capacity, at most the model context "
                                    f"{self.config.max_position})")
             slots.append(int(table[0]))
+        longest = max(layout.context_lens)
+        if longest > self.allocated:
+            self._grow(longest)
         return slots
 
     def step(self, batch: StepBatch) -> np.ndarray:

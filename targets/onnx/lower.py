@@ -36,7 +36,7 @@ from llmc.compiler.ir.rope import cos_sin
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore
 from llmc.errors import UnsupportedError
 from llmc.targets.onnx.graph import MS_DOMAIN, GraphBuilder
-from llmc.targets.onnx.quant import QuantTensors, matmulnbits_ok
+from llmc.targets.onnx.quant import QuantTensors
 
 ROPE_KEYS = ("theta", "style", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
              "original_max_position")
@@ -100,6 +100,7 @@ class Lowering:
         self._rope_tables: dict[tuple, tuple[str, str]] = {}
         self._rope_rows: dict[tuple, tuple[str, str]] = {}
         self._shapes: dict[int, str] = {}
+        self._flat: dict[str, str] = {}  # a [tokens, heads, dim] value -> the same data as [..., heads*dim]
         self._handlers: dict[str, Callable[[Node], list[str]]] = {
             "embedding": self._embedding, "rms_norm": self._rms_norm, "add_rms_norm": self._add_rms_norm,
             "linear": self._linear, "split": self._split, "split_heads": self._split_heads,
@@ -227,7 +228,7 @@ class Lowering:
         xs = self.value(x)
         if name is not None and isinstance(self.weights[name], QuantizedTensor):
             quant = self.quant_param(name)
-            if matmulnbits_ok(quant.spec):
+            if quant.uses_matmulnbits(self.accuracy_level):
                 self.stats.matmulnbits += 1
             else:
                 self.stats.dequant_linear += 1
@@ -242,12 +243,16 @@ class Lowering:
 
     def _split_heads(self, node: Node) -> list[str]:
         heads, dim = int(node.attrs["heads"]), int(node.attrs["head_dim"])  # type: ignore[call-overload]
-        return [self.g.one("Reshape", [self.value(node.inputs[0]), self.g.const([-1, heads, dim])])]
+        flat = self.value(node.inputs[0])
+        out = self.g.one("Reshape", [flat, self.g.const([-1, heads, dim])])
+        self._flat[out] = flat
+        return [out]
 
     def _merge_heads(self, node: Node) -> list[str]:
         t = node.inputs[0].type
         width = int(t.shape[1]) * int(t.shape[2])
-        return [self.g.one("Reshape", [self.value(node.inputs[0]), self.g.const([-1, width])])]
+        x = self.value(node.inputs[0])
+        return [self.g.one("Reshape", [self._flat.get(x, x), self.g.const([-1, width])])]
 
     def _silu(self, node: Node) -> list[str]:
         return [self._silu_of(self.value(node.inputs[0]))]
@@ -359,9 +364,9 @@ class Lowering:
         seqlens = self._seqlens()
         for kind in ("key", "value"):
             g.add_input(past_name(layer, kind), np.float32, ["batch", hkv, "past_sequence_length", hd])
-        inputs = [g.one("Reshape", [qs, self._batch_shape(hq * hd)]),
-                  g.one("Reshape", [ks, self._batch_shape(hkv * hd)]),
-                  g.one("Reshape", [vs, self._batch_shape(hkv * hd)]),
+        inputs = [g.one("Reshape", [self._flat.get(qs, qs), self._batch_shape(hq * hd)]),
+                  g.one("Reshape", [self._flat.get(ks, ks), self._batch_shape(hkv * hd)]),
+                  g.one("Reshape", [self._flat.get(vs, vs), self._batch_shape(hkv * hd)]),
                   past_name(layer, "key"), past_name(layer, "value"), seqlens, self.inputs["total_sequence_length"]]
         if rotary is not None:
             inputs += list(rotary)
@@ -370,4 +375,6 @@ class Lowering:
                domain=MS_DOMAIN, num_heads=hq, kv_num_heads=hkv, scale=float(attrs["scale"]),  # type: ignore[arg-type]
                do_rotary=int(rotary is not None),
                rotary_interleaved=int(rotary is not None and attrs["style"] == "interleaved"))
-        return [g.one("Reshape", [out, g.const([-1, hq, hd])])]
+        heads = g.one("Reshape", [out, g.const([-1, hq, hd])])
+        self._flat[heads] = out  # merge_heads reshapes GQA's [batch, seq, hq*hd] output directly
+        return [heads]

@@ -16,6 +16,11 @@ float32 (``MatMulNBits`` wants the activation type; the cast is exact).
 * Group sizes ``MatMulNBits`` does not take (not a power of two >= 16) and embedding rows are
   dequantized in the graph with standard ops (``s * (q - z)`` / ``s * q + o`` in float32, the same
   arithmetic as the torch target).
+* 8-bit weights use ``MatMulNBits`` only with ``accuracy_level=4`` (int8 activations). At level 0
+  ONNX Runtime 1.32's CPU kernel has no float32 path for 8 bits and re-dequantizes the whole weight
+  on every call (measured ~100x slower than the 4-bit kernel on SmolLM2's 49152x576 head), so they
+  are dequantized in the graph instead; ONNX Runtime folds that into a float32 initializer when the
+  session loads (exact; 4 bytes per weight in memory, the file keeps llmc's 8-bit packing).
 """
 
 from __future__ import annotations
@@ -103,11 +108,15 @@ class QuantTensors:
         offsets = None if self.offsets is None else g.one("Gather", [self.offsets, ids], axis=0)
         return self.dequantize(codes, scales, offsets)
 
+    def uses_matmulnbits(self, accuracy_level: int) -> bool:
+        """MatMulNBits for 4-bit weights, and for 8-bit ones when activations are int8 (level 4)."""
+        return matmulnbits_ok(self.spec) and (self.spec.bits == 4 or accuracy_level == 4)
+
     def linear(self, x: str, accuracy_level: int) -> str:
         """``x @ w.T`` for ``x [tokens, in]``."""
         g, spec = self.g, self.spec
         out, inp = self.qt.shape
-        if not matmulnbits_ok(spec):
+        if not self.uses_matmulnbits(accuracy_level):
             if self._dequantized is None:
                 self._dequantized = self.dequantize(self.codes, self.scales, self.offsets)
             return g.one("Gemm", [x, self._dequantized], transB=1)

@@ -244,40 +244,42 @@ class TorchExecutor(Executor):
         values = vc[ctx.ctx_slots].transpose(1, 2)
         queries = q[ctx.q_index].transpose(1, 2)  # (B, Hq, max_q, D)
         hq, hkv = q.shape[1], k.shape[1]
-        if hq != hkv:
-            keys = keys.repeat_interleave(hq // hkv, dim=1)
-            values = values.repeat_interleave(hq // hkv, dim=1)
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=ctx.mask, scale=scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=ctx.mask, scale=scale,
+                                             enable_gqa=hq != hkv)
         out = out.transpose(1, 2).reshape(-1, hq, q.shape[2])  # (B * max_q, Hq, D)
         return out.index_select(0, ctx.out_index)
 
     # -- running -------------------------------------------------------------------------
     def _context(self, batch: StepBatch) -> StepContext:
+        """The step's index tensors, built with whole-array numpy (no per-token Python)."""
         layout, bs, dev = batch.layout, self.block_size, self.torch_device
-        n_seq = len(layout.seq_ids)
-        max_q, max_ctx = max(layout.query_lens), max(layout.context_lens)
-        positions = np.asarray(layout.positions(), dtype=np.int64)
+        qlens = np.asarray(layout.query_lens, dtype=np.int64)
+        clens = np.asarray(layout.context_lens, dtype=np.int64)
+        past = clens - qlens
+        n_seq, max_q, max_ctx = len(qlens), int(qlens.max()), int(clens.max())
+        starts = np.cumsum(qlens) - qlens
+        seq_of_row = np.repeat(np.arange(n_seq), qlens)
+        offsets = np.arange(int(qlens.sum())) - starts[seq_of_row]  # index of each token in its chunk
+        positions = past[seq_of_row] + offsets
         if positions.size and positions.max() >= self.config.max_position:
             raise RequestError(f"position {positions.max()} is beyond the context of {self.config.max_position}")
-        ctx_slots = np.zeros((n_seq, max_ctx), dtype=np.int64)
-        slot_mapping = np.empty(layout.num_tokens, dtype=np.int64)
+        max_blocks = -(-max_ctx // bs)
+        tables = np.zeros((n_seq, max_blocks), dtype=np.int64)
+        for j, table in enumerate(batch.block_tables):
+            if len(table) * bs < clens[j]:
+                raise LlmcError(f"sequence {layout.seq_ids[j]} has {len(table)} blocks for {clens[j]} tokens")
+            tables[j, : min(len(table), max_blocks)] = table[:max_blocks]
+        pos = np.arange(max_ctx)
+        ctx_slots = tables[:, pos // bs] * bs + pos % bs  # entries past a sequence's context are masked
+        slot_mapping = ctx_slots[seq_of_row, positions]
         q_index = np.zeros((n_seq, max_q), dtype=np.int64)
-        out_index = np.empty(layout.num_tokens, dtype=np.int64)
-        mask = np.zeros((n_seq, 1, max_q, max_ctx), dtype=bool)
-        for j, start in enumerate(layout.starts()):
-            n, total, past = layout.query_lens[j], layout.context_lens[j], layout.past_len(j)
-            table = np.asarray(batch.block_tables[j], dtype=np.int64)
-            if len(table) * bs < total:
-                raise LlmcError(f"sequence {layout.seq_ids[j]} has {len(table)} blocks for {total} tokens")
-            pos = np.arange(total)
-            slots = table[pos // bs] * bs + pos % bs
-            ctx_slots[j, :total] = slots
-            slot_mapping[start : start + n] = slots[past:]
-            q_index[j, :n] = np.arange(start, start + n)
-            out_index[start : start + n] = j * max_q + np.arange(n)
-            mask[j, 0, :n, :total] = pos[None, :] <= (past + np.arange(n))[:, None]
-        t = lambda a: torch.from_numpy(a).to(dev)
-        return StepContext(t(positions), t(slot_mapping), t(ctx_slots), t(q_index), t(out_index), t(mask), {})
+        q_index[seq_of_row, offsets] = np.arange(len(offsets))
+        out_index = seq_of_row * max_q + offsets
+        rows = np.arange(max_q)
+        causal = pos[None, None, :] <= (past[:, None] + rows[None, :])[:, :, None]
+        mask = causal & (rows[None, :, None] < qlens[:, None, None])  # (B, max_q, max_ctx)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+        return StepContext(t(positions), t(slot_mapping), t(ctx_slots), t(q_index), t(out_index), t(mask[:, None]), {})
 
     @torch.inference_mode()
     def step(self, batch: StepBatch) -> np.ndarray:

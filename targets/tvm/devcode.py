@@ -85,7 +85,7 @@ def device_images(library: Path | bytes) -> list[DeviceImage]:
 
 
 _CUDA_KERNEL = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(')
-_AMDGPU_KERNEL = re.compile(r"^define (?:dso_local )?amdgpu_kernel void @\"?(\w+)\"?\(", re.MULTILINE)
+_AMDGPU_KERNEL = re.compile(r"^define (?:[a-z_]+ )*amdgpu_kernel void @\"?(\w+)\"?\(", re.MULTILINE)
 
 
 def kernel_names(source: str, kind: str) -> list[str]:

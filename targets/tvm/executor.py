@@ -76,7 +76,8 @@ class TvmExecutor(Executor):
             raise TargetUnavailableError(f"cannot load {artifact.file(LIBRARY)}: {exc}") from exc
         self.vm = relax.VirtualMachine(lib, self.dev)
         weights = artifact.weights()
-        self.params = [_to_tvm(weight_part(weights[name], part), self.dev) for name, part in self.payload["param_slots"]]
+        self.params = [_to_tvm(weight_part(weights[name], part), self.dev)
+                       for name, part in self.payload["param_slots"]]
         self.page_size = int(self.payload["page_size"])
         self._f = {name: tvm.get_global_func(f"vm.builtin.kv_state_{name}")
                    for name in ("add_sequence", "remove_sequence", "popn", "begin_forward", "end_forward")}

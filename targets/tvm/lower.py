@@ -302,7 +302,7 @@ class _FunctionLowering:
         (logits,) = (self.get(v) for v in self.fn.outputs.values())
         return logits.astype("float32") if logits.dtype != "float32" else logits
 
-    def lower(self, node: Node) -> Any:  # noqa: C901 - one branch per op
+    def lower(self, node: Node) -> Any:
         from tvm.relax.frontend import nn
 
         op, a = node.op, node.attrs

@@ -102,7 +102,7 @@ def _check_device_code(exe: Any, lib: Any, kind: str) -> dict[str, Any]:
     images = device_images(lib)
     functions = {f for im in images for f in im.functions}
     missing = [k for k in kernels if k not in functions]
-    if not images or missing:
+    if not kernels or not images or missing:
         raise UnsupportedError(
             f"the exported library lacks compiled {kind} code for {len(missing) or len(kernels)} of "
             f"{len(kernels)} kernels (e.g. {(missing or kernels)[:3]}); was the device code left as source?"

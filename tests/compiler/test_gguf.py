@@ -147,7 +147,7 @@ def test_fit_llama3_scaling_reproduces_llama_cpp_factors() -> None:
     assert fit_llama3_scaling(np.ones(8), 10000.0, 16, "test") is None
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
 def test_native_blocks_dequantize_bit_exactly(qtype: Q, tmp_path: Path) -> None:
     from gguf import GGUFWriter
 
@@ -237,7 +237,38 @@ def test_smollm2_native_quant_completes_paris(smollm2_gguf: Path, tmp_path: Path
     weights = Artifact.load(out).weights()
     down = weights["layers.0.down"]
     assert isinstance(down, QuantizedTensor) and down.spec.describe() == "int4g32a"
-    result = runner.invoke(main, ["run", str(out), "--prompt", "The capital of France is", "--max-tokens", "8",
+    result = runner.invoke(main, ["run", str(out), "--prompt", "The capital of France is", "--max-tokens", "3",
                                   "--temperature", "0", "--json"])
     assert result.exit_code == 0, result.output
     assert "Paris" in json.loads(result.output)["text"]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # random blocks hold NaN scales too
+@pytest.mark.parametrize("qtype", [Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+                         ids=lambda q: q.name)
+def test_other_types_dequantize_with_gguf(qtype: Q, tmp_path: Path) -> None:
+    from gguf import GGML_QUANT_SIZES, GGUFWriter
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    rows, cols = 6, 512
+    if qtype == Q.BF16:
+        raw = gguf_quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    else:  # random blocks: every bit pattern is a valid block
+        raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    path = tmp_path / "t.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (t,) = open_gguf(path).tensors
+    expected = gguf_dequantize(raw, qtype).astype(np.float32)
+    assert expected.shape == (rows, cols)
+    dense = read_tensor(t, path, native_quant=False)
+    assert isinstance(dense, np.ndarray) and dense.dtype == np.float32 and dense.shape == (rows, cols)
+    assert np.array_equal(dense, expected, equal_nan=True)
+    kept = read_tensor(t, path, native_quant=True)
+    assert not isinstance(kept, QuantizedTensor)
+    assert np.array_equal(np.asarray(kept, dtype=np.float32), expected, equal_nan=True)

@@ -46,7 +46,7 @@ def test_verifier_error_names_the_pass_and_the_passes_before(tmp_path: Path) -> 
 
 def test_dump_ir_writes_one_numbered_file_per_pass(tmp_path: Path) -> None:
     module, weights = random_llama(llama_config(layers=1, tied=True))
-    out, records = run_pipeline(module, weights, 2, dump_dir=tmp_path)
+    _, records = run_pipeline(module, weights, 2, dump_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["00-input.ir"] + [f"{i:02d}-{n}.ir" for i, n in enumerate(PIPELINES["O2"], start=1)]
     assert "add_rms_norm" in (tmp_path / names[-1]).read_text()
@@ -76,9 +76,9 @@ def test_custom_pipeline_asking_for_an_unsupported_fused_op_is_an_error() -> Non
 
 def test_driver_runs_custom_pipelines_and_the_targets_preferred_list() -> None:
     module, weights = random_llama(llama_config(layers=1))
-    out, manager = optimize(module, weights, CompileOptions(passes="fuse-qkv,dce"), FUSED_OPS, "t")
+    _, manager = optimize(module, weights, CompileOptions(passes="fuse-qkv,dce"), FUSED_OPS, "t")
     assert [r.name for r in manager.records] == ["fuse-qkv", "dce"]
-    out, manager = optimize(module, weights, CompileOptions(opt_level=3), FUSED_OPS, "t", ["fold-rope"])
+    _, manager = optimize(module, weights, CompileOptions(opt_level=3), FUSED_OPS, "t", ["fold-rope"])
     assert [r.name for r in manager.records] == ["fold-rope"]
     with pytest.raises(LlmcError, match="unknown optimization level"):
         pipeline_for(7, FUSED_OPS)

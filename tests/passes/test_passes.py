@@ -3,6 +3,8 @@ equal through the reference interpreter."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -81,7 +83,7 @@ def test_fuse_add_rmsnorm(llama) -> None:
     assert after["rms_norm"] == 1  # the first layer's norm reads the embedding
     # the sum (result 1) of each fused op feeds the next fused op as its residual
     fused = [n for n in out.functions["decode"].nodes if n.op == "add_rms_norm"]
-    for prev, nxt in zip(fused, fused[1:], strict=False):
+    for prev, nxt in itertools.pairwise(fused):
         assert nxt.inputs[0].node is prev and nxt.inputs[0].index == 1
     _check_numerics(module, out, weights)
 
@@ -108,7 +110,7 @@ def test_fold_rope_rejects_different_rope_settings() -> None:
     rk = b.op("rope", k, pos, theta=500000.0, style="half", rotary_dim=4)
     a = b.op("attention", rq, rk, k, kv, layer=0, scale=0.5)
     module = Module({"f": b.function("f", {"a": a})}, {})
-    out, records = run_pipeline(module, {}, "fold-rope")
+    _, records = run_pipeline(module, {}, "fold-rope")
     assert stat(records, "fold-rope") == 0 and stat(records, "fold-rope", "rejected") == 1
     assert records[0].rejections == {"rope-attention: q and k use different rope settings": 1}
 

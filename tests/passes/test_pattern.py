@@ -160,7 +160,7 @@ def test_interior_value_with_outside_users_is_rejected() -> None:
         s = b.op("silu", x)
         return {"m": b.op("mul", s, y), "s": b.op("add", s, y)}
 
-    out, stats = apply_rules(_module(build), _ctx(), [rule])
+    _, stats = apply_rules(_module(build), _ctx(), [rule])
     assert stats.total_matches == 0
     assert stats.rejections == {"silu-mul: silu result has users outside the pattern": 1}
 

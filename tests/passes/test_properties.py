@@ -51,7 +51,7 @@ def test_every_pipeline_keeps_numerics(config: ModelConfig, seed: int, quantize_
         assert_same_numerics(expected, interpret_steps(out, weights, seed=seed))
         if level >= 2:
             counts = out.functions["decode"].op_counts()
-            assert counts["linear"] == 3 * config.num_layers + 1  # qkv, o, gate_up, down + head
+            assert counts["linear"] == 4 * config.num_layers + 1  # qkv, o, gate_up, down + head
             assert counts["split"] == config.num_layers
             assert out.referenced_params() == set(out.params)
             if config.tie_word_embeddings:

@@ -15,15 +15,10 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 
 from llmc.runtime.generate import LoadedModel, generate_ids, load_model  # noqa: E402
 from llmc.runtime.sampling import SamplingParams  # noqa: E402
-from tests.runtime.serving import API_KEY, MODEL, ServerProcess, build_chat_model, metric  # noqa: E402
+from tests.runtime.serving import API_KEY, MODEL, ServerProcess, metric  # noqa: E402
 
-CONTEXT = 512
+CONTEXT = 4096  # the chat_model fixture's context
 NO_EOS = {"ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return build_chat_model(tmp_path_factory.mktemp("serve"), context=CONTEXT)
 
 
 @pytest.fixture(scope="module")
