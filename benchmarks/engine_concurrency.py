@@ -49,6 +49,33 @@ def run_level(engine: Engine, n: int, prompt_len: int, gen_len: int, seed: int) 
     }
 
 
+def hf_peer_level(model: object, n: int, prompt_len: int, gen_len: int, vocab: int, seed: int) -> dict[str, float]:
+    """The same requests as one static batch through transformers ``generate`` (greedy, no EOS)."""
+    import torch
+
+    ids = torch.tensor(prompts_for(n, prompt_len, vocab, seed))
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
+                             do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - start
+    tokens = (out.shape[1] - prompt_len) * n
+    return {"concurrency": n, "generated_tokens": tokens, "wall_s": wall, "aggregate_tok_s": tokens / wall}
+
+
+def load_hf_peer(path: str) -> object:
+    """A Hugging Face folder, or a GGUF file (dequantized by transformers), in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if path.endswith(".gguf"):
+        import os
+
+        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
+                                                    torch_dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+
+
 def check_invariance(engine: Engine, n: int, seed: int) -> dict[str, int]:
     """32 greedy requests of different prompt and output lengths, batched vs alone."""
     rng = np.random.default_rng(seed)
@@ -71,6 +98,7 @@ def main() -> None:
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--check-invariance", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hf-peer", default=None, help="HF folder or GGUF of the same model: transformers static batch")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
     engine = Engine.load(args.artifact, max_running=max(args.concurrency), max_num_tokens=args.max_num_tokens,
@@ -92,6 +120,21 @@ def main() -> None:
         result["invariance"] = check_invariance(engine, 32, args.seed)
         print(f"batched == alone for {result['invariance']['identical']}/32 greedy requests")
     engine.close()
+    if args.hf_peer:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = load_hf_peer(args.hf_peer)
+        hf_peer_level(model, 1, args.prompt_len, 2, engine.config.vocab_size, 999)  # warm-up
+        peer = [hf_peer_level(model, n, args.prompt_len, args.gen_len, engine.config.vocab_size, args.seed)
+                for n in args.concurrency]
+        result["hf_peer"] = peer
+        print("| concurrent | transformers static batch tok/s | x single |")
+        print("|---:|---:|---:|")
+        for r in peer:
+            ratio = r["aggregate_tok_s"] / peer[0]["aggregate_tok_s"]
+            print(f"| {r['concurrency']} | {r['aggregate_tok_s']:.1f} | {ratio:.2f} |")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,16 +1,21 @@
-"""Decode tok/s of one model on the torch target at several pass pipelines (O0 vs O2 and
-ablations), measured in one process with the variants interleaved round by round.
+"""Decode tok/s of one model on the torch CPU target at several pass pipelines (O0 vs O2,
+and ablations), measured in one process with the variants interleaved step by step.
 
-    .venv/bin/python benchmarks/opt_levels.py MODEL [--variants O0,O2] [--steps 64] [--rounds 3]
+    .venv/bin/python benchmarks/opt_levels.py MODEL [--variants "O0;O2"] [--steps 64] [--rounds 3]
 
-MODEL is anything ``llmc compile`` reads (a .gguf file or a Hugging Face folder). A variant
-is ``O<n>`` or a custom pass list in brackets, e.g. ``"[share-tied-weights,fuse-qkv,dce]"``.
-Every variant is compiled in memory (front end -> passes), loaded into the torch executor,
-checked to give the same greedy tokens as the first variant, and timed: a prefill of
-``--prompt`` tokens, then ``--steps`` single-token decode steps. Figures are decode steps per
-second: wall clock (median and best round) and per second of this process's CPU time (with
-one torch thread, the CPU-time figure is the one that survives a machine shared with other
-jobs: it does not count time spent waiting for a core).
+MODEL is anything ``llmc compile`` reads (a .gguf file or a Hugging Face folder). Variants are
+separated by ``;``: ``O<n>`` or a custom pass list in brackets, e.g.
+``"O0;O2;[share-tied-weights,fuse-qkv,dce]"``. Every variant is compiled in memory (front end
+-> passes), loaded into the torch executor and prefilled with the same prompt; then each
+decode step is run for every variant in turn (order alternating), so all variants see the
+same background load. A variant must produce the same greedy ids as the first one.
+
+Reported per variant: decode tok/s from the median step time (wall clock) and from the 10th
+percentile step time (``p10``: the steps least disturbed by other jobs), and the median
+over steps of the paired ratio ``step time of the first variant / step time of this one``
+(> 1: faster). The paired ratio is what to read on a shared machine: neighbouring steps see
+the same load. One torch thread by default (with two threads on a loaded 2-core machine,
+torch's thread pool makes small kernels erratic).
 """
 
 from __future__ import annotations
@@ -46,83 +51,93 @@ def compile_variant(model: str, variant: str) -> tuple[TorchExecutor, dict[str, 
     return TorchExecutor(module, source.weights), module.op_counts()
 
 
-def greedy_decode(executor: TorchExecutor, prompt: list[int], steps: int) -> tuple[list[int], float, float]:
-    """Greedy ids after ``prompt``, the decode wall seconds and CPU seconds (prefill excluded)."""
-    block = executor.kv_spec().block_size
-    total = len(prompt) + steps + 1
-    executor.init_cache(-(-total // block))
-    table = list(range(-(-total // block)))
-    n = len(prompt)
-    logits = executor.step(StepBatch(np.asarray(prompt), BatchLayout((0,), (n,), (n,)), [table], [n - 1]))
-    ids = [int(np.argmax(logits[0]))]
-    start, cpu = time.perf_counter(), time.process_time()
-    for i in range(steps):
-        ctx = n + i + 1
-        logits = executor.step(StepBatch(np.asarray(ids[-1:]), BatchLayout((0,), (1,), (ctx,)), [table], [0]))
-        ids.append(int(np.argmax(logits[0])))
-    return ids, time.perf_counter() - start, time.process_time() - cpu
+class Decoder:
+    """One greedy sequence on one executor, stepped from outside."""
+
+    def __init__(self, executor: TorchExecutor, prompt: list[int], steps: int) -> None:
+        self.executor = executor
+        block = executor.kv_spec().block_size
+        blocks = -(-(len(prompt) + steps + 1) // block)
+        executor.init_cache(blocks)
+        self.table = list(range(blocks))
+        n = len(prompt)
+        logits = executor.step(StepBatch(np.asarray(prompt), BatchLayout((0,), (n,), (n,)), [self.table], [n - 1]))
+        self.ids = [int(np.argmax(logits[0]))]
+        self.context = n
+
+    def step(self) -> float:
+        """One decode step; returns its wall seconds."""
+        self.context += 1
+        batch = StepBatch(np.asarray(self.ids[-1:]), BatchLayout((0,), (1,), (self.context,)), [self.table], [0])
+        start = time.perf_counter()
+        logits = self.executor.step(batch)
+        elapsed = time.perf_counter() - start
+        self.ids.append(int(np.argmax(logits[0])))
+        return elapsed
+
+
+def measure(executors: dict[str, TorchExecutor], prompt: list[int], steps: int, rounds: int
+            ) -> dict[str, list[float]]:
+    variants = list(executors)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        decoders = {v: Decoder(executors[v], prompt, steps) for v in variants}
+        for i in range(steps):
+            for v in variants if i % 2 == 0 else reversed(variants):
+                times[v].append(decoders[v].step())
+        first = decoders[variants[0]].ids
+        for v, d in decoders.items():
+            if d.ids != first:
+                raise SystemExit(f"variant {v} gives different greedy ids than {variants[0]}")
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
-    ap.add_argument("--variants", default="O0,O2")
+    ap.add_argument("--variants", default="O0;O2")
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--prompt", type=int, default=16, help="prompt length (ids 1..)")
+    ap.add_argument("--prompt", type=int, default=16, help="prompt length")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: stable figures on a shared machine)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    variants = [v for v in (s.strip() for s in args.variants.split(";" if "[" in args.variants else ","))
-                if v]
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     prompt = [1 + (i * 7919) % 97 for i in range(args.prompt)]
 
     executors, counts = {}, {}
     for v in variants:
         executors[v], counts[v] = compile_variant(args.model, v)
-    reference: list[int] | None = None
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for v in variants:
-            ids, seconds, cpu = greedy_decode(executors[v], prompt, args.steps)
-            if reference is None:
-                reference = ids
-            elif ids != reference:
-                raise SystemExit(f"variant {v} gives different greedy ids than {variants[0]}")
-            times[v].append(args.steps / seconds)
-            cpu_times[v].append(args.steps / cpu)
-
+    times = measure(executors, prompt, args.steps, args.rounds)
+    base = times[variants[0]]
     results = {
         "model": args.model,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
         "threads": args.threads,
         "steps": args.steps,
-        "prompt": args.prompt,
         "rounds": args.rounds,
-        "variants": {
-            v: {
-                "decode_tok_s_median": round(statistics.median(times[v]), 2),
-                "decode_tok_s_best": round(max(times[v]), 2),
-                "decode_tok_s_all": [round(t, 2) for t in times[v]],
-                "cpu_tok_s_median": round(statistics.median(cpu_times[v]), 2),
-                "linear_ops_decode": counts[v]["decode"].get("linear", 0),
-                "nodes_decode": sum(counts[v]["decode"].values()),
-            }
-            for v in variants
-        },
+        "prompt": args.prompt,
+        "variants": {},
     }
-    base = results["variants"][variants[0]]
-    print(f"{'variant':<34} {'median':>8} {'best':>8} {'cpu-time':>9} {'cpu vs ' + variants[0]:>10} "
-          f"{'nodes':>6} {'linear':>6}   (decode tok/s)")
+    for v in variants:
+        ratios = sorted(b / t for b, t in zip(base, times[v], strict=True))
+        q = len(ratios) // 4
+        results["variants"][v] = {
+            "decode_tok_s": round(1.0 / statistics.median(times[v]), 2),
+            "decode_tok_s_p10": round(1.0 / float(np.percentile(times[v], 10)), 2),
+            "speedup_vs_first_median": round(statistics.median(ratios), 3),
+            "speedup_vs_first_iqr": [round(ratios[q], 3), round(ratios[-q - 1], 3)],
+            "decode_nodes": sum(counts[v]["decode"].values()),
+            "decode_linear_ops": counts[v]["decode"].get("linear", 0),
+        }
+    print(f"{'variant':<64} {'tok/s':>7} {'p10':>7} {'speedup':>8} {'IQR':>13} {'nodes':>6} {'linear':>6}")
     for v, r in results["variants"].items():
-        label = v if len(v) <= 34 else v[:31] + "..."
-        print(f"{label:<34} {r['decode_tok_s_median']:>8.2f} {r['decode_tok_s_best']:>8.2f} "
-              f"{r['cpu_tok_s_median']:>9.2f} {r['cpu_tok_s_median'] / base['cpu_tok_s_median']:>9.3f}x "
-              f"{r['nodes_decode']:>6} {r['linear_ops_decode']:>6}")
+        iqr = f"{r['speedup_vs_first_iqr'][0]:.3f}-{r['speedup_vs_first_iqr'][1]:.3f}"
+        print(f"{v:<64} {r['decode_tok_s']:>7.2f} {r['decode_tok_s_p10']:>7.2f} "
+              f"{r['speedup_vs_first_median']:>7.3f}x {iqr:>13} "
+              f"{r['decode_nodes']:>6} {r['decode_linear_ops']:>6}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "int4-g128": ["--quant", "int4", "--group-size", "128"],
     "int4-g32-awq": ["--quant", "int4", "--group-size", "32", "--calib-file", str(DATA / "calib.txt")],
     "int4-g128-awq": ["--quant", "int4", "--group-size", "128", "--calib-file", str(DATA / "calib.txt")],
+    "int4-g32-sym": ["--quant", "int4", "--group-size", "32", "--sym"],
+    "int4-g32-sym-awq": ["--quant", "int4", "--group-size", "32", "--sym", "--calib-file", str(DATA / "calib.txt")],
     "native": ["--quant", "native"],
 }
 

@@ -159,7 +159,7 @@ def quantize_and_gate(module: Module, weights: WeightStore, options: CompileOpti
         if calib is not None and plan.main.bits != 4 and not any(s.bits == 4 for _, s in plan.overrides):
             raise LlmcError("--calib-file applies to int4 quantization (AWQ scales); use it with --quant int4")
         qpass = QuantizePass(plan=plan, calib_ids=calib)
-        manager = PassManager([qpass], verify=True, dump_dir=None)
+        manager = PassManager([qpass], verify=True, dump_dir=options.dump_ir / "quantize" if options.dump_ir else None)
         ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name,
                           options=options.target_options)
         outcome.module = manager.run(module, ctx)

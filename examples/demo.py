@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from llmc.assets import fetch_smollm2
+from llmc.assets import SMOLLM2_Q4_1, fetch_smollm2
 from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError
+from llmc.runtime.artifact import Artifact
 from llmc.runtime.generate import LoadedModel, generate_ids, load_model
 from llmc.runtime.sampling import SamplingParams
 
@@ -24,6 +25,16 @@ def _generate(model: LoadedModel, prompt: str, max_tokens: int) -> str:
     ids = model.tokenizer.encode(prompt)
     result = generate_ids(model, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     return model.tokenizer.decode(result.token_ids)
+
+
+def _compiled(artifact: Path) -> bool:
+    """True when ``artifact`` is an intact --quant native build of the pinned GGUF."""
+    try:
+        manifest = Artifact.load(artifact).manifest
+    except LlmcError:
+        return False
+    return (manifest["compile_options"].get("quant") == "native"
+            and manifest["source"]["files"].get(SMOLLM2_Q4_1.filename) == SMOLLM2_Q4_1.sha256)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         gguf = fetch_smollm2(args.data_dir / "cache")
         print(f"model:    {gguf} ({gguf.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
         t0 = time.perf_counter()
-        artifact = compile_model(gguf, args.data_dir / "smollm2-135m-instruct-q4_1",
-                                 CompileOptions(target="torch", device="cpu", quant="native"))
+        artifact = args.data_dir / "smollm2-135m-instruct-q4_1"
+        if _compiled(artifact):
+            done = "already compiled"
+        else:
+            compile_model(gguf, artifact, CompileOptions(target="torch", device="cpu", quant="native"))
+            done = f"compiled in {time.perf_counter() - t0:.1f}s"
         size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file())
-        print(f"compiled: {artifact} (--quant native, {size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f}s)")
+        print(f"artifact: {artifact} (--quant native, {size / 1e6:.1f} MB, {done})")
         model = load_model(str(artifact))
         assert model.tokenizer is not None, "the GGUF carries its tokenizer"
         question = "What is the capital of France?"
@@ -47,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         print(f"\n[chat] user: {question}\n[chat] assistant: {_generate(model, chat, args.max_tokens).strip()}")
         prompt = "The capital of France is"
-        print(f"\n[completion] {prompt}{_generate(model, prompt, 8)}")
+        print(f"\n[completion] {prompt}{_generate(model, prompt, 6)}")
         print(f"\ngenerated in {time.perf_counter() - t0:.1f}s (greedy)")
     except LlmcError as exc:
         print(f"error: {exc}", file=sys.stderr)

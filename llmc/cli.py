@@ -60,10 +60,13 @@ def _emit_json(data: Any) -> None:
               help="Device architecture: LLVM CPU name, CUDA tag/sm_XX (nvidia/nvidia-h100, sm_90a) or AMD gfx942.")
 @click.option("--tune", type=click.IntRange(0), default=0, show_default=True,
               help="Meta-schedule tuning trials (tvm target; the tuning log is cached and reused).")
+@click.option("--target-option", "target_option", multiple=True,
+              help="KEY=VALUE passed to the target, e.g. accuracy_level=4 (onnx: int8 activations) (repeatable).")
 def compile(source: Path, out: Path, target: str, dtype: str | None, device: str, opt_level: int,
             passes: str | None, dump_ir: Path | None, quant: str, group_size: int, sym: bool | None,
             calib_file: Path | None, quant_override: tuple[str, ...], eval_file: Path | None,
-            max_ppl_increase: str | None, auto_escalate: bool, arch: str | None, tune: int) -> None:
+            max_ppl_increase: str | None, auto_escalate: bool, arch: str | None, tune: int,
+            target_option: tuple[str, ...]) -> None:
     """Compile SOURCE (a Hugging Face folder or a .gguf file) into an artifact."""
     from llmc.compiler.driver import CompileOptions, compile_model
 
@@ -75,9 +78,23 @@ def compile(source: Path, out: Path, target: str, dtype: str | None, device: str
         options.target_options["arch"] = arch
     if tune:
         options.target_options["tune"] = tune
+    options.target_options.update(_parse_target_options(target_option))
     path = compile_model(source, out, options)
     _echo_quality(path)
     click.echo(f"wrote {path}")
+
+
+def _parse_target_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict (values as int, float or bool when they read as one)."""
+    from llmc.passes.pipelines import _parse_value
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise LlmcError(f"--target-option must be KEY=VALUE, got {item!r}")
+        options[key.strip().replace("-", "_")] = _parse_value(value)
+    return options
 
 
 def _echo_quality(path: Path) -> None:

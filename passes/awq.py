@@ -115,7 +115,7 @@ def collect_activations(module: Module, weights: WeightStore, ids: list[int],
 
 
 def search_scale(x: np.ndarray, ws: list[np.ndarray], names: list[str], fake_quant: FakeQuant,
-                 grid: int, search_tokens: int = 512) -> tuple[np.ndarray, float, float, float]:
+                 grid: int, search_tokens: int = 256) -> tuple[np.ndarray, float, float, float]:
     """Best per-channel scale for weights ``ws`` reading ``x``; returns (s, alpha, err, rtn_err)."""
     mag = np.abs(x).mean(axis=0).astype(np.float64)
     mag = np.maximum(mag, 1e-8)
@@ -142,7 +142,7 @@ def search_scale(x: np.ndarray, ws: list[np.ndarray], names: list[str], fake_qua
 
 
 def apply_awq(module: Module, weights: WeightStore, ids: list[int], fake_quant: FakeQuant,
-              wants: Callable[[str], bool], grid: int = 20) -> dict[str, int]:
+              wants: Callable[[str], bool], grid: int = 10) -> dict[str, int]:
     """Search and fold AWQ scales for every foldable group with a linear ``wants`` selects."""
     if "prefill" not in module.functions:
         raise LlmcError("AWQ calibration needs the module's prefill function")

@@ -54,7 +54,7 @@ def parse_scheme(text: str, group: int = 32, symmetric: bool | None = None) -> S
     if t == "int8":
         return Scheme(bits=8, group=None, symmetric=True if symmetric is None else symmetric)
     if t == "int4":
-        if group not in (32, 64, 128) and group % 2:
+        if group <= 0 or group % 2:
             raise LlmcError(f"int4 group size must be even (32, 64 or 128 recommended), not {group}")
         return Scheme(bits=4, group=group, symmetric=False if symmetric is None else symmetric)
     try:

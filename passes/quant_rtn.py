@@ -23,6 +23,8 @@ def _grouped(w: np.ndarray, group: int) -> tuple[np.ndarray, int]:
     """``w [out, in]`` padded with NaN to ``[out, groups, group]`` (ragged last group)."""
     out, inp = w.shape
     groups = -(-inp // group)
+    if inp == groups * group:
+        return w.reshape(out, groups, group), groups
     padded = np.full((out, groups * group), np.nan, dtype=np.float32)
     padded[:, :inp] = w
     return padded.reshape(out, groups, group), groups
@@ -57,20 +59,25 @@ def rtn_codes(weight: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarr
     sdtype = NUMPY_DTYPES[spec.scale_dtype]
     qmax = 2**spec.bits - 1
     g, groups = _grouped(w, spec.group_size)
+    ragged = groups * spec.group_size != inp
+    amax = np.nanmax if ragged else np.max
+    amin = np.nanmin if ragged else np.min
     offsets = None
     if spec.symmetric:
         half = 2 ** (spec.bits - 1) - 1  # codes - mid in [-half, half]
-        absmax = np.nanmax(np.abs(g), axis=-1)
+        absmax = amax(np.abs(g), axis=-1)
         scales = _round_up(absmax / half, sdtype)
         safe = np.where(scales > 0, scales.astype(np.float32), 1.0)[..., None]
         codes = np.clip(np.rint(g / safe) + 2 ** (spec.bits - 1), 0, qmax)
     else:
-        offsets = _round_down(np.nanmin(g, axis=-1), sdtype)
-        span = np.maximum(np.nanmax(g, axis=-1) - offsets.astype(np.float32), 0.0)
+        offsets = _round_down(amin(g, axis=-1), sdtype)
+        span = np.maximum(amax(g, axis=-1) - offsets.astype(np.float32), 0.0)
         scales = _round_up(span / qmax, sdtype)
         safe = np.where(scales > 0, scales.astype(np.float32), 1.0)[..., None]
         codes = np.clip(np.rint((g - offsets.astype(np.float32)[..., None]) / safe), 0, qmax)
-    codes = np.nan_to_num(codes, nan=0.0).reshape(out, groups * spec.group_size)[:, :inp]
+    if ragged:
+        codes = np.nan_to_num(codes, nan=0.0)
+    codes = codes.reshape(out, groups * spec.group_size)[:, :inp]
     return codes, scales, offsets
 
 

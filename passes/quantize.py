@@ -90,7 +90,7 @@ class QuantizePass(Pass):
 
     def __init__(self, scheme: str = "int4", group: int = 32, sym: bool | None = None, head: str | None = None,
                  override: str | list[str] | None = None, calib: str | None = None,
-                 calib_ids: list[int] | None = None, awq_grid: int = 20, scale_dtype: str = "float16",
+                 calib_ids: list[int] | None = None, awq_grid: int = 10, scale_dtype: str = "float16",
                  plan: QuantPlan | None = None, calib_tokens: int = 1024) -> None:
         self.plan = plan or QuantPlan.build(str(scheme), int(group), sym, head, override)
         ids = calib_ids if calib_ids is not None else (load_ids(calib) if calib else None)

@@ -16,7 +16,17 @@ Python API::
     engine.stats()                            # running, waiting, kv usage, prefix hits, throughput
     engine.close()                            # also: ``with Engine.load(...) as engine:``
 
-``Engine.load(path, **config)`` takes the :class:`EngineConfig` fields as keywords.
+``Engine.load(path, **config)`` takes the :class:`EngineConfig` fields as keywords;
+``Engine(executor, tokenizer, EngineConfig(...))`` wraps an executor already loaded. Attributes:
+``engine.config`` (the model's :class:`~llmc.compiler.config.ModelConfig`: ``max_position``,
+``vocab_size``...), ``engine.engine_config``, ``engine.tokenizer`` (None for models without
+one: prompts are then token id lists and outputs have ``text=None``), ``engine.eos_ids``.
+
+Requests: prompts are text or token id lists. A request whose prompt + ``max_tokens`` exceeds
+the model's context (or the whole KV cache) raises :class:`~llmc.errors.RequestError` at
+submission, with the numbers; a full queue (``max_queue``) raises :class:`QueueFullError`.
+Outputs are :class:`~llmc.runtime.outputs.RequestOutput` (``generate``, and the last
+``StreamChunk.output``) with ``finish_reason`` ``'stop' | 'length' | 'cancelled'``.
 
 One background thread runs the step loop, one step at a time: schedule
 (:mod:`llmc.runtime.scheduler`) -> ``executor.step`` -> batched sampling
@@ -49,7 +59,7 @@ import numpy as np
 
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.tokenizer import LlmcTokenizer
-from llmc.errors import LlmcError, RequestError
+from llmc.errors import LlmcError, RequestError, UnsupportedError
 from llmc.runtime.detokenizer import IncrementalDetokenizer
 from llmc.runtime.kv_cache import KVCacheManager, PagedKVCache, SlotKVCache
 from llmc.runtime.outputs import RequestOutput, StreamChunk
@@ -151,10 +161,13 @@ class Engine:
 
         cfg = EngineConfig.from_kwargs(**config)
         artifact = Artifact.load(path, verify=cfg.verify)
-        options = {"device": cfg.device, "threads": cfg.threads, "block_size": cfg.block_size}
-        if cfg.deterministic:
-            options["deterministic"] = True
+        options: dict[str, Any] = {"device": cfg.device, "threads": cfg.threads, "block_size": cfg.block_size,
+                                   "deterministic": cfg.deterministic or None}
+        options = {k: v for k, v in options.items() if v is not None}  # unset: the artifact's own choice
         executor = get_target(artifact.target).load(artifact, **options)
+        if cfg.deterministic and not getattr(executor, "deterministic", False):
+            raise UnsupportedError(f"the {artifact.target} target has no deterministic (batch-invariant) mode; "
+                                   "use the torch target for deterministic=True")
         return cls(executor, artifact.tokenizer(), cfg)
 
     def _make_cache(self) -> KVCacheManager:
@@ -163,7 +176,7 @@ class Engine:
             slots = min(cfg.max_running, cfg.num_blocks or cfg.max_running)
             self._max_running = slots
             self.executor.init_cache(slots)
-            return SlotKVCache(slots, self.config.max_position)
+            return SlotKVCache(slots, min(spec.block_size, self.config.max_position))  # block_size: slot capacity
         self._max_running = cfg.max_running
         if cfg.num_blocks:
             blocks = cfg.num_blocks
@@ -357,7 +370,12 @@ class Engine:
             if closed:
                 return
             if self.scheduler.has_work():
-                self._step()
+                try:
+                    self._step()
+                except Exception as exc:  # an engine bug must fail the requests, not hang them
+                    with self._cond:
+                        for req in list(self._requests.values()):
+                            self._finish(req, "cancelled", None, error=exc)
 
     def _step(self) -> None:
         with self._cond:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,13 @@ def open_gguf(path: Path) -> GGUFReader:
     except UnsupportedError as exc:
         raise UnsupportedError(f"{path}: {exc}") from exc
     except (ValueError, KeyError, IndexError, TypeError, OSError, UnicodeDecodeError) as exc:
-        hint = "bad magic: not a GGUF file" if "magic" in str(exc).lower() else "truncated or corrupt?"
+        text = str(exc).lower()
+        if "magic" in text:
+            hint = "bad magic: not a GGUF file"
+        elif "version" in text:
+            hint = "llmc reads GGUF v2 and v3"
+        else:
+            hint = "truncated or corrupt?"
         raise InputError(f"{path}: cannot read GGUF file: {exc} ({hint})") from exc
     size = path.stat().st_size
     for t in reader.tensors:
@@ -287,7 +293,7 @@ def read_tensor(t: Any, path: Path, native_quant: bool) -> Weight:
     return np.asarray(gguf_dequantize(data, qtype), dtype=np.float32).reshape(shape)
 
 
-def load_weights(reader: GGUFReader, path: Path, config: ModelConfig, native_quant: bool) -> WeightStore:
+def load_weights(reader: GGUFReader, path: Path, native_quant: bool) -> WeightStore:
     """Every Llama tensor under its canonical name, read lazily from the memory map."""
     store = WeightStore()
     for t in reader.tensors:
@@ -298,8 +304,7 @@ def load_weights(reader: GGUFReader, path: Path, config: ModelConfig, native_qua
             continue
         if t.tensor_type not in DEQUANTIZED_TYPES:  # fail at load time, not at first use
             read_tensor(t, path, native_quant)
-        loader: Callable[[], Weight] = lambda t=t: read_tensor(t, path, native_quant)
-        store.set_lazy(name, loader)
+        store.set_lazy(name, partial(read_tensor, t, path, native_quant))
     if "lm_head" not in store and "embed" in store:
         store.set_lazy("lm_head", lambda: store["embed"])
     return store
@@ -313,7 +318,7 @@ def load_gguf(path: str | Path, native_quant: bool = False) -> ModelSource:
     reader = open_gguf(path)
     meta = Metadata(reader, path)
     config = parse_config(meta, reader)
-    weights = load_weights(reader, path, config, native_quant)
+    weights = load_weights(reader, path, native_quant)
     tokenizer = build_tokenizer(meta, config) if "tokenizer.ggml.model" in meta else None
     name = meta.get("general.name")
     return ModelSource(

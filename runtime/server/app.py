@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -22,7 +22,7 @@ from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.server.backend import Backend, Delta
 from llmc.runtime.server.errors import APIError, error_body, install_error_handlers
 from llmc.runtime.server.formatting import DONE, Formatter, sse
-from llmc.runtime.server.generation import Job, RequestRun
+from llmc.runtime.server.generation import ChoiceResult, Job, RequestRun
 from llmc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from llmc.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
@@ -77,10 +77,6 @@ class EventStreamResponse(StreamingResponse):
             await self._events.aclose()  # type: ignore[attr-defined]
 
 
-def _state(request: Request) -> ServerState:
-    return request.app.state.llmc
-
-
 async def _until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -90,14 +86,17 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Await ``work``; cancel it and raise :class:`ClientDisconnected` if the client leaves first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnect(request))
+    finished = False
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finished = task.done()
     finally:
         watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    raise ClientDisconnected
+        if not task.done():
+            task.cancel()
+    if not finished:
+        raise ClientDisconnected
+    return task.result()
 
 
 def _sampling(req: _GenerationRequest, max_tokens: int, seed: int | None, logprobs: int | None) -> SamplingParams:
@@ -156,10 +155,12 @@ def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: list[in
     return jobs
 
 
-async def _respond(request: Request, run: RequestRun, stream: bool, build: Any, events: Any) -> Response:
+async def _respond(request: Request, run: RequestRun, build: Callable[[list[ChoiceResult]], dict[str, Any]],
+                   events: Callable[[], AsyncIterator[bytes]] | None) -> Response:
+    """Start the run; then stream ``events()`` (when given) or answer ``build(results)`` as JSON."""
     run.start()
-    if stream:
-        return EventStreamResponse(events(run))
+    if events is not None:
+        return EventStreamResponse(_guarded(events(), run))
     try:
         results = await _unless_disconnected(request, run.collect())
     except ClientDisconnected:
@@ -246,30 +247,26 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [texts[j.index // body.n] for j in run.jobs] if body.echo else None
 
-    def build(results: list[Any]) -> dict[str, Any]:
+    def build(results: list[ChoiceResult]) -> dict[str, Any]:
         return fmt.completion(results, prompt_tokens, body.logprobs, echo)
 
-    async def events(run: RequestRun) -> AsyncIterator[bytes]:
-        async def raw_events() -> AsyncIterator[bytes]:
-            offsets = {j.index: 0 for j in run.jobs}
-            generated = 0
-            if echo:
-                for j in run.jobs:
-                    yield sse(fmt.completion_chunk(j.index, Delta("", []), None, 0, text=echo[j.index],
-                                                   include_usage=body.include_usage))
-            async for index, delta in run.deltas():
-                generated += len(delta.token_ids)
+    async def events() -> AsyncIterator[bytes]:
+        offsets = {j.index: 0 for j in run.jobs}
+        generated = 0
+        for j in run.jobs if echo else ():
+            yield sse(fmt.completion_chunk(j.index, Delta("", []), None, 0, text=echo[j.index],
+                                           include_usage=body.include_usage))
+        async for index, delta in run.deltas():
+            generated += len(delta.token_ids)
+            if delta.text or delta.finish_reason is not None or body.logprobs is not None:
                 yield sse(fmt.completion_chunk(index, delta, body.logprobs, offsets[index],
                                                include_usage=body.include_usage))
-                offsets[index] += sum(len(state.token_bytes.text_of(t)) for t in delta.token_ids)
-            if body.include_usage:
-                yield sse(fmt.usage_chunk("text_completion", prompt_tokens, generated))
-            yield DONE
+            offsets[index] += sum(len(state.token_bytes.text_of(t)) for t in delta.token_ids)
+        if body.include_usage:
+            yield sse(fmt.usage_chunk("text_completion", prompt_tokens, generated))
+        yield DONE
 
-        async for event in _guarded(raw_events(), run):
-            yield event
-
-    return await _respond(request, run, body.stream, build, events)
+    return await _respond(request, run, build, events if body.stream else None)
 
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
@@ -291,27 +288,23 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
                      state.metrics, arrival)
     fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
 
-    def build(results: list[Any]) -> dict[str, Any]:
+    def build(results: list[ChoiceResult]) -> dict[str, Any]:
         return fmt.chat(results, len(prompt), top_n)
 
-    async def events(run: RequestRun) -> AsyncIterator[bytes]:
-        async def raw_events() -> AsyncIterator[bytes]:
-            usage_null = body.include_usage
-            for j in run.jobs:
-                yield sse(fmt.chat_chunk(j.index, {"role": "assistant", "content": ""}, include_usage=usage_null))
-            generated = 0
-            async for index, delta in run.deltas():
-                generated += len(delta.token_ids)
-                if delta.text or delta.token_ids:
-                    lp = fmt.chat_logprobs(delta.logprobs or [], top_n) if top_n is not None else None
-                    yield sse(fmt.chat_chunk(index, {"content": delta.text}, logprobs=lp, include_usage=usage_null))
-                if delta.finish_reason is not None:
-                    yield sse(fmt.chat_chunk(index, {}, finish_reason=delta.finish_reason, include_usage=usage_null))
-            if body.include_usage:
-                yield sse(fmt.usage_chunk("chat.completion.chunk", len(prompt), generated))
-            yield DONE
+    async def events() -> AsyncIterator[bytes]:
+        usage_null = body.include_usage  # with include_usage, every chunk but the last has "usage": null
+        for j in run.jobs:
+            yield sse(fmt.chat_chunk(j.index, {"role": "assistant", "content": ""}, include_usage=usage_null))
+        generated = 0
+        async for index, delta in run.deltas():
+            generated += len(delta.token_ids)
+            if delta.text or (delta.token_ids and top_n is not None):
+                lp = fmt.chat_logprobs(delta.logprobs or [], top_n) if top_n is not None else None
+                yield sse(fmt.chat_chunk(index, {"content": delta.text}, logprobs=lp, include_usage=usage_null))
+            if delta.finish_reason is not None:
+                yield sse(fmt.chat_chunk(index, {}, finish_reason=delta.finish_reason, include_usage=usage_null))
+        if body.include_usage:
+            yield sse(fmt.usage_chunk("chat.completion.chunk", len(prompt), generated))
+        yield DONE
 
-        async for event in _guarded(raw_events(), run):
-            yield event
-
-    return await _respond(request, run, body.stream, build, events)
+    return await _respond(request, run, build, events if body.stream else None)

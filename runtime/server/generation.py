@@ -103,6 +103,8 @@ class RequestRun:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # delivered to the consumer, which re-raises it
+            self.timing[index].finished = True  # failed, not aborted by the client
+            self.metrics.finished.labels(finish_reason="error").inc()
             await self._queue.put((index, exc))
 
     def _record(self, index: int, delta: Delta) -> None:

@@ -62,7 +62,7 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("llmc_prompt_tokens", "Prompt tokens of admitted sequences.", registry=r)
         self.generation_tokens = Counter("llmc_generation_tokens", "Generated tokens.", registry=r)
-        self.finished = Counter("llmc_sequences_finished", "Finished sequences by finish reason.",
+        self.finished = Counter("llmc_sequences_finished", "Finished sequences by finish reason (stop, length, error).",
                                 ["finish_reason"], registry=r)
         self.aborted = Counter("llmc_sequences_aborted",
                                "Sequences cancelled before finishing (client disconnected).", registry=r)

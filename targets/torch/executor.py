@@ -105,7 +105,11 @@ class TorchExecutor(Executor):
                     if value.node.op == "param":
                         uses.setdefault(str(value.node.attrs["name"]), set()).add(node.op)
         for name, weight in self.params.items():
-            if isinstance(weight, PackedWeight) and uses.get(name) == {"linear"} and self.act_dtype == torch.float32:
+            ops = uses.get(name, set())
+            if not isinstance(weight, PackedWeight) or self.act_dtype != torch.float32 or "linear" not in ops:
+                continue
+            # int8 kernel codes also serve embedding rows (a tied head); int4 kernel layouts do not
+            if ops == {"linear"} or (ops <= {"linear", "embedding"} and weight.kernel_name() == "int8pack"):
                 weight.prepare_linear()
 
     # -- cache ---------------------------------------------------------------------------

@@ -56,6 +56,9 @@ class PackedWeight:
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight (or only ``rows`` of it), computed in float32 then cast."""
+        if not self._raw and self._int8 is not None and self._scale32 is not None:
+            codes8, s8 = (self._int8, self._scale32) if rows is None else (self._int8[rows], self._scale32[rows])
+            return (codes8.to(torch.float32) * s8.unsqueeze(-1)).to(dtype)  # exact: s * (q - 128)
         if not self._raw:
             raise RuntimeError("this packed weight was converted for a matmul kernel and cannot be dequantized")
         qdata, scales, offsets = self.qdata, self.scales, self.offsets

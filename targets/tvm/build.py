@@ -250,9 +250,34 @@ def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_ke
             exe, tune_notes = _compile_tuned(mod, target, tune_trials, tune_key)
             return exe, notes + tune_notes
         try:
+            if kind == "cpu":
+                return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target)), notes
             return tvm.compile(mod, target=target), notes
         except Exception as exc:  # TVM raises many types; name the target and keep the cause
             raise UnsupportedError(f"tvm.compile for {spec} failed: {str(exc).strip().splitlines()[-1]}") from exc
+
+
+def cpu_pipeline(target: Any) -> Any:
+    """TVM's CPU pipeline plus dlight's CPU rules (parallel, vectorised GEMV and reductions)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu.library_dispatch_passes(target)
+                + cpu.legalize_passes(target)
+                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + cpu.dataflow_lower_passes(target)
+                + cpu.finalize_passes(target)
+            )
+            return seq(mod)
+
+    del relax
+    return _pipeline
 
 
 def tuning_dir(spec: dict[str, Any], tune_key: str, trials: int) -> Path:

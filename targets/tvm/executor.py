@@ -26,6 +26,7 @@ from llmc.compiler.weights import QuantizedTensor, Weight
 from llmc.errors import ArtifactError, LlmcError, RequestError, TargetUnavailableError
 from llmc.runtime.artifact import Artifact
 from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.targets.tvm.lower import DECODE_ONE
 from llmc.targets.tvm.target import LIBRARY, PAYLOAD
 
 MAX_BATCH = 256
@@ -166,7 +167,10 @@ class TvmExecutor(Executor):
         self._f["begin_forward"](self.kv, Shape(list(layout.seq_ids)), Shape(list(layout.query_lens)))
         try:
             ids_t = tvm.runtime.tensor(ids.astype(np.int32), dev)
-            if batch.is_decode and "decode" in self.payload["functions"]:
+            functions = self.payload["functions"]
+            if batch.is_decode and len(layout.seq_ids) == 1 and DECODE_ONE in functions:
+                logits, self.kv = self.vm[DECODE_ONE](ids_t, self.kv, self.params)
+            elif batch.is_decode and "decode" in functions:
                 logits, self.kv = self.vm["decode"](ids_t, self.kv, self.params)
             else:
                 rows_t = tvm.runtime.tensor(rows.astype(np.int32), dev)

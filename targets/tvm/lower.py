@@ -39,6 +39,9 @@ LOWERED_OPS = frozenset({
     "merge_heads", "rope", "attention", "rope_attention", "silu", "mul", "add", "swiglu", "gather_rows",
 })
 FUNCTION_INPUTS = {"prefill": ("input_ids", "logits_index"), "decode": ("input_ids",)}
+DECODE_ONE = "decode_1"
+"""``decode`` specialised to one sequence: static shapes, so schedules (dlight GEMV) and
+meta-schedule tuning apply to its matrix-vector products."""
 
 
 @dataclass(frozen=True)
@@ -160,10 +163,12 @@ def lower_module(module: Module, target: Any) -> Lowered:
     plan = rope_plan(module)
     model = _build_model_class(module, plan, target)()
     functions = [name for name in ("prefill", "decode") if name in module.functions]
+    if "decode" in functions:
+        functions.append(DECODE_ONE)
     spec: dict[str, Any] = {}
     for name in functions:
         fn_spec: dict[str, Any] = {
-            "input_ids": nn.spec.Tensor(["tokens"], "int32"),
+            "input_ids": nn.spec.Tensor([1] if name == DECODE_ONE else ["tokens"], "int32"),
         }
         if name == "prefill":
             fn_spec["logits_index"] = nn.spec.Tensor(["outputs"], "int32")
@@ -247,6 +252,9 @@ def _build_model_class(module: Module, plan: RopePlan, target: Any) -> type:
             return self._run("prefill", {"input_ids": input_ids, "logits_index": logits_index}, paged_kv_cache)
 
         def decode(self, input_ids: Any, paged_kv_cache: Any) -> Any:
+            return self._run("decode", {"input_ids": input_ids}, paged_kv_cache)
+
+        def decode_1(self, input_ids: Any, paged_kv_cache: Any) -> Any:
             return self._run("decode", {"input_ids": input_ids}, paged_kv_cache)
 
         def _run(self, fn_name: str, feeds: dict[str, Any], kv: Any) -> Any:
@@ -386,18 +394,13 @@ class _FunctionLowering:
         return nn.op.rms_norm(x, w, axes=[-1], epsilon=eps)
 
     def linear(self, x: Any, weight_ref: Any) -> Any:
-        from tvm.relax.frontend import nn
-
-        from llmc.targets.tvm.quant import quantized_linear
+        from llmc.targets.tvm.quant import float_linear, quantized_linear
 
         name, parts = self._param(weight_ref)
         info = self.model_info(name)
         if info.quant is not None:
             return quantized_linear(x, _ordered(parts), info.quant, tuple(info.type.shape), name.replace(".", "_"))
-        w = parts["weight"]
-        if w.dtype != x.dtype:
-            w = w.astype(x.dtype)
-        return nn.op.matmul(x, nn.op.permute_dims(w))
+        return float_linear(x, parts["weight"], name.replace(".", "_"))
 
     def attention(self, node: Node) -> Any:
         from tvm.relax.frontend import nn

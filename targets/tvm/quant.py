@@ -63,6 +63,25 @@ def quantized_linear(x: Any, parts: list[Any], spec: QuantSpec, shape: tuple[int
     return nn.op.tensor_expr_op(compute, f"dequantize_matmul_{name}", [x, *parts])
 
 
+def float_linear(x: Any, weight: Any, name: str) -> Any:
+    """``x @ w.T`` reading ``w [out, in]`` as stored (no transposed copy), accumulated in float32."""
+    from tvm import te
+    from tvm.relax.frontend import nn
+
+    out_dtype = x.dtype
+
+    def compute(x_te: Any, w_te: Any) -> Any:
+        k = te.reduce_axis((0, w_te.shape[1]), name="k")
+        return te.compute(
+            (x_te.shape[0], w_te.shape[0]),
+            lambda t, o: te.sum((x_te[t, k].astype("float32") * w_te[o, k].astype("float32")), axis=k)
+            .astype(out_dtype),
+            name="matmul",
+        )
+
+    return nn.op.tensor_expr_op(compute, f"matmul_{name}", [x, weight])
+
+
 def quantized_embedding(ids: Any, parts: list[Any], spec: QuantSpec, shape: tuple[int, int], dtype: str) -> Any:
     """Rows ``ids`` of a quantized table ``[vocab, hidden]``, dequantized to ``dtype``."""
     from tvm import te

@@ -122,3 +122,17 @@ def test_unsupported_rope_scaling_and_tokenizer(tiny_hf_dir: Path, tmp_path: Pat
                     extra={"tokenizer.ggml.model": ("t5", V.STRING), "tokenizer.ggml.tokens": (["a", "b"], V.ARRAY)})
     with pytest.raises(UnsupportedError, match=r"tokenizer\.ggml\.model 't5' is not supported"):
         load_gguf(t5)
+
+
+def test_gguf_versions(tiny_gguf: Path, tmp_path: Path) -> None:
+    data = bytearray(tiny_gguf.read_bytes())
+    assert struct.unpack_from("<I", data, 4)[0] == 3
+    struct.pack_into("<I", data, 4, 2)  # v2 has the v3 layout (v3 only added big-endian files)
+    v2 = tmp_path / "v2.gguf"
+    v2.write_bytes(bytes(data))
+    assert load_gguf(v2).config == load_gguf(tiny_gguf).config
+    struct.pack_into("<I", data, 4, 1)
+    v1 = tmp_path / "v1.gguf"
+    v1.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"version 1.*GGUF v2 and v3"):
+        load_gguf(v1)

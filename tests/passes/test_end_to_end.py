@@ -14,11 +14,13 @@ from llmc.cli import main
 from llmc.compiler.driver import CompileOptions, frontend_module, optimize
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.batch import BatchLayout
+from llmc.compiler.ir.types import QuantSpec
 from llmc.passes.pipelines import PIPELINES
 from llmc.runtime.artifact import Artifact
 from llmc.targets.base import Executor, StepBatch
 from llmc.targets.torch.executor import TorchExecutor
 from llmc.targets.torch.target import TorchTarget
+from tests.passes.util import llama_config, random_llama, run_pipeline
 
 
 def _greedy(executor: Executor, prompt: list[int], steps: int) -> list[int]:
@@ -117,4 +119,18 @@ def test_smollm2_o0_and_o2_logits_agree_in_fp32(smollm2_gguf: Path) -> None:
     b = _logits(TorchExecutor(o2, source.weights), prompt, decode)
     for x, y in zip(a, b, strict=True):
         assert x.dtype == np.float32
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 8, False), QuantSpec(8, 8, True)], ids=["int4a", "int8s"])
+def test_torch_executor_runs_fused_quantized_projections(spec: QuantSpec) -> None:
+    config = llama_config(layers=2, tied=True)
+    quant = {f"layers.{i}.{p}": spec for i in range(2) for p in ("q", "k", "v", "gate", "up")}
+    module, weights = random_llama(config, seed=11, quant=quant)
+    fused, _ = run_pipeline(module, weights, 2, target_ops=TorchTarget.fused_ops)
+    assert fused.params["layers.0.qkv"].quant == spec and fused.params["layers.1.gate_up"].quant == spec
+    prompt, decode = [3, 9, 27, 17, 4], [8, 2]
+    a = _logits(TorchExecutor(module, weights), prompt, decode)
+    b = _logits(TorchExecutor(fused, weights), prompt, decode)
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-4)

@@ -121,11 +121,19 @@ def test_stream_and_task_cancellation() -> None:
             if engine.stats()["running"] == 0:
                 break
             await asyncio.sleep(0.002)
-        return chunks, engine.stats()["kv_used_blocks"]
+        used = engine.stats()["kv_used_blocks"]
+        async for _ in engine.stream(prompt, _greedy(150)):
+            break  # leaving the loop early closes the generator, which cancels the request
+        for _ in range(500):
+            if engine.stats()["requests_cancelled"] == 2:
+                break
+            await asyncio.sleep(0.002)
+        return chunks, used
 
     with Engine(ex) as engine:
         chunks, used = asyncio.run(main(engine))
-        assert engine.stats()["requests_cancelled"] == 1
+        assert engine.stats()["requests_cancelled"] == 2
+        assert engine.stats()["kv_used_blocks"] == 0
     assert [t for c in chunks for t in c.token_ids] == reference(prompt, 12, VOCAB)
     assert chunks[-1].finish_reason == "length" and chunks[-1].output is not None
     assert all(c.finish_reason is None for c in chunks[:-1])

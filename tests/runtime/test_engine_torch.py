@@ -97,7 +97,7 @@ def test_golden_inside_a_batch(stories_artifact: Path, stories_expected_ids: lis
 def test_cli_prompts_file(tiny_artifact: Path, tmp_path: Path) -> None:
     from llmc.cli import main
 
-    prompts, params = _workload(n=5, seed=3)
+    prompts, _ = _workload(n=5, seed=3)
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": p}) for p in prompts) + "\n")
     result = CliRunner().invoke(main, ["run", str(tiny_artifact), "--prompts-file", str(path), "--max-tokens", "6",

@@ -63,6 +63,8 @@ def test_a_failing_step_is_a_500_and_the_server_keeps_serving(client: TestClient
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     metrics = client.get("/metrics").text
     assert 'llmc_http_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
+    assert 'llmc_sequences_finished_total{finish_reason="error"} 2.0' in metrics
+    assert "llmc_sequences_aborted_total 0.0" in metrics
     assert engine.stats()["kv_used_blocks"] == 0
 
 

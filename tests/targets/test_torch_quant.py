@@ -81,3 +81,25 @@ def test_int4_model_uses_kernels_and_less_memory() -> None:
     resident = sum(w.resident_bytes for w in packed) + sum(
         t.numel() * t.element_size() for t in ex.params.values() if isinstance(t, torch.Tensor))
     assert resident < dense / 4
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4,group=16"])
+def test_tied_head_shares_int8_kernel_codes_with_the_embedding(scheme: str) -> None:
+    config = llama_config(hidden=64, inter=96, vocab=64, heads=4, kv_heads=2, head_dim=16, tied=True)
+    module, weights = random_llama(config, seed=3)
+    module, _ = run_pipeline(module, weights, f"share-tied-weights,dce,quantize({scheme})")
+    assert "lm_head" not in module.referenced_params()
+    executor = TorchExecutor(module, weights)
+    embed = executor.params["embed"]
+    assert isinstance(embed, PackedWeight) and embed.kernel_name() == "int8pack"
+    assert embed.resident_bytes < 64 * 64 * 1.2  # int8 codes once, no float copy, no second layout
+    want = interpret_steps(module, weights, seed=1)
+    driver = SequenceDriver(executor)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, config.vocab_size, size=8)
+    got = [np.concatenate(driver.step({0: list(ids[:5]), 1: list(ids[5:])}))]
+    for _ in range(2):
+        nxt = rng.integers(0, config.vocab_size, size=2)
+        got.append(np.concatenate(driver.step({0: [int(nxt[0])], 1: [int(nxt[1])]})))
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(1.0, np.abs(a).max()))
