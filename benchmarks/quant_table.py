@@ -8,8 +8,8 @@ GGUF, the HF folder has no tokenizer). Every variant is compiled to an artifact 
 worker process so that peak resident memory belongs to that variant alone:
 
 * size: bytes of ``weights/model.safetensors``;
-* peak RSS: ``ru_maxrss`` after importing llmc+torch (``rss0``) and after loading the artifact
-  and decoding (``peak``), both in MiB;
+* memory: VmRSS after loading the artifact (and its growth over the RSS after importing
+  llmc+torch), and the peak (``ru_maxrss``) after decoding, in MiB;
 * decode tok/s: greedy generation of ``--decode-tokens`` tokens after a 16-token prompt (the
   median of ``--rounds`` runs), with ``--threads`` torch threads;
 * ppl / KL / top-1: ``llmc.runtime.evaluate.evaluate`` on ``--eval-text`` (held out: it is not
@@ -52,6 +52,14 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _rss_mib() -> float:
+    """Current resident set size (VmRSS) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(args: argparse.Namespace) -> None:
     """Measure one artifact (runs in its own process); prints one JSON line."""
     rss0 = _peak_mib()
@@ -63,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
 
     ids = json.loads(Path(args.ids).read_text())
     model = load_model(args.worker, threads=args.threads)
+    loaded = _rss_mib()
     params = SamplingParams(max_tokens=args.decode_tokens, temperature=0.0, ignore_eos=True)
     rates = []
     for _ in range(args.rounds):
@@ -76,8 +85,8 @@ def worker(args: argparse.Namespace) -> None:
     data = np.load(ref_path)
     ref_list = list(zip(data["positions"].tolist(), data["logits"], strict=True))
     ev = evaluate(model.executor, ids, reference=ref_list)
-    print(json.dumps({"rss0_mib": rss0, "peak_mib": peak, "decode_tok_s": statistics.median(rates),
-                      "greedy": result.token_ids[:16], **ev.to_dict()}))
+    print(json.dumps({"rss0_mib": rss0, "loaded_mib": loaded, "peak_mib": peak,
+                      "decode_tok_s": statistics.median(rates), "greedy": result.token_ids[:16], **ev.to_dict()}))
 
 
 def run_variant(model: str, name: str, extra: list[str], work: Path, ids_path: Path, args: argparse.Namespace,
@@ -109,18 +118,18 @@ def run_variant(model: str, name: str, extra: list[str], work: Path, ids_path: P
 
 def table(rows: list[dict[str, object]]) -> str:
     base = next((r for r in rows if r["variant"] == "baseline" and "error" not in r), None)
-    lines = ["| variant | ppl | Δppl | KL | top-1 | weights MiB | peak RSS MiB (Δ vs import) | decode tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | ppl | Δppl | KL | top-1 | weights MiB | RSS after load MiB (Δ vs import) | peak RSS MiB "
+             "| decode tok/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['variant']} | n/a: {r['error']} | | | | | | |")
+            lines.append(f"| {r['variant']} | n/a: {r['error']} | | | | | | | |")
             continue
         dppl = "" if base is None else f"{(float(r['perplexity']) / float(base['perplexity']) - 1) * 100:+.2f}%"
-        peak, rss0 = float(r["peak_mib"]), float(r["rss0_mib"])  # type: ignore[arg-type]
+        peak, rss0, loaded = float(r["peak_mib"]), float(r["rss0_mib"]), float(r["loaded_mib"])  # type: ignore[arg-type]
         lines.append(
             f"| {r['variant']} | {float(r['perplexity']):.4f} | {dppl} | {float(r['kl_mean']):.5f} | "  # type: ignore[arg-type]
             f"{float(r['top1_agreement']) * 100:.1f}% | {int(r['weights_bytes']) / 2**20:.2f} | "  # type: ignore[call-overload]
-            f"{peak:.0f} ({peak - rss0:+.0f}) | {float(r['decode_tok_s']):.1f} |"  # type: ignore[arg-type]
+            f"{loaded:.0f} ({loaded - rss0:+.0f}) | {peak:.0f} | {float(r['decode_tok_s']):.2f} |"  # type: ignore[arg-type]
         )
     return "\n".join(lines)
 

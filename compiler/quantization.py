@@ -148,6 +148,10 @@ def quantize_and_gate(module: Module, weights: WeightStore, options: CompileOpti
                       tokenizer: LlmcTokenizer | None, target_ops: frozenset[str], target_name: str) -> QuantOutcome:
     """Run the ``quantize`` pass per ``options`` and, with an eval file, the accuracy gate."""
     mode = options.quant
+    budget = parse_budget(options.max_ppl_increase)  # option errors before any slow work
+    if options.eval_file is None and (budget is not None or options.auto_escalate):
+        raise LlmcError("--max-ppl-increase and --auto-escalate need --eval-file (the held-out text to score)")
+    eval_ids = read_tokens(options.eval_file, tokenizer, "eval file") if options.eval_file is not None else None
     used = sorted(module.referenced_params())
     matrices = [n for n in used if module.params[n].type.rank == 2]
     ref_weights: dict[str, Weight] = {n: weights[n] for n in used}
@@ -174,19 +178,14 @@ def quantize_and_gate(module: Module, weights: WeightStore, options: CompileOpti
         }
     elif mode == "native":
         outcome.manifest["quantization"] = {"mode": "native", "params": describe_weights(weights, matrices)}
-    if options.eval_file is None:
-        if options.max_ppl_increase is not None or options.auto_escalate:
-            raise LlmcError("--max-ppl-increase and --auto-escalate need --eval-file (the held-out text to score)")
-        return outcome
-    _gate(outcome, module, weights, ref_weights, matrices, qpass, options, tokenizer)
+    if eval_ids is not None:
+        _gate(outcome, module, weights, ref_weights, matrices, qpass, options, eval_ids, budget)
     return outcome
 
 
 def _gate(outcome: QuantOutcome, module: Module, weights: WeightStore, ref_weights: dict[str, Weight],
-          matrices: list[str], qpass: QuantizePass | None, options: CompileOptions,
-          tokenizer: LlmcTokenizer | None) -> None:
-    ids = read_tokens(options.eval_file, tokenizer, "eval file")  # type: ignore[arg-type]
-    budget = parse_budget(options.max_ppl_increase)
+          matrices: list[str], qpass: QuantizePass | None, options: CompileOptions, ids: list[int],
+          budget: float | None) -> None:
     # The float model the quantized one is measured against (AWQ-scaled floats are the same function).
     float_ref = {n: (as_float(w) if isinstance(w, QuantizedTensor) else w) for n, w in ref_weights.items()}
     scorer = _Scorer(module, float_ref, ids)

@@ -356,10 +356,12 @@ def synth(preset: str, out: Path, fmt: str, seed: int, dtype: str) -> None:
 @click.option("--device", default=None, help="Override the artifact's device.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Write a PNG plot here.")
+@click.option("--bandwidth-mib", default=256, show_default=True, type=click.IntRange(1),
+              help="Size of the array copied to measure memory bandwidth.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def bench(artifact: Path, scenario: str, batch_sizes: str, concurrency: str, prompt_len: int, gen_len: int,
           warmup: int, repeat: int, seed: int, threads: int | None, device: str | None, json_out: Path | None,
-          plot_out: Path | None, quiet: bool) -> None:
+          plot_out: Path | None, bandwidth_mib: int, quiet: bool) -> None:
     """Benchmark ARTIFACT: throughput, TTFT, TPOT, latency, memory and % of the bandwidth roofline."""
     import os
 
@@ -370,7 +372,7 @@ def bench(artifact: Path, scenario: str, batch_sizes: str, concurrency: str, pro
         batch_sizes=parse_sizes(batch_sizes, "--batch-sizes"), concurrency=parse_sizes(concurrency, "--concurrency"),
         prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, repeat=repeat, seed=seed,
         threads=threads or os.cpu_count())
-    report = run_bench(artifact, settings, device=device, quiet=quiet)
+    report = run_bench(artifact, settings, device=device, quiet=quiet, bandwidth_mib=bandwidth_mib)
     write_outputs(report, json_out, plot_out)
     bw = report["bandwidth"]
     click.echo(f"{report['machine']['cpu_model']}, {report['machine']['logical_cores']} cores, "

@@ -47,9 +47,9 @@ def progress_bar(total: int, quiet: bool = False) -> tuple[Callable[[str], None]
 
 
 def new_report(settings: BenchSettings, model: dict[str, Any], threads: int | None, measure_bw: bool = True,
-               command: list[str] | None = None) -> Report:
+               command: list[str] | None = None, bandwidth_mib: int = 256) -> Report:
     """A report with machine/software info and (once per run) the measured memory bandwidth."""
-    bandwidth = measure_bandwidth(threads or 1) if measure_bw else None
+    bandwidth = measure_bandwidth(threads or 1, mib=bandwidth_mib) if measure_bw else None
     return Report(machine=machine_info(), software=software_info(), bandwidth=bandwidth,
                   settings=settings.to_dict(), model=model, command=list(command if command is not None else sys.argv))
 
@@ -64,11 +64,13 @@ def model_summary(artifact: Artifact) -> dict[str, Any]:
 
 
 def run_bench(artifact: str | Path, settings: BenchSettings, device: str | None = None, quiet: bool = False,
-              engine_config: dict[str, Any] | None = None, measure_bw: bool = True) -> dict[str, Any]:
+              engine_config: dict[str, Any] | None = None, measure_bw: bool = True,
+              bandwidth_mib: int = 256) -> dict[str, Any]:
     """Benchmark a compiled artifact; returns the report dict (already validated)."""
     backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config)
     try:
-        report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw)
+        report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw,
+                            bandwidth_mib=bandwidth_mib)
         points = settings.points()
         advance, close = progress_bar(len(points) * (settings.warmup + settings.repeat), quiet)
         try:

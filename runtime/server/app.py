@@ -150,7 +150,7 @@ def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: list[in
     jobs = []
     for p, ids in enumerate(prompts):
         for i in range(req.n):
-            seed = None if req.seed is None else req.seed + i
+            seed = None if req.seed is None else (req.seed + i) % 2**64  # OpenAI seeds may be negative
             jobs.append(Job(p * req.n + i, ids, _sampling(req, max_tokens[p], seed, logprobs)))
     return jobs
 

@@ -19,7 +19,7 @@ from llmc.runtime.bench.harness import roofline
 
 pytest.importorskip("jsonschema", reason="bench report validation needs jsonschema (the `bench` extra)")
 
-SETTINGS = dict(prompt_len=5, gen_len=4, warmup=0, repeat=2, threads=1)
+SETTINGS = {"prompt_len": 5, "gen_len": 4, "warmup": 0, "repeat": 2, "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def report(tiny_artifact: Path) -> dict[str, Any]:
     settings = BenchSettings(scenarios=("single", "batch", "concurrency"), batch_sizes=(1, 3), concurrency=(1, 3),
                              **SETTINGS)
-    return run_bench(tiny_artifact, settings, quiet=True)
+    return run_bench(tiny_artifact, settings, quiet=True, bandwidth_mib=16)
 
 
 def test_report_follows_the_schema_and_counts_add_up(report: dict[str, Any]) -> None:
@@ -48,7 +48,7 @@ def test_report_follows_the_schema_and_counts_add_up(report: dict[str, Any]) -> 
         assert row["output_tokens"] == size * 4 * 2  # gen_len x repeats per sequence
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["aggregate_tok_s"] > 0
         assert row["ttft_s"]["p50"] <= row["e2e_s"]["p50"]
-        assert 0 < row["roofline"]["pct"] and row["roofline"]["limit_tok_s"] > 0
+        assert row["roofline"]["pct"] > 0 and row["roofline"]["limit_tok_s"] > 0
         assert row["peak_rss_bytes"] > 0
     assert rows[("batch", 3)]["tpot_s"]["n"] == 2 * 3  # (gen_len - 1) steps per run
     assert rows[("concurrency", 3)]["ttft_s"]["n"] == 3 * 2  # one per request
@@ -131,7 +131,7 @@ def test_bad_settings_are_clear_errors(tmp_path: Path) -> None:
 def test_cli_prints_a_table_and_writes_files(tiny_artifact: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [
         "bench", str(tiny_artifact), "--scenario", "batch", "--batch-sizes", "1,2", "--prompt-len", "4",
-        "--gen-len", "3", "--warmup", "0", "--repeat", "1", "--threads", "1", "--quiet",
+        "--gen-len", "3", "--warmup", "0", "--repeat", "1", "--threads", "1", "--quiet", "--bandwidth-mib", "8",
         "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
     ])
     assert result.exit_code == 0, result.output

@@ -188,3 +188,41 @@ def test_config_errors() -> None:
         EngineConfig.from_kwargs(max_runing=3)
     with pytest.raises(Exception, match="max_num_tokens"):
         Engine(FakeExecutor(), config=EngineConfig(max_running=8, max_num_tokens=4))
+
+
+def test_random_cancellations_under_cache_pressure() -> None:
+    import random
+    import time
+
+    rng = random.Random(0)
+    prompts = _prompts(40, seed=6, shared=5)
+    ex = FakeExecutor(vocab=VOCAB, block_size=4, delay=0.0005)
+    done: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def sink_for(rid: str):
+        def sink(item: object) -> None:
+            with lock:
+                done[rid] = item
+        return sink
+
+    with Engine(ex, config=EngineConfig(max_running=8, max_num_tokens=20, num_blocks=24)) as engine:
+        rids = [engine.submit(p, _greedy(25), sink_for(f"r{i}"), request_id=f"r{i}") for i, p in enumerate(prompts)]
+        cancelled = set(rng.sample(rids, 12))
+        for rid in cancelled:
+            time.sleep(rng.random() * 0.01)
+            engine.cancel(rid)
+        while True:
+            with lock:
+                if len(done) == len(rids):
+                    break
+            time.sleep(0.005)
+        stats = engine.stats()
+    for i, rid in enumerate(rids):
+        out = done[rid]
+        if out.finish_reason == "cancelled":
+            assert rid in cancelled
+        else:
+            assert out.token_ids == reference(prompts[i], 25, VOCAB)
+    assert stats["kv_used_blocks"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["requests_finished"] + stats["requests_cancelled"] == 40

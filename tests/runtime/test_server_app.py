@@ -129,3 +129,12 @@ def test_serve_refuses_an_artifact_without_tokenizer(stories_artifact: object) -
     result = CliRunner().invoke(main, ["serve", str(stories_artifact), "--port", "0"])
     assert result.exit_code == 2
     assert "no tokenizer" in result.output
+
+
+def test_negative_and_huge_seeds_are_accepted(client: TestClient) -> None:
+    body = {"prompt": "abc", "max_tokens": 4, "temperature": 1.0}
+    for seed in (-5, 2**63 - 1):
+        a = client.post("/v1/completions", json={**body, "seed": seed, "n": 2})
+        b = client.post("/v1/completions", json={**body, "seed": seed, "n": 2})
+        assert a.status_code == 200, a.text
+        assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]

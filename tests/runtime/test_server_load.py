@@ -93,7 +93,7 @@ def test_disconnecting_clients_free_their_blocks(server: ServerProcess) -> None:
         assert metric(busy, "llmc_kv_cache_used_blocks") > 0
     # a non-streaming request whose client gives up (read timeout) is cancelled too
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        httpx.post(f"{server.url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
     after = _wait_idle(server)
     assert metric(after, "llmc_num_requests_running") == 0
     assert metric(after, "llmc_kv_cache_used_blocks") == 0
