@@ -226,3 +226,14 @@ def test_random_cancellations_under_cache_pressure() -> None:
             assert out.token_ids == reference(prompts[i], 25, VOCAB)
     assert stats["kv_used_blocks"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
     assert stats["requests_finished"] + stats["requests_cancelled"] == 40
+
+
+def test_logprobs_are_collected_per_token() -> None:
+    prompt = _prompts(1, seed=7)[0]
+    with Engine(FakeExecutor(vocab=VOCAB)) as engine:
+        out = engine.generate([prompt], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2))[0]
+        plain = engine.generate([prompt], _greedy(5))[0]
+    assert plain.logprobs is None
+    assert out.logprobs is not None and [lp.token_id for lp in out.logprobs] == out.token_ids
+    assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in out.logprobs)
+    assert out.to_dict()["logprobs"][0]["token_id"] == out.token_ids[0]
