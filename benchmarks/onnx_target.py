@@ -65,7 +65,7 @@ def write_hf_folder(source: ModelSource, out: Path) -> Path:
               "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
               "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position, "rms_norm_eps": c.rms_norm_eps,
               "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_word_embeddings, "hidden_act": "silu",
-              "bos_token_id": c.bos_token_id, "eos_token_id": list(c.eos_token_ids)[0] if c.eos_token_ids else None,
+              "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids[0] if c.eos_token_ids else None,
               "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     if source.tokenizer is not None:

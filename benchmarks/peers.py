@@ -29,6 +29,7 @@ the report records, per engine, whether its greedy tokens equal the first llmc e
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -193,6 +194,8 @@ class HFBackend(Backend):
         self.dtype = dtype
         self.compile = compile
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        # transformers 5.x renamed past_key_values to cache
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._decode_fn: Any = self.model.forward
         self._caches: dict[tuple[int, int], Any] = {}
         self._compiled: set[int] = set()
@@ -220,14 +223,15 @@ class HFBackend(Backend):
         with torch.inference_mode():
             cache, extra = self._cache(batch, plen + gen_len)
             start = time.perf_counter()
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **extra(0, plen))
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
+                             **extra(0, plen))
             tokens = out.logits[:, -1].argmax(-1)
             first = time.perf_counter()
-            cache = out.past_key_values
+            cache = getattr(out, self._cache_kw)
             generated, steps = [tokens], []
             for step in range(gen_len - 1):
                 t0 = time.perf_counter()
-                out = self._decode_fn(input_ids=tokens[:, None], past_key_values=cache, use_cache=True,
+                out = self._decode_fn(input_ids=tokens[:, None], use_cache=True, **{self._cache_kw: cache},
                                       **extra(plen + step, 1))
                 tokens = out.logits[:, -1].argmax(-1)
                 generated.append(tokens)

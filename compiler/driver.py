@@ -147,7 +147,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
                 "num_layers": source.config.num_layers,
                 "num_kv_heads": source.config.num_kv_heads,
                 "head_dim": source.config.head_dim,
-                "layout": "paged" if target.name != "onnx" else "slots",
+                "layout": "slots" if target.name in ("onnx", "tensorrt") else "paged",
             },
             "op_counts": module.op_counts(),
             "tokenizer": source.tokenizer is not None,

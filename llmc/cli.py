@@ -81,6 +81,7 @@ def compile(source: Path, out: Path, target: str, dtype: str | None, device: str
     options.target_options.update(_parse_target_options(target_option))
     path = compile_model(source, out, options)
     _echo_quality(path)
+    _echo_target_warnings(path)
     click.echo(f"wrote {path}")
 
 
@@ -97,6 +98,15 @@ def _parse_target_options(items: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+def _echo_target_warnings(path: Path) -> None:
+    """Print the target's notes that start with ``warning:`` (e.g. no TensorRT engine was built)."""
+    from llmc.runtime.artifact import MANIFEST
+
+    for note in json.loads((path / MANIFEST).read_text())["target"].get("notes", []):
+        if str(note).startswith("warning:"):
+            click.echo(note)
+
+
 def _echo_quality(path: Path) -> None:
     """Print the accuracy gate's result (and escalated layers) recorded in the manifest."""
     from llmc.runtime.artifact import MANIFEST
@@ -104,13 +114,13 @@ def _echo_quality(path: Path) -> None:
     quality = json.loads((path / MANIFEST).read_text()).get("quality")
     if not quality:
         return
+    for step in (quality.get("escalation") or {}).get("steps", []):
+        click.echo(f"escalated {step['unit']} to {'/'.join(step['to'])} (measured KL {step['sensitivity_kl']:.4g}): "
+                   f"ppl +{step['ppl_increase']:.2%}")
     q, ref = quality["quantized"], quality["reference"]
     click.echo(f"quality: ppl {q['perplexity']:.4f} vs {ref['perplexity']:.4f} unquantized "
                f"(+{quality['ppl_increase']:.2%}), KL {q['kl_mean']:.4g}, top-1 {q['top1_agreement']:.1%} "
                f"on {q['tokens']} tokens")
-    for step in (quality.get("escalation") or {}).get("steps", []):
-        click.echo(f"escalated {step['unit']} to {'/'.join(step['to'])} (measured KL {step['sensitivity_kl']:.4g}): "
-                   f"ppl +{step['ppl_increase']:.2%}")
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -44,6 +44,9 @@ def generate_ids(model: LoadedModel, prompt_ids: list[int], params: SamplingPara
     """Generate from ``prompt_ids`` until EOS, a stop token or ``max_tokens`` (one request on an engine)."""
     from llmc.runtime.engine import Engine, EngineConfig
 
-    with Engine(model.executor, model.tokenizer, EngineConfig(max_running=1)) as engine:
+    spec = model.executor.kv_spec()
+    blocks = 1 if spec.layout == "slots" else max(1, -(-(len(prompt_ids) + params.max_tokens) // spec.block_size))
+    config = EngineConfig(max_running=1, num_blocks=blocks, prefix_caching=False)
+    with Engine(model.executor, model.tokenizer, config) as engine:
         out = engine.generate([list(prompt_ids)], params)[0]
     return GenerationResult(out.prompt_token_ids, out.token_ids, out.finish_reason, out.timings)

@@ -48,8 +48,20 @@ def summarize(path: Path) -> tuple[dict[str, Any], str]:
                      f"{record['stats']}")
         for reason, count in record.get("rejections", {}).items():
             lines.append(f"  {'':<28} rejected {count}x: {reason}")
+    summary["quantization"] = m.get("quantization")
+    if m.get("quantization"):
+        qz = m["quantization"]
+        cal = qz.get("calibration")
+        lines.append(f"quant        {qz['mode']}" + (f" plan {qz['plan']}" if qz.get("plan") else "")
+                     + (f", {cal['method']} calibration on {cal['tokens']} tokens" if cal else "")
+                     + (f", escalated {qz['escalated']}" if qz.get("escalated") else ""))
     if m.get("quality"):
-        lines.append(f"quality      {m['quality']}")
+        q = m["quality"]
+        got, ref = q["quantized"], q["reference"]
+        budget = q.get("max_ppl_increase")
+        lines.append(f"quality      ppl {got['perplexity']:.4f} vs {ref['perplexity']:.4f} (+{q['ppl_increase']:.2%}"
+                     + (f", budget {budget:.2%}" if budget is not None else "") + f"), KL {got['kl_mean']:.4g}, "
+                     f"top-1 {got['top1_agreement']:.1%} on {q['tokens']} tokens of {q['eval_file']}")
     for fn_name, fn_counts in counts.items():
         lines.append(f"ops {fn_name:<8} " + ", ".join(f"{op}={n}" for op, n in fn_counts.items()))
     summary["text"] = "\n".join(lines)

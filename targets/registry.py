@@ -11,6 +11,7 @@ _TARGETS: dict[str, str] = {
     "torch": "llmc.targets.torch.target:TorchTarget",
     "onnx": "llmc.targets.onnx.target:OnnxTarget",
     "tvm": "llmc.targets.tvm.target:TvmTarget",
+    "tensorrt": "llmc.targets.tensorrt.target:TensorRTTarget",
 }
 
 

@@ -72,6 +72,7 @@ class LoweringStats:
 
     gqa_rotary: int = 0
     explicit_rope: int = 0
+    packed_qkv: int = 0
     matmulnbits: int = 0
     dequant_linear: int = 0
     float_linear: int = 0
@@ -101,6 +102,7 @@ class Lowering:
         self._rope_rows: dict[tuple, tuple[str, str]] = {}
         self._shapes: dict[int, str] = {}
         self._flat: dict[str, str] = {}  # a [tokens, heads, dim] value -> the same data as [..., heads*dim]
+        self._packed, self._skip = self._find_packed_qkv()
         self._handlers: dict[str, Callable[[Node], list[str]]] = {
             "embedding": self._embedding, "rms_norm": self._rms_norm, "add_rms_norm": self._add_rms_norm,
             "linear": self._linear, "split": self._split, "split_heads": self._split_heads,
@@ -116,6 +118,8 @@ class Lowering:
         if act != "float32":
             raise UnsupportedError(f"the onnx target runs float32 activations; this module uses {act}")
         for node in self.fn.nodes:
+            if node in self._skip:
+                continue
             if node.op == "input":
                 name = str(node.attrs["name"])
                 if name != "kv_cache":
@@ -138,6 +142,35 @@ class Lowering:
             for kind in ("key", "value"):
                 self.g.add_output(present_name(layer, kind), np.float32,
                                   ["batch", self.config.num_kv_heads, "total_sequence_length", self.config.head_dim])
+
+    def _find_packed_qkv(self) -> tuple[dict[Node, Value], set[Node]]:
+        """Attention ops whose q, k, v are the three heads-views of one ``split`` of one tensor.
+
+        GQA then reads that ``[tokens, (hq + 2 hkv) * dim]`` tensor as its packed ``query`` (no
+        split, no copies), when no RoPE has to be applied outside it. Returns attention node ->
+        packed value, and the split/split_heads nodes that need no lowering.
+        """
+        users = self.fn.users()
+        packed: dict[Node, Value] = {}
+        skip: set[Node] = set()
+        for node in self.fn.nodes:
+            if node.op not in ("attention", "rope_attention"):
+                continue
+            q, k, v = node.inputs[:3]
+            if node.op == "rope_attention" and not self.gqa_rotary_ok(node.attrs, int(q.type.shape[2])):
+                continue
+            views = [x.node for x in (q, k, v)]
+            if any(n.op != "split_heads" or users[n] != [node] for n in views):
+                continue
+            sources = [n.inputs[0] for n in views]
+            split = sources[0].node
+            if (split.op != "split" or [x.node for x in sources] != [split] * 3
+                    or [x.index for x in sources] != [0, 1, 2] or len(split.out_types) != 3
+                    or len(users[split]) != 3):
+                continue
+            packed[node] = split.inputs[0]
+            skip.update((split, *views))
+        return packed, skip
 
     def _activation_dtype(self) -> str:
         for node in self.fn.nodes:
@@ -351,7 +384,11 @@ class Lowering:
         if layer in self.stats.layers:
             raise UnsupportedError(f"two attention ops write kv layer {layer}")
         self.stats.layers.append(layer)
-        qs, ks, vs = self.value(q), self.value(k), self.value(v)
+        packed = self._packed.get(node)
+        if packed is not None:
+            qs = ks = vs = self.value(packed)
+        else:
+            qs, ks, vs = self.value(q), self.value(k), self.value(v)
         rotary: tuple[str, str] | None = None
         if node.op == "rope_attention":
             if self.gqa_rotary_ok(attrs, hd):
@@ -364,10 +401,15 @@ class Lowering:
         seqlens = self._seqlens()
         for kind in ("key", "value"):
             g.add_input(past_name(layer, kind), np.float32, ["batch", hkv, "past_sequence_length", hd])
-        inputs = [g.one("Reshape", [self._flat.get(qs, qs), self._batch_shape(hq * hd)]),
-                  g.one("Reshape", [self._flat.get(ks, ks), self._batch_shape(hkv * hd)]),
-                  g.one("Reshape", [self._flat.get(vs, vs), self._batch_shape(hkv * hd)]),
-                  past_name(layer, "key"), past_name(layer, "value"), seqlens, self.inputs["total_sequence_length"]]
+        if packed is not None:  # query = [batch, seq, (hq + 2 hkv) * hd]; key, value absent
+            self.stats.packed_qkv += 1
+            qkv = [g.one("Reshape", [qs, self._batch_shape((hq + 2 * hkv) * hd)]), "", ""]
+        else:
+            qkv = [g.one("Reshape", [self._flat.get(qs, qs), self._batch_shape(hq * hd)]),
+                   g.one("Reshape", [self._flat.get(ks, ks), self._batch_shape(hkv * hd)]),
+                   g.one("Reshape", [self._flat.get(vs, vs), self._batch_shape(hkv * hd)])]
+        inputs = [*qkv, past_name(layer, "key"), past_name(layer, "value"), seqlens,
+                  self.inputs["total_sequence_length"]]
         if rotary is not None:
             inputs += list(rotary)
         out = g.fresh(f"attn{layer}")

@@ -72,6 +72,7 @@ class OnnxTarget(Target):
             "accuracy_level": level,
             "kv_layout": "slots",
             "rope": {"in_gqa": stats.gqa_rotary, "explicit": stats.explicit_rope},
+            "packed_qkv": stats.packed_qkv,
             "linear": {"matmulnbits": stats.matmulnbits, "dequant": stats.dequant_linear, "float": stats.float_linear},
         }
         meta = {"model": "model.onnx", "data": "model.onnx.data", "options": opts,

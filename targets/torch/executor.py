@@ -214,11 +214,19 @@ class TorchExecutor(Executor):
         return self._rope_tables[key]
 
     def _rope(self, x: torch.Tensor, ctx: StepContext, key: tuple, attrs: dict[str, Any]) -> torch.Tensor:
+        style, rot = str(attrs["style"]), int(attrs["rotary_dim"])
         if key not in ctx.rope:
             cos, sin = self._rope_table(key, attrs)
-            ctx.rope[key] = (cos[ctx.positions][:, None, :], sin[ctx.positions][:, None, :])
+            cos, sin = cos[ctx.positions][:, None, :], sin[ctx.positions][:, None, :]
+            if style == "half" and rot == x.shape[-1]:  # full-width tables for the 5-kernel form below
+                cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+            ctx.rope[key] = (cos, sin)
         cos, sin = ctx.rope[key]
-        return _apply_rope(x, cos, sin, str(attrs["style"]), int(attrs["rotary_dim"]))
+        if style == "half" and rot == x.shape[-1]:
+            # x*cos + rotate_half(x)*sin: bitwise the same as _apply_rope's half style, fewer kernels
+            a, b = x[..., : rot // 2], x[..., rot // 2 :]
+            return x * cos + torch.cat((-b, a), dim=-1) * sin
+        return _apply_rope(x, cos, sin, style, rot)
 
     def _attention_kernel(self, node: Node) -> Kernel:
         a = node.attrs
@@ -246,12 +254,13 @@ class TorchExecutor(Executor):
         vc.index_copy_(0, ctx.slot_mapping, v.to(vc.dtype))
         keys = kc[ctx.ctx_slots].transpose(1, 2)  # (B, Hkv, ctx, D)
         values = vc[ctx.ctx_slots].transpose(1, 2)
-        queries = q[ctx.q_index].transpose(1, 2)  # (B, Hq, max_q, D)
         hq, hkv = q.shape[1], k.shape[1]
+        decode = ctx.q_index.shape[1] == 1 and ctx.q_index.shape[0] == q.shape[0]  # one query per sequence
+        queries = (q[:, None] if decode else q[ctx.q_index]).transpose(1, 2)  # (B, Hq, max_q, D)
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=ctx.mask, scale=scale,
                                              enable_gqa=hq != hkv)
         out = out.transpose(1, 2).reshape(-1, hq, q.shape[2])  # (B * max_q, Hq, D)
-        return out.index_select(0, ctx.out_index)
+        return out if decode else out.index_select(0, ctx.out_index)
 
     # -- running -------------------------------------------------------------------------
     def _context(self, batch: StepBatch) -> StepContext:
