@@ -87,6 +87,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "llmc" / "onnx-bench")
     parser.add_argument("--synthetic", action="store_true", help="Use the synthetic smollm2-135m preset.")
     parser.add_argument("--fp32", action="store_true", help="Also compare float32 artifacts of both targets.")
+    parser.add_argument("--only", default=None,
+                        help="Comma list of runs to keep: torch-q4, onnx-q4, onnx-q4-acc4, torch-fp32, onnx-fp32, "
+                             "ort-genai (default: all).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=64)
@@ -108,17 +111,19 @@ def main() -> int:
         model, quant, name = fetch_smollm2(), "native", "SmolLM2-135M-Instruct Q4_1"
         hf = write_hf_folder(load_source(model), work / "smollm2-hf")
 
-    tag = "q4" if quant == "native" else "int4"
-    artifacts = [
-        compile_once(model, work / f"torch-{tag}", "torch", quant),
-        compile_once(model, work / f"onnx-{tag}", "onnx", quant),
-        compile_once(model, work / f"onnx-{tag}-acc4", "onnx", quant, accuracy_level=4),
-    ]
+    runs = {  # name -> (source, target, quant, target options)
+        "torch-q4": (model, "torch", quant, {}),
+        "onnx-q4": (model, "onnx", quant, {}),
+        "onnx-q4-acc4": (model, "onnx", quant, {"accuracy_level": 4}),
+    }
     if args.fp32:
-        artifacts += [compile_once(hf, work / "torch-fp32", "torch", "none"),
-                      compile_once(hf, work / "onnx-fp32", "onnx", "none")]
+        runs |= {"torch-fp32": (hf, "torch", "none", {}), "onnx-fp32": (hf, "onnx", "none", {})}
+    keep = set(args.only.split(",")) if args.only else {*runs, "ort-genai"}
+    artifacts = [compile_once(src, work / run, target, q, **opts)
+                 for run, (src, target, q, opts) in runs.items() if run in keep]
+    engines = "ort-genai" if "ort-genai" in keep else ""
     cmd = [sys.executable, str(Path(__file__).with_name("peers.py")), "--name", name, "--hf", str(hf),
-           "--engines", "ort-genai", "--ort-precision", "int4", "--work-dir", str(work / "peers"),
+           "--engines", engines, "--ort-precision", "int4", "--work-dir", str(work / "peers"),
            "--scenario", "single", "--batch-sizes", "1", "--prompt-len", str(args.prompt_len),
            "--gen-len", str(args.gen_len), "--repeat", str(args.repeat), "--threads", str(args.threads)]
     for art in artifacts:

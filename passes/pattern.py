@@ -30,7 +30,6 @@ from typing import Any
 from llmc.compiler.ir.builder import Builder
 from llmc.compiler.ir.graph import AttrValue, Function, Module, Node, ParamInfo, Value
 from llmc.compiler.ir.ops import OPS
-from llmc.compiler.ir.types import TensorType
 from llmc.compiler.weights import Loader, Weight
 from llmc.errors import PassError
 from llmc.passes.base import PassContext
@@ -373,7 +372,7 @@ class _Sweep:
             replaced = dict(self.rule.rewrite(match, rb))
         except PassError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug in the rule: name it
             raise PassError(f"rule {self.rule.name!r}: rewrite failed: {exc}") from exc
         reason = self._validate(match, replaced)
         if reason:
@@ -399,8 +398,8 @@ class _Sweep:
             if name not in self.op_captures or name not in match.captures:
                 raise PassError(f"rule {self.rule.name!r} replaces {name!r}, which is not a captured op result")
             old = match.captures[name]
-            if old.node.op in LEAF_OPS and not old.node.op == "param":
-                raise PassError(f"rule {self.rule.name!r} replaces an input")
+            if old.node.op == "input":
+                raise PassError(f"rule {self.rule.name!r} replaces a function input")
             if old.type != new.type:
                 raise PassError(f"rule {self.rule.name!r} replaces {name!r} ({old.type}) with a {new.type}")
             remapped.add(old)
@@ -547,6 +546,3 @@ def apply_rules(module: Module, ctx: PassContext, rules: Sequence[Rule]) -> tupl
         stats.matches.setdefault(rule.name, 0)
     return out, stats
 
-
-def same_type(types: Sequence[TensorType]) -> bool:
-    return all(t == types[0] for t in types)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.errors import ArtifactError, LlmcError, TargetUnavailableError
+from llmc.errors import ArtifactError, LlmcError, TargetUnavailableError, UnsupportedError
 from llmc.targets.base import EmitResult, Executor, Target
 
 if TYPE_CHECKING:
@@ -86,6 +86,9 @@ class OnnxTarget(Target):
         self._require()
         from llmc.targets.onnx.executor import OnnxExecutor
 
+        if options.get("deterministic"):
+            raise UnsupportedError("the onnx target has no deterministic (batch-invariant) mode; "
+                                   "ONNX Runtime picks kernels by batch shape")
         saved = artifact.target_options
         return OnnxExecutor(
             artifact.file(MODEL),

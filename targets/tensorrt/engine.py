@@ -50,7 +50,7 @@ def default_profile(config: ModelConfig, options: dict[str, Any]) -> Profile:
     profile = Profile(
         (1, int(options.get("opt_batch", min(8, max_batch))), max_batch),
         (1, int(options.get("opt_sequence", 1)), max_seq),
-        (1, int(options.get("opt_past", max(1, min(ctx // 2, max_past)))), max_past),
+        (1, int(options.get("opt_past", max(1, max_past // 2))), max_past),
     )
     for name, (lo, opt, hi) in profile.to_dict().items():
         if not 1 <= lo <= opt <= hi:
@@ -136,9 +136,11 @@ def build_engine(onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...], ...]]
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise LlmcError(f"TensorRT's ONNX parser rejected {onnx_path}: {errors}")
     config = builder.create_builder_config()
-    if precision == "fp16":
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # float32 means float32 (TensorRT enables TF32 by default)
+    elif precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
+    else:
         config.set_flag(trt.BuilderFlag.BF16)
     if workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)

@@ -13,7 +13,7 @@ exact inputs the TensorRT engine receives.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -117,7 +117,7 @@ class TrtGraphExecutor(Executor):
         capacity = int(kv_capacity or config.max_position)
         if capacity <= 0:
             raise LlmcError(f"kv_capacity must be positive, got {capacity}")
-        self.capacity = min(capacity, config.max_position, profile.past[2] + profile.sequence[2])
+        self.capacity = min(capacity, config.max_position, profile.past[2] + 1)  # every past fits the profile
         self.allocated = 0
         self.num_slots = 0
         self.keys: list[torch.Tensor] = []
@@ -176,9 +176,8 @@ class TrtGraphExecutor(Executor):
                 raise LlmcError(f"sequence {seq}: slot {table[0]} is outside the {self.num_slots} allocated")
             if layout.context_lens[j] > self.capacity:
                 raise RequestError(f"sequence {seq} needs {layout.context_lens[j]} tokens of kv cache; a slot holds "
-                                   f"{self.capacity} (load option kv_capacity; the engine profile allows past "
-                                   f"{self.profile.past[2]} + sequence {self.profile.sequence[2]}, the model context "
-                                   f"is {self.config.max_position})")
+                                   f"{self.capacity} (load option kv_capacity; the engine profile takes a past of at "
+                                   f"most {self.profile.past[2]}, the model context is {self.config.max_position})")
             if layout.query_lens[j] > self.profile.sequence[2]:
                 raise RequestError(f"sequence {seq}: {layout.query_lens[j]} new tokens in one step; the engine profile "
                                    f"takes at most {self.profile.sequence[2]} (target option max_sequence)")

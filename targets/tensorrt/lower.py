@@ -6,7 +6,8 @@ what TensorRT's ONNX parser cannot take:
 
 * ``GroupQueryAttention`` -> ``Concat`` of the past and new KV, ``MatMul`` / ``Softmax`` with
   an additive mask built once from ``past_lengths`` (past entries beyond a row's length and
-  future tokens of the same step are masked); RoPE is always applied with standard ops;
+  future tokens of the same step are masked), or (target option ``attention=onnx``) the
+  opset-23 ``Attention`` op with that mask; RoPE is always applied with standard ops;
 * ``SkipSimplifiedLayerNormalization`` -> ``Add`` + ``RMSNormalization`` (opset 23);
 * ``MatMulNBits`` -> ``DequantizeLinear`` (blocked INT4, INT8, see :mod:`.quant`) + ``MatMul``.
 
@@ -38,6 +39,18 @@ from llmc.targets.onnx.graph import GraphBuilder
 from llmc.targets.onnx.lower import Lowering, past_name, present_name
 from llmc.targets.tensorrt.quant import DqWeight
 
+TENSORRT_OPS = frozenset({
+    "Add", "And", "Attention", "Cast", "Concat", "DequantizeLinear", "Gather", "Gemm", "Identity", "Less",
+    "LessOrEqual", "MatMul", "Mul", "Not", "Or", "RMSNormalization", "Range", "Reshape", "Shape", "Sigmoid",
+    "Slice", "Softmax", "Split", "Squeeze", "Sub", "Tile", "Transpose", "Unsqueeze", "Where",
+})
+"""The ops this lowering may emit, each listed as supported (for the types used here) in the
+operator matrix of TensorRT 10.15's ONNX parser (onnx-tensorrt ``docs/operators.md``)."""
+
+ATTENTION_MODES = ("matmul", "onnx")
+"""``matmul``: MatMul/Softmax/MatMul; ``onnx``: the opset-23 ``Attention`` op on the concatenated
+KV with the same additive mask (TensorRT 10.15 parses it without past/present, as used here)."""
+
 MASKED = -1e30
 """Additive bias of a masked score (finite: no inf arithmetic; every row keeps one real key)."""
 
@@ -45,8 +58,11 @@ MASKED = -1e30
 class TrtLowering(Lowering):
     """:class:`Lowering` with standard-op attention, norms and blocked-DQ quantized matmuls."""
 
-    def __init__(self, module: Module, weights: WeightStore, g: GraphBuilder) -> None:
+    def __init__(self, module: Module, weights: WeightStore, g: GraphBuilder, attention: str = "matmul") -> None:
+        if attention not in ATTENTION_MODES:
+            raise UnsupportedError(f"tensorrt attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
         super().__init__(module, weights, g, accuracy_level=0)
+        self.attention = attention
         self._packed, self._skip = {}, set()  # no packed-QKV GroupQueryAttention: q, k, v stay separate
         self.dq: dict[int, DqWeight] = {}
         self._bias: dict[int, str] = {}
@@ -179,6 +195,11 @@ class TrtLowering(Lowering):
                      axis=2)[0]
         value = g.node("Concat", [past_v, self._heads_first(vs, hkv, hd)], outputs=[present_name(layer, "value")],
                        axis=2)[0]
+        if self.attention == "onnx":  # [B, hq, S, D] against [B, hkv, T, D]: GQA from the head counts
+            out = g.one("Attention", [self._heads_first(qs, hq, hd), key, value, self._mask_bias(1, past_k)],
+                        scale=float(attrs["scale"]))  # type: ignore[arg-type]
+            out = g.one("Transpose", [out], perm=[0, 2, 1, 3])
+            return [g.one("Reshape", [out, g.const([-1, hq, hd])], hint=f"attn{layer}")]
         query = g.one("Reshape", [self._heads_first(qs, hq, hd), g.const([0, hkv, -1, hd])])  # [B, hkv, g*S, D]
         scores = g.one("MatMul", [query, g.one("Transpose", [key], perm=[0, 1, 3, 2])])
         scores = g.one("Mul", [scores, g.const(float(attrs["scale"]), np.float32)])  # type: ignore[arg-type]

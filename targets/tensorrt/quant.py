@@ -9,7 +9,8 @@ zero (or absent), and UINT8 only as a network input or output. llmc's
 
 Both are written with signed codes ``c = q - 2**(bits-1)``: flipping the top bit of every code
 gives the two's-complement INT4 / INT8 value ``c`` exactly. The weight is stored transposed,
-``[in, out]`` (the ``B`` of ``MatMul(x, B)``, blocks along its reduction axis), ONNX INT4 packing two codes per byte in flattened order (the even element in the low nibble);
+``[in, out]`` (the ``B`` of ``MatMul(x, B)``, blocks along its reduction axis), ONNX INT4
+packing two codes per byte in flattened order (the even element in the low nibble);
 scales are float32 ``[groups, out]`` (llmc's float16/bfloat16 scales cast exactly).
 
 * INT4: blocked ``DequantizeLinear(c, s, axis=0, block_size=group_size)`` (opset 21); TensorRT's

@@ -69,7 +69,7 @@ class TensorRTTarget(Target):
         from llmc.targets.onnx.external import ExternalData
         from llmc.targets.onnx.graph import IR_VERSION, OPSET, GraphBuilder
         from llmc.targets.tensorrt.engine import default_profile
-        from llmc.targets.tensorrt.lower import TrtLowering
+        from llmc.targets.tensorrt.lower import TENSORRT_OPS, TrtLowering
 
         config = ModelConfig.from_dict(module.config)
         profile = default_profile(config, options)
@@ -79,7 +79,7 @@ class TensorRTTarget(Target):
         data = ExternalData(writer.path(DATA))
         try:
             graph = GraphBuilder(data)
-            lowering = TrtLowering(module, weights, graph)
+            lowering = TrtLowering(module, weights, graph, str(options.get("attention", "matmul")))
             lowering.run()
         finally:
             data.close()
@@ -91,12 +91,15 @@ class TensorRTTarget(Target):
         onnx.checker.check_model(str(model_path), full_check=True)
         ops = Counter(n.op_type for n in model.graph.node)
         foreign = sorted({n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-        if foreign:
-            raise LlmcError(f"internal error: the TensorRT graph uses non-standard op domains {foreign}")
+        unknown = sorted(set(ops) - TENSORRT_OPS)
+        if foreign or unknown:
+            raise LlmcError(f"internal error: the TensorRT graph uses non-standard op domains {foreign} "
+                            f"or ops outside TensorRT's ONNX operator list {unknown}")
         engine, notes = self._engine(model_path, writer, config, profile, precision, options)
         files = [MODEL, DATA, META] + ([ENGINE] if engine.get("built") else [])
         opts = {"device": options.get("device", "cuda"), "opset": OPSET, "ir_version": IR_VERSION,
                 "kv_layout": "slots", "profile": profile.to_dict(), "precision": precision, "engine": engine,
+                "attention": lowering.attention,
                 "linear": {"dequantize_linear": lowering.stats.dequant_linear,
                            "float": lowering.stats.float_linear}}
         meta = {"model": "model.onnx", "data": "model.onnx.data", "options": opts,
@@ -142,7 +145,7 @@ class TensorRTTarget(Target):
 
         saved = artifact.target_options
         profile = Profile.from_dict(saved["profile"])
-        device = str(options.get("device") or "cuda")
+        device = str(options.get("device") or ("cpu-ort" if options.get("backend") == "onnxruntime" else "cuda"))
         backend = options.get("backend") or ("onnxruntime" if device == "cpu-ort" else "tensorrt")
         if backend not in BACKENDS:
             raise LlmcError(f"tensorrt load option backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

@@ -74,6 +74,7 @@ class TorchExecutor(Executor):
         activation_dtype: str = "float32",
         threads: int | None = None,
         deterministic: bool = False,
+        quant_kernels: str = "torch",
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
@@ -89,7 +90,10 @@ class TorchExecutor(Executor):
         self.params: dict[str, TorchWeight] = {
             name: to_torch_weight(weights[name], self.torch_device) for name in sorted(module.referenced_params())
         }
-        self._prepare_kernels(module)
+        if quant_kernels not in ("torch", "dequant"):
+            raise LlmcError(f"quant_kernels must be 'torch' or 'dequant', not {quant_kernels!r}")
+        if quant_kernels == "torch":  # else every quantized layer is dequantized on the fly
+            self._prepare_kernels(module)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.num_blocks = 0
@@ -176,7 +180,7 @@ class TorchExecutor(Executor):
             return lambda x, c: linear(x[0], x[1])
         if op == "split":
             sizes = list(a["sizes"])  # type: ignore[call-overload]
-            return lambda x, c: tuple(torch.split(x[0], sizes, dim=-1))
+            return lambda x, c: x[0].split_with_sizes(sizes, dim=-1)  # no Python wrapper: ~2x cheaper
         if op == "split_heads":
             heads, hd = int(a["heads"]), int(a["head_dim"])  # type: ignore[call-overload]
             return lambda x, c: x[0].view(x[0].shape[0], heads, hd)

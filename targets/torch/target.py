@@ -25,6 +25,7 @@ class TorchTarget(Target):
             "device": options.get("device", "cpu"),
             "activation_dtype": options.get("activation_dtype", "float32"),
             "block_size": int(options.get("block_size", 16)),
+            "quant_kernels": str(options.get("quant_kernels", "torch")),
         }
         writer.path(PAYLOAD).write_text(json.dumps(opts, indent=1))
         return EmitResult(options=opts, files=[PAYLOAD])
@@ -42,4 +43,5 @@ class TorchTarget(Target):
             activation_dtype=saved.get("activation_dtype", "float32"),
             threads=options.get("threads"),
             deterministic=bool(options.get("deterministic", False)),
+            quant_kernels=str(options.get("quant_kernels") or saved.get("quant_kernels", "torch")),
         )

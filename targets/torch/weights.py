@@ -67,13 +67,20 @@ class PackedWeight:
             offsets = None if offsets is None else offsets[rows]
         codes = self._codes(qdata).to(torch.float32)
         inp, group = self.shape[1], self.spec.group_size
+        if inp % group == 0:  # whole groups: broadcast scales over [..., groups, group] (no repeat)
+            g = codes.reshape(*codes.shape[:-1], inp // group, group)
+            s3 = scales.to(torch.float32).unsqueeze(-1)
+            if offsets is None:
+                w = g.sub_(float(2 ** (self.spec.bits - 1))).mul_(s3)
+            else:
+                w = g.mul_(s3).add_(offsets.to(torch.float32).unsqueeze(-1))
+            return w.reshape(codes.shape).to(dtype)
         s = scales.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
         if offsets is None:
             w = s * (codes - float(2 ** (self.spec.bits - 1)))
         else:
             w = s * codes + offsets.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
         return w.to(dtype)
-
 
     # -- low-precision matmul kernels ---------------------------------------------------
     def kernel_name(self) -> str:

@@ -27,6 +27,7 @@ from llmc.runtime.sampling import SamplingParams
 from llmc.targets.base import StepBatch
 from llmc.targets.registry import get_target
 from llmc.targets.tensorrt.engine import Profile, profile_shapes
+from llmc.targets.tensorrt.lower import TENSORRT_OPS
 from llmc.targets.tensorrt.quant import codes_from_transposed, transposed_codes
 from tests.models import write_random_hf_model
 from tests.targets.onnx_util import compile_transformed, drive, quantize_source, rtn_quantize
@@ -60,8 +61,7 @@ def assert_tensorrt_ready(path: Path) -> onnx.ModelProto:
     assert [(o.domain, o.version >= 21) for o in model.opset_import] == [("", True)]
     domains = {n.domain for n in model.graph.node}
     assert domains <= {"", "ai.onnx"}, domains
-    assert not {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} & {
-        n.op_type for n in model.graph.node}
+    assert {n.op_type for n in model.graph.node} <= TENSORRT_OPS
     return model
 
 
@@ -110,14 +110,15 @@ def wide_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_hf_model(tmp_path_factory.mktemp("wide_hf"), seed=3, hidden_size=128)
 
 
-@pytest.mark.parametrize(("model", "opt_level", "config"), [
-    ("stories", 2, {}),
-    ("tiny", 2, {}),
-    ("tiny", 2, {"rope_style": "interleaved"}),
-    ("wide", 2, {"rope_style": "interleaved", "rotary_dim": 16}),  # partial rotary
-    ("tiny", 0, {}),  # unfused IR: rope, attention, rms_norm, add, silu, mul
+@pytest.mark.parametrize(("model", "opt_level", "config", "attention"), [
+    ("stories", 2, {}, "matmul"),
+    ("stories", 2, {}, "onnx"),  # the opset-23 Attention op
+    ("tiny", 2, {}, "matmul"),
+    ("tiny", 2, {"rope_style": "interleaved"}, "matmul"),
+    ("wide", 2, {"rope_style": "interleaved", "rotary_dim": 16}, "onnx"),  # partial rotary
+    ("tiny", 0, {}, "matmul"),  # unfused IR: rope, attention, rms_norm, add, silu, mul
 ])
-def test_logits_match_torch_ragged_batches(model: str, opt_level: int, config: dict, stories_hf: Path,
+def test_logits_match_torch_ragged_batches(model: str, opt_level: int, config: dict, attention: str, stories_hf: Path,
                                            tiny_hf: Path, wide_hf: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     folder = {"stories": stories_hf, "tiny": tiny_hf, "wide": wide_hf}[model]
@@ -126,9 +127,11 @@ def test_logits_match_torch_ragged_batches(model: str, opt_level: int, config: d
     def transform(source) -> None:
         source.config = dataclasses.replace(source.config, **config)
 
-    arts = {t: compile_transformed(monkeypatch, folder, tmp_path / t, t, transform, opt_level=opt_level)
+    arts = {t: compile_transformed(monkeypatch, folder, tmp_path / t, t, transform, opt_level=opt_level,
+                                   target_options={"attention": attention} if t == "tensorrt" else {})
             for t in ("torch", "tensorrt")}
-    assert_tensorrt_ready(arts["tensorrt"])
+    ops = {n.op_type for n in assert_tensorrt_ready(arts["tensorrt"]).graph.node}
+    assert ("Attention" in ops) == (attention == "onnx") and ("Softmax" in ops) == (attention == "matmul")
     got = drive(_load(arts["tensorrt"], device="cpu-ort"), SCHEDULE)
     want = drive(_load(arts["torch"]), SCHEDULE)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
@@ -228,7 +231,7 @@ def test_half_weights(dtype: str, tiny_hf: Path, tmp_path: Path) -> None:
 
 
 def test_loading_without_tensorrt_is_refused_clearly(stories_trt: Path) -> None:
-    with pytest.raises(TargetUnavailableError, match="no TensorRT engine.*cpu-ort"):
+    with pytest.raises(TargetUnavailableError, match=r"no TensorRT engine.*cpu-ort"):
         load_model(str(stories_trt))
     with pytest.raises(TargetUnavailableError, match="cpu-ort"):
         load_model(str(stories_trt), device="cpu")
@@ -242,6 +245,9 @@ def test_loading_without_tensorrt_is_refused_clearly(stories_trt: Path) -> None:
 
 
 def test_profile_limits(stories_hf: Path, tmp_path: Path) -> None:
+    with pytest.raises(LlmcError, match="attention must be one of"):
+        compile_model(stories_hf, tmp_path / "bad", CompileOptions(target="tensorrt",
+                                                                   target_options={"attention": "flash"}))
     with pytest.raises(LlmcError, match="profile batch"):
         compile_model(stories_hf, tmp_path / "bad", CompileOptions(target="tensorrt",
                                                                    target_options={"max_batch": 0}))
@@ -274,3 +280,17 @@ def test_cli_compile_says_no_engine_and_runs_cpu_ort(stories_hf: Path, stories_e
     assert json.loads(result.output)["token_ids"] == stories_expected_ids[:20]
     result = runner.invoke(main, ["run", str(out), "--prompt-ids", "1", "--max-tokens", "2"])
     assert result.exit_code == 2 and "cpu-ort" in result.output
+
+
+def test_engine_continuous_batching_matches_torch(stories_trt: Path, stories_artifact: Path) -> None:
+    """The continuous-batching engine over the slot cache: chunked prefills, admissions as slots free up."""
+    from llmc.runtime.engine import Engine
+
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(3, 500, n).tolist()] for n in (1, 5, 17, 3, 40, 9, 2, 23)]
+    params = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)] * len(prompts)
+    outputs = {}
+    for name, path, device in (("tensorrt", stories_trt, "cpu-ort"), ("torch", stories_artifact, None)):
+        with Engine.load(str(path), device=device, max_running=5, max_num_tokens=32) as engine:
+            outputs[name] = [r.token_ids for r in engine.generate(prompts, params)]
+    assert outputs["tensorrt"] == outputs["torch"]

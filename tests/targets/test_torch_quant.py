@@ -103,3 +103,18 @@ def test_tied_head_shares_int8_kernel_codes_with_the_embedding(scheme: str) -> N
         got.append(np.concatenate(driver.step({0: [int(nxt[0])], 1: [int(nxt[1])]})))
     for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(1.0, np.abs(a).max()))
+
+
+def test_dequant_option_skips_the_torch_kernels_with_the_same_results() -> None:
+    config = llama_config(hidden=64, inter=128, vocab=64, heads=4, kv_heads=2, head_dim=16)
+    module, weights = random_llama(config)
+    module, _ = run_pipeline(module, weights, "quantize(int4,group=32)")
+    outs = []
+    for kernels in ("torch", "dequant"):
+        ex = TorchExecutor(module, weights, quant_kernels=kernels)
+        names = {w.kernel_name() for w in ex.params.values() if isinstance(w, PackedWeight) and not w._raw}
+        assert names == ({"int4pack", "int8pack"} if kernels == "torch" else set())
+        outs.append(SequenceDriver(ex).step({0: [1, 5, 9, 3]})[0])
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-4 * np.abs(outs[1]).max())
+    with pytest.raises(Exception, match="quant_kernels"):
+        TorchExecutor(module, weights, quant_kernels="fast")
