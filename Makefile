@@ -10,7 +10,7 @@ LLMC   := $(VENV)/bin/llmc
 DATA   := data
 TORCH  := torch==2.13.0
 
-.PHONY: demo test venv install install-dev lint clean
+.PHONY: demo test test-tvm venv install install-dev lint clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ demo: install
 test: install-dev
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The tvm target's tests (apache-tvm is a 96 MB wheel, so it is not in install-dev).
+test-tvm: install-dev
+	$(PIP) install -q -e '.[tvm]'
+	$(PY) -m pytest -q -p no:cacheprovider tests/targets/test_tvm.py tests/targets/test_tvm_gpu_codegen.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -342,7 +342,7 @@ def make_backend(spec: dict[str, Any]) -> Backend:
     if engine.startswith("llmc:"):
         return LlmcBackend(engine.split(":", 1)[1], threads=threads)
     if engine == "llama.cpp":
-        sizes = [1]
+        sizes = [2]  # the greedy probe runs two sequences
         if "batch" in s["scenarios"]:
             sizes += s["batch_sizes"]
         if "concurrency" in s["scenarios"]:

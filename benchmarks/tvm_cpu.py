@@ -51,10 +51,13 @@ def main() -> None:
     prompt = list(np.random.default_rng(0).integers(3, vocab, args.prompt_len))
     total = args.prompt_len + args.steps + 1
     tokens: list[int] = []
+    tables: list[list[int]] = []
     for ex in executors:
         spec = ex.kv_spec()
-        ex.init_cache(-(-total // spec.block_size) + 1)
-        table = list(range(-(-total // spec.block_size) + 1))
+        blocks = 1 if spec.layout == "slots" else -(-total // spec.block_size) + 1
+        ex.init_cache(blocks)
+        table = list(range(blocks))  # slot-based caches: one slot id
+        tables.append(table)
         n = len(prompt)
         logits = ex.step(StepBatch(np.asarray(prompt), BatchLayout((0,), (n,), (n,)), [table], [n - 1]))
         tokens.append(int(logits[0].argmax()))
@@ -65,8 +68,7 @@ def main() -> None:
         ctx = args.prompt_len + step + 1
         for i in order:
             ex = executors[i]
-            table = list(range(-(-total // ex.kv_spec().block_size) + 1))
-            batch = StepBatch(np.asarray([ids[i][-1]]), BatchLayout((0,), (1,), (ctx,)), [table], [0])
+            batch = StepBatch(np.asarray([ids[i][-1]]), BatchLayout((0,), (1,), (ctx,)), [tables[i]], [0])
             start = time.perf_counter()
             logits = ex.step(batch)
             times[i].append(time.perf_counter() - start)

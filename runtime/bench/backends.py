@@ -139,7 +139,7 @@ class LlmcBackend(Backend):
             types[key] = types.get(key, 0) + 1
         return BackendInfo(
             engine="llmc",
-            label=f"llmc/{self.artifact.target}",
+            label=f"llmc/{self.artifact.target}:{self.path.resolve().name}",
             version=__version__,
             weight_bytes=total,
             weight_bytes_per_step=per_step,

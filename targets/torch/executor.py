@@ -24,7 +24,7 @@ from llmc.compiler.weights import WeightStore
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.torch.invariant import invariant_attend, invariant_step
-from llmc.targets.torch.weights import PackedWeight, TorchWeight, linear, to_torch_weight
+from llmc.targets.torch.weights import PackedWeight, TorchWeight, int4pack_is_fast, linear, to_torch_weight
 
 
 @dataclass
@@ -74,7 +74,7 @@ class TorchExecutor(Executor):
         activation_dtype: str = "float32",
         threads: int | None = None,
         deterministic: bool = False,
-        quant_kernels: str = "torch",
+        quant_kernels: str = "auto",
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
@@ -90,17 +90,17 @@ class TorchExecutor(Executor):
         self.params: dict[str, TorchWeight] = {
             name: to_torch_weight(weights[name], self.torch_device) for name in sorted(module.referenced_params())
         }
-        if quant_kernels not in ("torch", "dequant"):
-            raise LlmcError(f"quant_kernels must be 'torch' or 'dequant', not {quant_kernels!r}")
-        if quant_kernels == "torch":  # else every quantized layer is dequantized on the fly
-            self._prepare_kernels(module)
+        if quant_kernels not in ("auto", "torch", "dequant"):
+            raise LlmcError(f"quant_kernels must be 'auto', 'torch' or 'dequant', not {quant_kernels!r}")
+        if quant_kernels != "dequant":  # else every quantized layer is dequantized on the fly
+            self._prepare_kernels(module, int4pack=quant_kernels == "torch" or int4pack_is_fast())
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.num_blocks = 0
         self.programs = {fn.name: self._lower(fn) for fn in module}
         self._rope_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _prepare_kernels(self, module: Module) -> None:
+    def _prepare_kernels(self, module: Module, int4pack: bool) -> None:
         """Move packed weights read only by ``linear`` into torch's low-precision kernel layouts."""
         uses: dict[str, set[str]] = {}
         for fn in module:
@@ -114,7 +114,7 @@ class TorchExecutor(Executor):
                 continue
             # int8 kernel codes also serve embedding rows (a tied head); int4 kernel layouts do not
             if ops == {"linear"} or (ops <= {"linear", "embedding"} and weight.kernel_name() == "int8pack"):
-                weight.prepare_linear()
+                weight.prepare_linear(int4pack)
 
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:

@@ -25,6 +25,17 @@ def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+INT8PACK_MAX_ROWS = 8
+"""Above this many rows ``linear`` dequantizes an int8 weight once instead of calling
+``_weight_int8pack_mm`` (measured on a 2-core AVX2 EPYC with torch 2.13: the kernel is ~40x
+slower than float32 ``F.linear`` at 256 rows; benchmarks/quant_kernels.py)."""
+
+
+def int4pack_is_fast() -> bool:
+    """torch's CPU int4 kernel is vectorized for AVX512; on AVX2 it is slower than dequantizing."""
+    return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
 class PackedWeight:
     """A quantized ``[out, in]`` weight kept packed; dequantized one layer at a time.
 
@@ -83,19 +94,20 @@ class PackedWeight:
         return w.to(dtype)
 
     # -- low-precision matmul kernels ---------------------------------------------------
-    def kernel_name(self) -> str:
-        """Which matmul :meth:`linear` uses: ``int8pack``, ``int4pack`` or ``dequant``."""
+    def kernel_name(self, int4pack: bool = True) -> str:
+        """Which matmul :meth:`linear` uses: ``int8pack``, ``int4pack`` or ``dequant``
+        (``int4pack=False``: never the int4 kernel)."""
         out, inp = self.shape
         if self.qdata.device.type != "cpu":
             return "dequant"
         if self.spec.bits == 8 and self.spec.symmetric and self.spec.group_size >= inp:
             return "int8pack"
         g = self.spec.group_size
-        if self.spec.bits == 4 and g in (32, 64, 128, 256) and inp % g == 0 and out % 16 == 0:
+        if int4pack and self.spec.bits == 4 and g in (32, 64, 128, 256) and inp % g == 0 and out % 16 == 0:
             return "int4pack"
         return "dequant"
 
-    def prepare_linear(self) -> None:
+    def prepare_linear(self, int4pack: bool = True) -> None:
         """Convert to the layout of torch's CPU weight-only kernels, dropping the llmc layout.
 
         int8 (per output channel, symmetric): ``w = s * (q - 128)`` is ``s * int8(q - 128)``,
@@ -103,7 +115,7 @@ class PackedWeight:
         ``zero = 0`` (exact) and ``s * q + offset`` gives ``zero = offset + 8 * s`` (float32).
         Weights the kernels cannot take (shapes, ragged groups) keep on-the-fly dequantization.
         """
-        kind = self.kernel_name()
+        kind = self.kernel_name(int4pack)
         if kind == "int8pack" and self._int8 is None:
             self._int8 = (self.qdata.view(torch.int8) ^ -128).contiguous()  # q - 128 as int8
             self._scale32 = self.scales.to(torch.float32).reshape(-1).contiguous()
@@ -133,9 +145,11 @@ class PackedWeight:
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` with a low-precision kernel when prepared, else dequantizing this layer."""
-        if self._int8 is not None and x.dtype == torch.float32:
+        if self._int8 is not None and self._scale32 is not None and x.dtype == torch.float32:
+            if x.shape[0] > INT8PACK_MAX_ROWS:  # prefill: one dequantization beats the GEMV kernel
+                return torch.nn.functional.linear(x, self.dequantize(torch.float32))
             return torch._weight_int8pack_mm(x.contiguous(), self._int8, self._scale32)
-        if self._int4 is not None and x.dtype == torch.float32:
+        if self._int4 is not None and self._scale_zeros is not None and x.dtype == torch.float32:
             return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self._int4, self.spec.group_size,
                                                      self._scale_zeros)
         if not self._raw:

@@ -290,7 +290,7 @@ def tuning_dir(spec: dict[str, Any], tune_key: str, trials: int) -> Path:
 def _static(func: Any) -> bool:
     """True when the PrimFunc declares no symbolic shape variable (meta-schedule needs static shapes)."""
     text = func.script()
-    return not any(f"= T.{t}()" in text for t in ("int64", "int32"))
+    return "TypeVar(" not in text and not any(f"= T.{t}()" in text for t in ("int64", "int32"))
 
 
 def _compile_tuned(mod: Any, target: Any, trials: int, tune_key: str) -> tuple[Any, list[str]]:
@@ -307,7 +307,10 @@ def _compile_tuned(mod: Any, target: Any, trials: int, tune_key: str) -> tuple[A
     else:
         work.mkdir(parents=True, exist_ok=True)
         if tasks:
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(work))
+            # replay-trace samples the design space; the evolutionary search's mutators hit
+            # "Check failed: old_rv != nullptr && new_rv != nullptr" on these kernels (TVM 0.27)
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                tasks, str(work), strategy="replay-trace")
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work), max_trials_global=trials,
                           cost_model="random", num_trials_per_iter=min(64, max(4, trials // max(1, len(tasks)))))
         done.write_text(json.dumps({"trials": trials, "tasks": [t.task_name for t in tasks]}))

@@ -87,7 +87,7 @@ def test_awq_scaling_is_exact_in_float_and_shared_by_groups(pipeline: str) -> No
         assert ["layers.0.gate", "layers.0.up"] in [g.linears for g in groups]
     before = interpret_steps(module, weights)
     orig = {n: as_float(weights[n]).copy() for n in module.referenced_params()}
-    fake = lambda name, w: fake_quantize(w, parse_scheme("int4", 16).spec_for(w.shape[1]))  # noqa: E731
+    fake = lambda name, w: fake_quantize(w, parse_scheme("int4", 16).spec_for(w.shape[1]))
     stats = apply_awq(module, weights, _calib(config.vocab_size), fake, lambda n: True, grid=10)
     assert stats["awq_err_permille_of_rtn"] <= 1000  # never worse than plain RTN on the calibration data
     assert stats["awq_scaled"] > 0

@@ -53,7 +53,7 @@ def test_report_follows_the_schema_and_counts_add_up(report: dict[str, Any]) -> 
     assert rows[("batch", 3)]["tpot_s"]["n"] == 2 * 3  # (gen_len - 1) steps per run
     assert rows[("concurrency", 3)]["ttft_s"]["n"] == 3 * 2  # one per request
     backend = report["backends"][0]
-    assert backend["engine"] == "llmc" and backend["label"] == "llmc/torch" and backend["threads"] == 1
+    assert backend["engine"] == "llmc" and backend["label"] == "llmc/torch:art" and backend["threads"] == 1
     assert report["bandwidth"]["bytes_per_s"] > 1e8
     assert report["machine"]["logical_cores"] >= 1 and report["software"]["llmc"]
 
@@ -135,6 +135,6 @@ def test_cli_prints_a_table_and_writes_files(tiny_artifact: Path, tmp_path: Path
         "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png"),
     ])
     assert result.exit_code == 0, result.output
-    assert "| llmc/torch | batch | 2 |" in result.output and "GB/s" in result.output
+    assert "| llmc/torch:art | batch | 2 |" in result.output and "GB/s" in result.output
     validate(json.loads((tmp_path / "b.json").read_text()))
     assert (tmp_path / "b.png").stat().st_size > 0

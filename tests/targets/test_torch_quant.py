@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from llmc.compiler.ir.types import QuantSpec
+from llmc.errors import LlmcError
 from llmc.passes.quant_rtn import per_channel_group, quantize_rtn
 from llmc.targets.torch.executor import TorchExecutor
-from llmc.targets.torch.weights import PackedWeight
+from llmc.targets.torch.weights import PackedWeight, int4pack_is_fast
 from tests.helpers import SequenceDriver
 from tests.passes.util import interpret_steps, llama_config, random_llama, run_pipeline
 
@@ -37,10 +38,11 @@ def test_kernels_match_the_dequantized_weight(spec: QuantSpec, out: int, inp: in
     assert pw.kernel_name() == kernel
     before = pw.resident_bytes
     pw.prepare_linear()
-    x = torch.randn(5, inp, generator=torch.Generator().manual_seed(1))
-    got = pw.linear(x).numpy()
-    want = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    for rows in (1, 5, 20):  # int8: the kernel up to INT8PACK_MAX_ROWS, one dequantization above
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows))
+        got = pw.linear(x).numpy()
+        want = x.numpy().astype(np.float64) @ deq.astype(np.float64).T
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
     if kernel == "int8pack":
         assert pw.resident_bytes <= before + 4 * out  # int8 codes + float32 scales, no float weight
     assert pw.resident_bytes < out * inp * 4 / 3
@@ -75,7 +77,10 @@ def test_int4_model_uses_kernels_and_less_memory() -> None:
     fp32 = TorchExecutor(module, weights)
     dense = sum(t.numel() * t.element_size() for t in fp32.params.values() if isinstance(t, torch.Tensor))
     module, _ = run_pipeline(module, weights, "quantize(int4,group=32)")
-    ex = TorchExecutor(module, weights)
+    auto = TorchExecutor(module, weights)  # int4 kernel only where torch vectorizes it (AVX512)
+    int4_raw = [w._raw for w in auto.params.values() if isinstance(w, PackedWeight) and w.spec.bits == 4]
+    assert int4_raw and all(r != int4pack_is_fast() for r in int4_raw)
+    ex = TorchExecutor(module, weights, quant_kernels="torch")
     packed = [w for w in ex.params.values() if isinstance(w, PackedWeight)]
     assert {w.kernel_name() for w in packed} >= {"int4pack", "int8pack"}
     resident = sum(w.resident_bytes for w in packed) + sum(
@@ -116,5 +121,5 @@ def test_dequant_option_skips_the_torch_kernels_with_the_same_results() -> None:
         assert names == ({"int4pack", "int8pack"} if kernels == "torch" else set())
         outs.append(SequenceDriver(ex).step({0: [1, 5, 9, 3]})[0])
     np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=1e-4 * np.abs(outs[1]).max())
-    with pytest.raises(Exception, match="quant_kernels"):
+    with pytest.raises(LlmcError, match="quant_kernels"):
         TorchExecutor(module, weights, quant_kernels="fast")
