@@ -115,7 +115,8 @@ class LlamaCppBackend(Backend):
         row = int(embed.n_bytes) // int(embed.shape[-1])
         per_step = total if "output.weight" not in sizes else total - sizes["token_embd.weight"] + row
         types = sorted({t.tensor_type.name for t in reader.tensors})
-        return BackendInfo("llama.cpp", "llama.cpp", _version("llama-cpp-python"), total, per_step, row,
+        version = _version("llama-cpp-python") or getattr(self.ll, "__version__", None)
+        return BackendInfo("llama.cpp", "llama.cpp", version, total, per_step, row,
                            self.threads, "cpu", {"gguf": self.path, "tensor_types": types, "n_batch": self.n_batch,
                                                  "slots": self.max_seqs, "kv_unified": True})
 

@@ -9,15 +9,17 @@ depends only on that row, its position and the cache contents:
   last one padded with dummy rows whose keys and values are never written), each tile
   through the whole program, so every matmul and elementwise kernel sees the same shapes;
   later tiles see the cache entries of earlier ones, which keeps prefill causal;
-- attention walks each row's context in tiles of ``KEY_TILE`` keys with an online softmax;
-  masked keys contribute exactly zero and a fully masked key tile leaves the running state
-  bit-for-bit unchanged (``exp(0) == 1``, ``exp(-inf) == 0``), so the result does not depend
-  on the longest context in the tile;
+- attention scores are elementwise dot products over the head dim, the softmax subtracts the
+  row's exact maximum, and sums over keys are taken per ``KEY_TILE`` keys and accumulated tile
+  after tile in order: masked keys contribute exact zeros, so the result does not depend on
+  how far the tile's longest context pads the others (the context is padded to whole tiles, so
+  elementwise kernels never hit a scalar tail);
 - the head runs on all rows of a tile and the wanted rows are picked afterwards.
 
-The price is speed (tiles are processed one after another and attention loops over key
-tiles); the gain is that greedy outputs do not depend on batching, chunking, prefix-cache
-hits or preemption. Verified on this machine's CPU kernels by the engine tests.
+The price is speed (row tiles run one after another, and attention uses elementwise kernels
+rather than a fused attention kernel); the gain is that greedy outputs do not depend on
+batching, chunking, prefix-cache hits or preemption. Verified on this machine's CPU kernels by
+the engine tests (tests/runtime/test_engine_torch.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 ROW_TILE = 16
 KEY_TILE = 32
+CHUNK = 32 * KEY_TILE  # keys per slice of the value sum (bounds the (rows, keys, heads, dim) product)
 
 
 def invariant_step(executor: TorchExecutor, batch: StepBatch) -> np.ndarray:
@@ -91,26 +94,28 @@ def _run_tile(executor: TorchExecutor, token_ids: np.ndarray, positions: np.ndar
 
 def invariant_attend(kc: torch.Tensor, vc: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      ctx: StepContext, scale: float) -> torch.Tensor:
-    """Attention of each row over its own context (``ctx.ctx_slots``/``ctx.mask`` per row)."""
+    """Attention of each row over its own context (``ctx.ctx_slots``/``ctx.mask`` per row).
+
+    Scores are per-element dot products over the head dim; the softmax uses the row's exact
+    maximum; the sums over keys are taken per ``KEY_TILE`` keys and then accumulated tile by
+    tile in order (``cumsum``), so padding the context with masked tiles only adds exact zeros.
+    """
     n = ctx.slot_mapping.shape[0]
     kc.index_copy_(0, ctx.slot_mapping, k[:n].to(kc.dtype))
     vc.index_copy_(0, ctx.slot_mapping, v[:n].to(vc.dtype))
     rows, hq, d = q.shape
     hkv = k.shape[1]
-    qg = q.view(rows, 1, hkv, hq // hkv, d)  # (R, 1, Hkv, G, D)
-    m = torch.full((rows, hkv, hq // hkv), float("-inf"), dtype=q.dtype, device=q.device)
-    denom = torch.zeros_like(m)
-    acc = torch.zeros((rows, hkv, hq // hkv, d), dtype=q.dtype, device=q.device)
-    for t0 in range(0, ctx.ctx_slots.shape[1], KEY_TILE):
-        slots = ctx.ctx_slots[:, t0 : t0 + KEY_TILE]
-        keys = kc[slots].to(q.dtype)[:, :, :, None, :]  # (R, KT, Hkv, 1, D)
-        values = vc[slots].to(q.dtype)[:, :, :, None, :]
-        scores = (qg * keys).sum(-1) * scale  # (R, KT, Hkv, G)
-        scores = scores.masked_fill(~ctx.mask[:, t0 : t0 + KEY_TILE, None, None], float("-inf"))
-        m_new = torch.maximum(m, scores.amax(1))
-        alpha = torch.exp(m - m_new)
-        p = torch.exp(scores - m_new[:, None])
-        denom = denom * alpha + p.sum(1)
-        acc = acc * alpha[..., None] + (p[..., None] * values).sum(1)
-        m = m_new
-    return (acc / denom[..., None]).reshape(rows, hq, d)
+    g, width = hq // hkv, ctx.ctx_slots.shape[1]
+    tiles = width // KEY_TILE
+    keys = kc[ctx.ctx_slots].to(q.dtype)[:, :, :, None, :]  # (R, L, Hkv, 1, D)
+    values = vc[ctx.ctx_slots].to(q.dtype)[:, :, :, None, :]
+    scores = (q.view(rows, 1, hkv, g, d) * keys).sum(-1) * scale  # (R, L, Hkv, G)
+    scores = scores.masked_fill(~ctx.mask[:, :, None, None], float("-inf"))
+    p = torch.exp(scores - scores.amax(1, keepdim=True))
+    denom = p.view(rows, tiles, KEY_TILE, hkv, g).sum(2).cumsum(1)[:, -1]  # (R, Hkv, G)
+    acc = torch.zeros((rows, 1, hkv, g, d), dtype=q.dtype, device=q.device)
+    for t0 in range(0, width, CHUNK):  # bounded memory; the running sum stays strictly in tile order
+        part = p[:, t0 : t0 + CHUNK, :, :, None] * values[:, t0 : t0 + CHUNK]
+        part = part.view(rows, -1, KEY_TILE, hkv, g, d).sum(2)
+        acc = torch.cat((acc, part), dim=1).cumsum(1)[:, -1:]
+    return (acc[:, 0] / denom[..., None]).reshape(rows, hq, d)

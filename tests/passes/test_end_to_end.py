@@ -15,7 +15,6 @@ from llmc.compiler.driver import CompileOptions, frontend_module, optimize
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.types import QuantSpec
-from llmc.passes.pipelines import PIPELINES
 from llmc.runtime.artifact import Artifact
 from llmc.targets.base import Executor, StepBatch
 from llmc.targets.torch.executor import TorchExecutor
@@ -75,8 +74,10 @@ def test_cli_o2_artifact_has_one_qkv_matmul_per_layer_and_dumps_every_pass(stori
     result = runner.invoke(main, ["compile", str(stories_hf), "-o", str(art), "--opt-level", "2", "--dump-ir",
                                   str(dump)])
     assert result.exit_code == 0, result.output
+    torch_o2 = TorchTarget().preferred_passes(2)
+    assert torch_o2 is not None and "fuse-gate-up" not in torch_o2  # measured slower on torch CPU
     files = sorted(p.name for p in dump.iterdir())
-    assert files == ["00-input.ir"] + [f"{i:02d}-{n}.ir" for i, n in enumerate(PIPELINES["O2"], start=1)]
+    assert files == ["00-input.ir"] + [f"{i:02d}-{n}.ir" for i, n in enumerate(torch_o2, start=1)]
     result = runner.invoke(main, ["inspect", str(art), "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
@@ -84,10 +85,10 @@ def test_cli_o2_artifact_has_one_qkv_matmul_per_layer_and_dumps_every_pass(stori
     for fn in ("prefill", "decode"):
         counts = summary["op_counts"][fn]
         assert counts["split"] == layers  # one fused QKV matmul per layer, split three ways
-        assert counts["linear"] == 4 * layers + 1  # qkv, o, gate_up, down per layer + the head
-        assert counts["swiglu"] == layers and counts["rope_attention"] == layers
+        assert counts["linear"] == 5 * layers + 1  # qkv, o, gate, up, down per layer + the head
+        assert counts["add_rms_norm"] == 2 * layers and counts["rope_attention"] == layers
     manifest = json.loads((art / "manifest.json").read_text())
-    assert [p["name"] for p in manifest["pipeline"]["passes"]] == PIPELINES["O2"]
+    assert [p["name"] for p in manifest["pipeline"]["passes"]] == torch_o2
     assert manifest["pipeline"]["passes"][1]["stats"]["matches"] == 2 * layers
     params = manifest["params"]
     assert "lm_head" not in params and "embed" in params  # the tied head is stored once

@@ -97,6 +97,8 @@ def test_torch_target_pipelines() -> None:
     assert target.fused_ops <= FUSED_OPS
     o2 = [p.name for p in pipeline_for(2, target.fused_ops, target.preferred_passes(2))]
     assert "fuse-qkv" in o2 and "share-tied-weights" in o2
+    assert "fuse-gate-up" not in o2 and "swiglu" in target.fused_ops  # runnable, but not worth it on torch
+    assert target.preferred_passes(3) == o2 and target.preferred_passes(1) is None
 
 
 def test_llmc_passes_lists_passes_and_pipelines() -> None:

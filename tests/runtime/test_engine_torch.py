@@ -65,7 +65,13 @@ def test_preemption_and_prefix_cache_keep_deterministic_outputs(tiny_artifact: P
     assert stats["kv_used_blocks"] == 0
 
 
-def test_deterministic_logits_are_bitwise_batch_invariant(tiny_artifact: Path) -> None:
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_deterministic_logits_are_bitwise_batch_invariant(tiny_artifact: Path, chunk: int | None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmc.targets.torch import invariant
+
+    if chunk is not None:  # exercise the chunked value sum (contexts longer than CHUNK keys)
+        monkeypatch.setattr(invariant, "CHUNK", chunk)
     model = load_model(str(tiny_artifact), deterministic=True)
     ex = model.executor
     ex.init_cache(16)
@@ -82,6 +88,17 @@ def test_deterministic_logits_are_bitwise_batch_invariant(tiny_artifact: Path) -
     mixed = run([StepBatch(np.asarray(other + prompt), BatchLayout((1, 0), (20, n), (20, n)), [[3, 4], [2]],
                            [19, 19 + n])])[1:]
     assert np.array_equal(whole, chunks) and np.array_equal(whole, mixed)
+    fast = load_model(str(tiny_artifact)).executor
+    fast.init_cache(16)
+    long_prompt = [int(t) for t in np.random.default_rng(0).integers(3, 128, size=100)]
+    ref = fast.step(StepBatch(np.asarray(long_prompt), BatchLayout((0,), (100,), (100,)), [list(range(7))], [99]))
+    got = ex.step(StepBatch(np.asarray(long_prompt), BatchLayout((0,), (100,), (100,)), [list(range(7, 14))], [99]))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)  # the same attention, another summation order
+    ex.init_cache(16)
+    ex.step(StepBatch(np.asarray(long_prompt[:60]), BatchLayout((0,), (60,), (60,)), [[15, 3, 9, 1]], [59]))
+    split = ex.step(StepBatch(np.asarray(long_prompt[60:] + prompt), BatchLayout((0, 1), (40, n), (100, n)),
+                              [[15, 3, 9, 1, 0, 2, 4], [5]], [39, 39 + n]))
+    assert np.array_equal(split[:1], got)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
