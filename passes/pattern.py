@@ -106,7 +106,6 @@ class Match:
     module: Module
     function: Function
     ctx: PassContext
-    op_captures: frozenset[str] = frozenset()
 
     def __getitem__(self, name: str) -> Value:
         return self.captures[name]
@@ -361,7 +360,7 @@ class _Sweep:
 
     def _try(self, state: _State) -> None:
         binds, nodes = state
-        match = Match(dict(binds), nodes, self.module, self.fn, self.ctx, self.op_captures)
+        match = Match(dict(binds), nodes, self.module, self.fn, self.ctx)
         if self.rule.check is not None:
             reason = self.rule.check(match)
             if reason:

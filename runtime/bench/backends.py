@@ -126,7 +126,7 @@ class LlmcBackend(Backend):
         self.executor = get_target(self.artifact.target).load(self.artifact, **options)
         self.engine_config = dict(engine_config or {})
         self._engine: Any = None
-        self._engine_slots = 0
+        self._engine_key: tuple[int, int] | None = None
 
     def info(self) -> BackendInfo:
         from llmc import __version__
@@ -194,14 +194,24 @@ class LlmcBackend(Backend):
     # -- concurrent requests on the engine ----------------------------------------------
     def run_concurrent(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
         """All prompts submitted at once to a continuous-batching Engine with one slot each
-        (``max_running`` = the number of prompts); the engine reuses this executor."""
+        (``max_running`` = the number of prompts); the engine reuses this executor.
+
+        Unless ``engine_config`` sizes it, the KV cache holds exactly what the requests need (as
+        llama.cpp's ``n_ctx`` = slots x length), not the Engine's default of at least one
+        full-context sequence (8 GiB for Llama-3.2-1B's 131,072 positions)."""
         from llmc.runtime.bench.concurrency import run_engine_requests
 
         slots = len(prompts)
-        if self._engine is None or self._engine_slots != slots:
+        length = max(len(p) for p in prompts) + gen_len
+        key = (slots, length)
+        if self._engine is None or self._engine_key != key:
             self.close()
-            self._engine = _make_engine(self.executor, self.artifact, {"max_running": slots, **self.engine_config})
-            self._engine_slots = slots
+            config: dict[str, Any] = {"max_running": slots, **self.engine_config}
+            if "num_blocks" not in config and "kv_memory" not in config:
+                spec = self.executor.kv_spec()
+                config["num_blocks"] = slots if spec.layout == "slots" else slots * -(-length // spec.block_size)
+            self._engine = _make_engine(self.executor, self.artifact, config)
+            self._engine_key = key
         return run_engine_requests(self._engine, prompts, gen_len)
 
     def gpu_peak_bytes(self) -> int | None:
@@ -215,7 +225,7 @@ class LlmcBackend(Backend):
         if self._engine is not None:
             self._engine.close()
         self._engine = None
-        self._engine_slots = 0
+        self._engine_key = None
 
 
 def _make_engine(executor: Any, artifact: Any, config: dict[str, Any]) -> Any:

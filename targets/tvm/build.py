@@ -316,4 +316,8 @@ def _compile_tuned(mod: Any, target: Any, trials: int, tune_key: str) -> tuple[A
         done.write_text(json.dumps({"trials": trials, "tasks": [t.task_name for t in tasks]}))
         notes.append(f"meta-schedule: tuned {len(tasks)} static matmul tasks, {trials} trials; log in {work}")
     database = ms.database.JSONDatabase(work_dir=str(work))
+    records = len(database.get_all_tuning_records())
+    notes.append(f"meta-schedule: {records} tuning records applied" if records else
+                 "meta-schedule found no valid schedule: the build uses the default schedules")
+    log.info(notes[-1])
     return ms.relax_integration.compile_relax(database, mod, target, params=None), notes

@@ -11,44 +11,30 @@ import pytest
 from click.testing import CliRunner
 
 from llmc.cli import main
-from llmc.compiler.driver import CompileOptions, frontend_module, optimize
+from llmc.compiler.driver import CompileOptions, compile_model, frontend_module, optimize
 from llmc.compiler.frontends.source import load_source
-from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.types import QuantSpec
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import Executor, StepBatch
+from llmc.targets.base import Executor
 from llmc.targets.torch.executor import TorchExecutor
 from llmc.targets.torch.target import TorchTarget
+from tests.helpers import SequenceDriver
 from tests.passes.util import llama_config, random_llama, run_pipeline
 
 
 def _greedy(executor: Executor, prompt: list[int], steps: int) -> list[int]:
-    block = executor.kv_spec().block_size
-    blocks = -(-(len(prompt) + steps) // block)
-    executor.init_cache(blocks)
-    table = list(range(blocks))
-    n = len(prompt)
-    logits = executor.step(StepBatch(np.asarray(prompt), BatchLayout((0,), (n,), (n,)), [table], [n - 1]))
-    ids = [int(np.argmax(logits[0]))]
+    driver = SequenceDriver(executor, blocks_per_seq=-(-(len(prompt) + steps) // executor.kv_spec().block_size),
+                            max_seqs=1)
+    ids = [int(np.argmax(driver.step({0: prompt}, all_rows=False)[0][-1]))]
     while len(ids) < steps:
-        ctx = n + len(ids)
-        logits = executor.step(StepBatch(np.asarray(ids[-1:]), BatchLayout((0,), (1,), (ctx,)), [table], [0]))
-        ids.append(int(np.argmax(logits[0])))
+        ids.append(int(np.argmax(driver.step({0: ids[-1:]}, all_rows=False)[0][-1])))
     return ids
 
 
 def _logits(executor: Executor, prompt: list[int], decode: list[int]) -> list[np.ndarray]:
     """All-row prefill logits, then one decode step per id in ``decode``."""
-    block = executor.kv_spec().block_size
-    blocks = -(-(len(prompt) + len(decode)) // block)
-    executor.init_cache(blocks)
-    table = list(range(blocks))
-    n = len(prompt)
-    out = [executor.step(StepBatch(np.asarray(prompt), BatchLayout((0,), (n,), (n,)), [table], np.arange(n)))]
-    for i, token in enumerate(decode):
-        ctx = n + i + 1
-        out.append(executor.step(StepBatch(np.asarray([token]), BatchLayout((0,), (1,), (ctx,)), [table], [0])))
-    return out
+    driver = SequenceDriver(executor, blocks_per_seq=4, max_seqs=1)
+    return [driver.step({0: chunk})[0] for chunk in [prompt, *([t] for t in decode)]]
 
 
 def _load(path: Path) -> Executor:
@@ -60,8 +46,6 @@ def test_stories260k_o0_and_o2_give_the_golden_200_ids(stories_hf: Path, stories
     ids = {}
     for level in (0, 2):
         art = tmp_path / f"o{level}"
-        from llmc.compiler.driver import compile_model
-
         compile_model(stories_hf, art, CompileOptions(opt_level=level))
         ids[level] = _greedy(_load(art), [1], 200)
     assert ids[0] == stories_expected_ids
