@@ -24,7 +24,14 @@ from llmc.compiler.weights import WeightStore
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.torch.invariant import invariant_attend, invariant_step
-from llmc.targets.torch.weights import PackedWeight, TorchWeight, int4pack_is_fast, linear, to_torch_weight
+from llmc.targets.torch.weights import (
+    PackedWeight,
+    TorchWeight,
+    int4pack_is_fast,
+    linear,
+    release_transients_to_os,
+    to_torch_weight,
+)
 
 
 @dataclass
@@ -90,6 +97,8 @@ class TorchExecutor(Executor):
         self.params: dict[str, TorchWeight] = {
             name: to_torch_weight(weights[name], self.torch_device) for name in sorted(module.referenced_params())
         }
+        if any(isinstance(w, PackedWeight) or w.dtype != self.act_dtype for w in self.params.values()):
+            release_transients_to_os()  # per-layer float copies must not pile up in the heap
         if quant_kernels not in ("auto", "torch", "dequant"):
             raise LlmcError(f"quant_kernels must be 'auto', 'torch' or 'dequant', not {quant_kernels!r}")
         if quant_kernels != "dequant":  # else every quantized layer is dequantized on the fly
