@@ -1,0 +1,108 @@
+"""llmc's C++ CPU kernel for group-quantized weights x a few float32 rows (decode GEMV/GEMM).
+
+The extension (``csrc/qgemv.cpp``) reads llmc's packed layout directly (4/8-bit codes, per-group
+scales, optional offsets), widening codes to float in registers: no float weight is materialized.
+It is built on first use with ``torch.utils.cpp_extension.load`` (``-O3 -march=native -fopenmp``,
+needs a C++ compiler and ninja) and cached per machine under ``<llmc cache>/torch_extensions``.
+If the build fails, or ``LLMC_NO_CPU_KERNELS=1``, :func:`available` is False (one warning is
+logged) and callers keep dequantizing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
+LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failed = False
+
+
+def _cpu_fingerprint() -> str:
+    """CPU model and flags: a ``-march=native`` build is only reused on the same kind of CPU."""
+    text = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                text += line
+                if line.startswith("flags"):
+                    break
+    except OSError:
+        pass
+    return text
+
+
+def build_dir() -> Path:
+    """``$TORCH_EXTENSIONS_DIR`` if set, else ``<llmc cache>/torch_extensions``."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    from llmc.assets import cache_dir
+
+    return cache_dir() / "torch_extensions"
+
+
+def _extension_name() -> str:
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_fingerprint().encode() + torch.__version__.encode()
+    return "llmc_qgemv_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def disabled() -> bool:
+    """True when ``LLMC_NO_CPU_KERNELS`` is set to a non-empty value other than ``0``."""
+    return os.environ.get("LLMC_NO_CPU_KERNELS", "") not in ("", "0")
+
+
+def load() -> ModuleType | None:
+    """The compiled extension (building it on first use), or None if disabled or the build failed."""
+    global _module, _failed
+    if disabled():
+        return None
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is None and not _failed:
+            try:
+                from torch.utils import cpp_extension
+
+                name = _extension_name()
+                directory = build_dir() / name
+                directory.mkdir(parents=True, exist_ok=True)
+                _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                             extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
+            except Exception as exc:  # no compiler, no ninja, unsupported flags: keep dequantizing
+                _failed = True
+                log.warning("llmc CPU quantized kernels unavailable (%s: %s); dequantizing per call instead",
+                            type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+    return _module
+
+
+def available() -> bool:
+    """Whether :func:`qgemv` can run here (builds the extension on the first call)."""
+    return load() is not None
+
+
+def qgemv(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+          bits: int, group: int, out: int) -> torch.Tensor:
+    """``x @ w.T`` for float32 ``x [rows, in]`` and an llmc group-quantized ``w [out, in]``.
+
+    ``codes`` uint8 ``[out, in]`` (8-bit) or ``[out, in // 2]`` (4-bit, low nibble first);
+    ``scales``/``offsets`` float32 ``[out, ceil(in / group)]``; ``offsets`` None when symmetric
+    (``w = s * (q - 2**(bits-1))``), else ``w = s * q + offset``. Raises RuntimeError if unavailable.
+    """
+    module = load()
+    if module is None:
+        raise RuntimeError("llmc CPU quantized kernels are unavailable (see the logged warning)")
+    return module.qgemv(x, codes, scales, offsets, int(bits), int(group), int(out))
