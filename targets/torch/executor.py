@@ -23,6 +23,7 @@ from llmc.compiler.ir.rope import cos_sin
 from llmc.compiler.weights import WeightStore
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.targets.torch import qkernels
 from llmc.targets.torch.invariant import invariant_attend, invariant_step
 from llmc.targets.torch.weights import (
     PackedWeight,
@@ -87,6 +88,7 @@ class TorchExecutor(Executor):
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
         if threads:
             torch.set_num_threads(threads)
+        release_transients_to_os()  # load-time copies and per-layer float weights must not pile up in the heap
         self.module = module
         self.config = ModelConfig.from_dict(module.config)
         self.device = device
@@ -97,11 +99,16 @@ class TorchExecutor(Executor):
         self.params: dict[str, TorchWeight] = {
             name: to_torch_weight(weights[name], self.torch_device) for name in sorted(module.referenced_params())
         }
-        if any(isinstance(w, PackedWeight) or w.dtype != self.act_dtype for w in self.params.values()):
-            release_transients_to_os()  # per-layer float copies must not pile up in the heap
         if quant_kernels not in ("auto", "torch", "dequant"):
             raise LlmcError(f"quant_kernels must be 'auto', 'torch' or 'dequant', not {quant_kernels!r}")
-        if quant_kernels != "dequant":  # else every quantized layer is dequantized on the fly
+        packed = [w for w in self.params.values() if isinstance(w, PackedWeight)]
+        # auto: llmc's C++ kernel on the llmc layout for few rows (faster than torch's int4/int8 kernels
+        # on AVX2, docs/performance.md "CPU quantized kernels"), else torch's kernels where they are fast
+        llmc_kernels = quant_kernels == "auto" and bool(packed) and self.torch_device.type == "cpu" \
+            and self.act_dtype == torch.float32 and qkernels.available()
+        for weight in packed:
+            weight.cpu_kernel = llmc_kernels
+        if quant_kernels != "dequant" and not llmc_kernels:  # dequant: every layer dequantized on the fly
             self._prepare_kernels(module, int4pack=quant_kernels == "torch" or int4pack_is_fast())
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from llmc.compiler.weights import QuantizedTensor, Weight
+from llmc.targets.torch import qkernels
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -58,7 +59,13 @@ class PackedWeight:
     """A quantized ``[out, in]`` weight kept packed; dequantized one layer at a time.
 
     ``w = scale * (q - 2**(bits-1))`` (symmetric) or ``w = scale * q + offset``.
+    On CPU, float32 inputs of at most ``CPU_KERNEL_MAX_ROWS`` rows go to llmc's C++ kernel
+    (targets/torch/qkernels.py) on the llmc layout when it is available and ``cpu_kernel`` is set.
     """
+
+    CPU_KERNEL_MAX_ROWS = 32
+    """Above this many rows one dequantization + float32 ``F.linear`` beats the GEMV kernel
+    (benchmarks/qkernels.py; docs/performance.md, "CPU quantized kernels")."""
 
     def __init__(self, qt: QuantizedTensor, device: torch.device) -> None:
         self.spec = qt.spec
@@ -71,6 +78,8 @@ class PackedWeight:
         self._scale32: torch.Tensor | None = None
         self._int4: torch.Tensor | None = None
         self._scale_zeros: torch.Tensor | None = None
+        self.cpu_kernel = True  # use llmc's C++ kernel for few rows (the executor clears it for "dequant")
+        self._kernel_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -156,10 +165,25 @@ class PackedWeight:
     def resident_bytes(self) -> int:
         """Bytes this weight holds in memory now (kernel layout or llmc layout)."""
         total = self.nbytes
-        for t in (self._int8, self._scale32, self._int4, self._scale_zeros):
+        shared = {t.data_ptr() for t in (self.scales, self.offsets) if t is not None}
+        extra = [t for t in self._kernel_scales or () if t is not None and t.data_ptr() not in shared]
+        for t in (self._int8, self._scale32, self._int4, self._scale_zeros, *extra):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
+
+    def _cpu_kernel_linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x @ w.T`` by llmc's C++ kernel, or None where it does not apply or is unavailable."""
+        if (not self._raw or not self.cpu_kernel or x.dtype != torch.float32 or x.device.type != "cpu"
+                or x.numel() // max(1, x.shape[-1]) > self.CPU_KERNEL_MAX_ROWS or not qkernels.available()):
+            return None
+        if self._kernel_scales is None:  # float32 scales/offsets once (shared when already float32)
+            as32 = lambda t: None if t is None else t.to(torch.float32).contiguous()
+            self._kernel_scales = (as32(self.scales), as32(self.offsets))
+        scales, offsets = self._kernel_scales
+        y = qkernels.qgemv(x.reshape(-1, x.shape[-1]), self.qdata, scales, offsets, self.spec.bits,
+                           self.spec.group_size, self.shape[0])
+        return y.reshape(*x.shape[:-1], self.shape[0])
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` with a low-precision kernel when prepared, else dequantizing this layer."""
@@ -172,6 +196,9 @@ class PackedWeight:
                                                      self._scale_zeros)
         if not self._raw:
             raise RuntimeError("packed weight was converted for float32 kernels; input is " + str(x.dtype))
+        y = self._cpu_kernel_linear(x)
+        if y is not None:
+            return y
         return torch.nn.functional.linear(x, self.dequantize(x.dtype))
 
 

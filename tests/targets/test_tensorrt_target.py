@@ -100,9 +100,16 @@ def test_stories_greedy_200_exact_via_onnxruntime(stories_trt: Path, stories_exp
 def test_weights_read_back_bit_identical(stories_trt: Path, stories_artifact: Path) -> None:
     stored = Artifact.load(stories_trt).weights()
     reference = Artifact.load(stories_artifact).weights()
-    assert set(stored) == set(reference)
+    # torch's O2 leaves gate/up unfused (it does not pay off there); tensorrt fuses them
     for name in stored:
-        np.testing.assert_array_equal(stored[name], reference[name], err_msg=name)
+        if name in reference:
+            expected = reference[name]
+        else:
+            assert name.endswith(".gate_up"), name
+            prefix = name.removesuffix("gate_up")
+            expected = np.concatenate([reference[prefix + "gate"], reference[prefix + "up"]])
+        np.testing.assert_array_equal(stored[name], expected, err_msg=name)
+    assert set(reference) - set(stored) <= {n for n in reference if n.endswith((".gate", ".up"))}
 
 
 @pytest.fixture(scope="module")

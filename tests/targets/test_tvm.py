@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+# One TVM worker thread: TVM's spinning thread pool degrades badly on a loaded 2-core CI machine.
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 pytest.importorskip("tvm", reason="apache-tvm is not installed (the tvm extra: pip install -e '.[tvm]')")
 
 from llmc.compiler.driver import CompileOptions, compile_model

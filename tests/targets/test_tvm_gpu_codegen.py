@@ -8,11 +8,14 @@ the kernels TVM generated. Running these artifacts needs the GPU (CUDA) or a ROC
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+# One TVM worker thread: TVM's spinning thread pool degrades badly on a loaded 2-core CI machine.
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 pytest.importorskip("tvm", reason="apache-tvm is not installed (the tvm extra: pip install -e '.[tvm]')")
 
 from llmc.errors import TargetUnavailableError

@@ -2,12 +2,15 @@
 //
 // codes: uint8 [out, in] (8-bit) or [out, in/2] (4-bit, low nibble = even input index)
 // scales, offsets: float32 [out, n_groups]; the last group may be shorter than `group`.
-// symmetric: w = s * (q - 2**(bits-1))  -> y = s * dot(q - z, x_g)        (exact integer codes)
-// asymmetric: w = s * q + o             -> y = s * dot(q, x_g) + o * sum(x_g)
-// The float weight is never materialized: codes are widened to float in registers.
+// symmetric: w = s * (q - 2**(bits-1)); asymmetric: w = s * q + o (one fma).
+// The float weight is never materialized: 16 codes at a time are widened to float and scaled in
+// registers, then FMA'd against up to 4 input rows (the weight row stays in L1 across rows).
+// Each row's result is computed in the same order whatever the number of rows (batch invariant).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -25,7 +28,6 @@ struct Problem {
   const uint8_t* codes;  // [out, packed]
   const float* scales;   // [out, groups]
   const float* offsets;  // [out, groups] or nullptr (symmetric)
-  const float* xsum;     // [rows, groups] or nullptr (symmetric)
   float* y;              // [rows, out]
   int64_t rows, in, out, group, groups, packed;
   int bits;
@@ -70,86 +72,90 @@ inline __m256 widen(__m128i bytes8) {
   return _mm256_cvtepi32_ps(i);
 }
 
-// RB input rows against output rows [o0, o1).
+// Input rows [r0, r0 + RB) against output row o. Codes are widened and scaled to the float
+// weight in registers (w = s * (q - z) or fma(q, s, o), shared by the RB rows), then FMA'd.
 template <int RB, int BITS, bool SYM>
-void block_avx2(const Problem& p, int64_t r0, int64_t o0, int64_t o1) {
+void row_avx2(const Problem& p, int64_t r0, int64_t o) {
   const float zero = SYM ? static_cast<float>(1 << (BITS - 1)) : 0.0f;
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* row = p.codes + o * p.packed;
-    const float* srow = p.scales + o * p.groups;
-    const float* orow = SYM ? nullptr : p.offsets + o * p.groups;
-    __m256 tot[RB];
-    float tail[RB];
-    for (int r = 0; r < RB; ++r) {
-      tot[r] = _mm256_setzero_ps();
-      tail[r] = 0.0f;
-    }
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const int64_t k0 = g * p.group;
-      const int64_t k1 = (k0 + p.group < p.in) ? k0 + p.group : p.in;
-      __m256 acc0[RB], acc1[RB];
-      for (int r = 0; r < RB; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-      int64_t k = k0;
-      for (; k + 16 <= k1; k += 16) {
-        const __m128i c = load16<BITS, SYM>(row, k);
-        const __m256 w0 = widen<SYM>(c);
-        const __m256 w1 = widen<SYM>(_mm_srli_si128(c, 8));
-        for (int r = 0; r < RB; ++r) {
-          const float* xr = p.x + (r0 + r) * p.in + k;
-          acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
-          acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
-        }
+  const uint8_t* row = p.codes + o * p.packed;
+  const float* srow = p.scales + o * p.groups;
+  const float* orow = SYM ? nullptr : p.offsets + o * p.groups;
+  __m256 acc0[RB], acc1[RB];
+  float tail[RB];
+  for (int r = 0; r < RB; ++r) {
+    acc0[r] = acc1[r] = _mm256_setzero_ps();
+    tail[r] = 0.0f;
+  }
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t k0 = g * p.group;
+    const int64_t k1 = (k0 + p.group < p.in) ? k0 + p.group : p.in;
+    const float s = srow[g];
+    const float off = SYM ? 0.0f : orow[g];
+    const __m256 sv = _mm256_set1_ps(s);
+    const __m256 ov = _mm256_set1_ps(off);
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      const __m128i c = load16<BITS, SYM>(row, k);
+      __m256 w0 = widen<SYM>(c);
+      __m256 w1 = widen<SYM>(_mm_srli_si128(c, 8));
+      if constexpr (SYM) {
+        w0 = _mm256_mul_ps(w0, sv);
+        w1 = _mm256_mul_ps(w1, sv);
+      } else {
+        w0 = _mm256_fmadd_ps(w0, sv, ov);
+        w1 = _mm256_fmadd_ps(w1, sv, ov);
       }
-      const float s = srow[g];
-      const __m256 sv = _mm256_set1_ps(s);
       for (int r = 0; r < RB; ++r) {
-        tot[r] = _mm256_fmadd_ps(_mm256_add_ps(acc0[r], acc1[r]), sv, tot[r]);
-        float rem = 0.0f;
-        const float* xr = p.x + (r0 + r) * p.in;
-        for (int64_t j = k; j < k1; ++j) rem += (static_cast<float>(code_at(row, j, BITS)) - zero) * xr[j];
-        tail[r] += s * rem;
-        if constexpr (!SYM) tail[r] += orow[g] * p.xsum[(r0 + r) * p.groups + g];
+        const float* xr = p.x + (r0 + r) * p.in + k;
+        acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
+        acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
       }
     }
-    for (int r = 0; r < RB; ++r) p.y[(r0 + r) * p.out + o] = hsum(tot[r]) + tail[r];
+    for (int64_t j = k; j < k1; ++j) {  // ragged group / group not a multiple of 16
+      const float q = static_cast<float>(code_at(row, j, BITS));
+      const float w = SYM ? s * (q - zero) : std::fma(q, s, off);
+      for (int r = 0; r < RB; ++r) tail[r] += w * p.x[(r0 + r) * p.in + j];
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    p.y[(r0 + r) * p.out + o] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + tail[r];
   }
 }
 #endif
 
 // Portable path (no AVX2): same arithmetic, scalar.
-template <int RB>
-void block_scalar(const Problem& p, int64_t r0, int64_t o0, int64_t o1) {
+void row_scalar(const Problem& p, int64_t r0, int64_t rb, int64_t o) {
   const bool sym = p.offsets == nullptr;
   const float zero = sym ? static_cast<float>(1 << (p.bits - 1)) : 0.0f;
-  for (int64_t o = o0; o < o1; ++o) {
-    const uint8_t* row = p.codes + o * p.packed;
-    for (int r = 0; r < RB; ++r) {
-      const float* xr = p.x + (r0 + r) * p.in;
-      float total = 0.0f;
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const int64_t k0 = g * p.group;
-        const int64_t k1 = (k0 + p.group < p.in) ? k0 + p.group : p.in;
-        float acc = 0.0f;
-        for (int64_t k = k0; k < k1; ++k) acc += (static_cast<float>(code_at(row, k, p.bits)) - zero) * xr[k];
-        total += p.scales[o * p.groups + g] * acc;
-        if (!sym) total += p.offsets[o * p.groups + g] * p.xsum[(r0 + r) * p.groups + g];
+  const uint8_t* row = p.codes + o * p.packed;
+  for (int64_t r = r0; r < r0 + rb; ++r) {
+    const float* xr = p.x + r * p.in;
+    float total = 0.0f;
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t k0 = g * p.group;
+      const int64_t k1 = (k0 + p.group < p.in) ? k0 + p.group : p.in;
+      const float s = p.scales[o * p.groups + g];
+      const float off = sym ? 0.0f : p.offsets[o * p.groups + g];
+      for (int64_t k = k0; k < k1; ++k) {
+        const float q = static_cast<float>(code_at(row, k, p.bits));
+        total += (sym ? s * (q - zero) : std::fma(q, s, off)) * xr[k];
       }
-      p.y[(r0 + r) * p.out + o] = total;
     }
+    p.y[r * p.out + o] = total;
   }
 }
 
 template <int RB>
-void dispatch_block(const Problem& p, int64_t r0, int64_t o0, int64_t o1) {
+void dispatch_row(const Problem& p, int64_t r0, int64_t o) {
 #if LLMC_QGEMV_AVX2
   const bool sym = p.offsets == nullptr;
   if (p.bits == 4) {
-    sym ? block_avx2<RB, 4, true>(p, r0, o0, o1) : block_avx2<RB, 4, false>(p, r0, o0, o1);
+    sym ? row_avx2<RB, 4, true>(p, r0, o) : row_avx2<RB, 4, false>(p, r0, o);
   } else {
-    sym ? block_avx2<RB, 8, true>(p, r0, o0, o1) : block_avx2<RB, 8, false>(p, r0, o0, o1);
+    sym ? row_avx2<RB, 8, true>(p, r0, o) : row_avx2<RB, 8, false>(p, r0, o);
   }
 #else
-  block_scalar<RB>(p, r0, o0, o1);
+  row_scalar(p, r0, RB, o);
 #endif
 }
 
@@ -169,36 +175,29 @@ torch::Tensor qgemv(const torch::Tensor& x, const torch::Tensor& codes, const to
   TORCH_CHECK(codes.size(0) == out && codes.size(1) == packed, "codes shape does not match [out, packed in]");
   TORCH_CHECK(scales.size(0) == out && scales.size(1) == groups, "scales shape does not match [out, groups]");
   auto y = torch::empty({rows, out}, xc.options());
-  torch::Tensor xsum, off;
+  torch::Tensor off;
   if (offsets.has_value() && offsets->defined()) {
     off = *offsets;
     TORCH_CHECK(off.scalar_type() == torch::kFloat32 && off.is_contiguous() && off.sizes() == scales.sizes(),
                 "offsets: float32 contiguous like scales");
-    xsum = torch::empty({rows, groups}, xc.options());
-    const float* xp = xc.data_ptr<float>();
-    float* sp = xsum.data_ptr<float>();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t k1 = std::min(in, (g + 1) * group);
-        float s = 0.0f;
-        for (int64_t k = g * group; k < k1; ++k) s += xp[r * in + k];
-        sp[r * groups + g] = s;
-      }
   }
   if (rows == 0 || out == 0) return y;
   Problem p{xc.data_ptr<float>(), codes.data_ptr<uint8_t>(), scales.data_ptr<float>(),
-            off.defined() ? off.data_ptr<float>() : nullptr, xsum.defined() ? xsum.data_ptr<float>() : nullptr,
-            y.data_ptr<float>(), rows, in, out, group, groups, packed, static_cast<int>(bits)};
+            off.defined() ? off.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+            rows, in, out, group, groups, packed, static_cast<int>(bits)};
   // grain: enough output rows per task that scheduling costs little against the weight stream
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, in));
   at::parallel_for(0, out, grain, [&](int64_t o0, int64_t o1) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) dispatch_block<4>(p, r, o0, o1);
-    if (r + 2 <= rows) {
-      dispatch_block<2>(p, r, o0, o1);
-      r += 2;
+    for (int64_t o = o0; o < o1; ++o) {  // one weight row (in L1) against every input row
+      // every block size does the same arithmetic per row: results do not depend on the row count
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) dispatch_row<4>(p, r, o);
+      if (r + 2 <= rows) {
+        dispatch_row<2>(p, r, o);
+        r += 2;
+      }
+      if (r < rows) dispatch_row<1>(p, r, o);
     }
-    if (r < rows) dispatch_block<1>(p, r, o0, o1);
   });
   return y;
 }
