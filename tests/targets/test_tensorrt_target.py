@@ -102,13 +102,7 @@ def test_weights_read_back_bit_identical(stories_trt: Path, stories_artifact: Pa
     reference = Artifact.load(stories_artifact).weights()
     # torch's O2 leaves gate/up unfused (it does not pay off there); tensorrt fuses them
     for name in stored:
-        if name in reference:
-            expected = reference[name]
-        else:
-            assert name.endswith(".gate_up"), name
-            prefix = name.removesuffix("gate_up")
-            expected = np.concatenate([reference[prefix + "gate"], reference[prefix + "up"]])
-        np.testing.assert_array_equal(stored[name], expected, err_msg=name)
+        np.testing.assert_array_equal(stored[name], _reference_weight(reference, name), err_msg=name)
     assert set(reference) - set(stored) <= {n for n in reference if n.endswith((".gate", ".up"))}
 
 
@@ -155,6 +149,19 @@ QUANT_CASES = {  # bits, group (None: one group per row), symmetric
 }
 
 
+def _reference_weight(reference, name: str):
+    """``reference[name]``; torch leaves gate/up unfused, so rebuild a fused ``gate_up`` from them."""
+    if name in reference or not name.endswith(".gate_up"):
+        return reference[name]
+    prefix = name.removesuffix("gate_up")
+    gate, up = reference[prefix + "gate"], reference[prefix + "up"]
+    if not isinstance(gate, QuantizedTensor):
+        return np.concatenate([gate, up])
+    offsets = None if gate.offsets is None else np.concatenate([gate.offsets, up.offsets])
+    return QuantizedTensor(gate.spec, (gate.shape[0] + up.shape[0], gate.shape[1]),
+                           np.concatenate([gate.qdata, up.qdata]), np.concatenate([gate.scales, up.scales]), offsets)
+
+
 @pytest.mark.parametrize("case", list(QUANT_CASES))
 def test_quantized_matches_torch(case: str, stories_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bits, group, symmetric = QUANT_CASES[case]
@@ -176,8 +183,8 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, tmp_path: Path, mo
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")
     stored, reference = Artifact.load(arts["tensorrt"]).weights(), Artifact.load(arts["torch"]).weights()
-    for name in reference:
-        w, ref = stored[name], reference[name]
+    for name in stored:
+        w, ref = stored[name], _reference_weight(reference, name)
         if isinstance(ref, QuantizedTensor):
             assert isinstance(w, QuantizedTensor) and w.spec == ref.spec
             np.testing.assert_array_equal(w.qdata, ref.qdata)
