@@ -78,7 +78,7 @@ class PackedWeight:
         self._scale32: torch.Tensor | None = None
         self._int4: torch.Tensor | None = None
         self._scale_zeros: torch.Tensor | None = None
-        self.cpu_kernel = True  # use llmc's C++ kernel for few rows (the executor clears it for "dequant")
+        self.cpu_kernel = True  # llmc's C++ kernel for few rows (the executor clears it unless quant_kernels=auto)
         self._kernel_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property

@@ -239,7 +239,8 @@ def toolchain(kind: str) -> Iterator[list[str]]:
 
 
 # -- compile ---------------------------------------------------------------------------------
-def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_key: str = "") -> tuple[Any, list[str]]:
+def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_key: str = "",
+                   cpu_schedule: str = "default") -> tuple[Any, list[str]]:
     """``tvm.compile`` ``mod`` for ``spec``; with ``tune_trials`` meta-schedule tunes first."""
     import tvm
 
@@ -250,7 +251,7 @@ def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_ke
             exe, tune_notes = _compile_tuned(mod, target, tune_trials, tune_key)
             return exe, notes + tune_notes
         try:
-            if kind == "cpu":
+            if kind == "cpu" and cpu_schedule == "dlight":
                 return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target)), notes
             return tvm.compile(mod, target=target), notes
         except Exception as exc:  # TVM raises many types; name the target and keep the cause

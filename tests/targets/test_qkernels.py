@@ -85,7 +85,7 @@ def test_packed_weight_uses_kernel_for_few_rows_and_dequant_above(kernels, monke
     assert calls == [1, pw.CPU_KERNEL_MAX_ROWS]
 
 
-def test_disabled_kernels_fall_back_to_dequantization(monkeypatch, caplog) -> None:
+def test_disabled_kernels_fall_back_to_dequantization(monkeypatch) -> None:
     monkeypatch.setenv("LLMC_NO_CPU_KERNELS", "1")
     assert not qkernels.available()
     qt = random_qt(QuantSpec(8, 32, False), 16, 40, seed=2)
