@@ -188,7 +188,8 @@ class Engine:
         if blocks < 1:
             raise LlmcError(f"kv_memory {cfg.kv_memory} is less than one cache block ({spec.bytes_per_block} bytes)")
         self.executor.init_cache(blocks)
-        return PagedKVCache(blocks, spec.block_size, prefix_caching=cfg.prefix_caching)
+        prefix_caching = cfg.prefix_caching and spec.uses_block_tables
+        return PagedKVCache(blocks, spec.block_size, prefix_caching=prefix_caching)
 
     def close(self) -> None:
         """Stop the step loop (pending requests are cancelled)."""
@@ -451,6 +452,7 @@ class Engine:
     def _finish(self, req: _Request, reason: str, stop_reason: str | int | None,
                 error: BaseException | None = None) -> None:
         self.scheduler.finish(req.seq)
+        self.executor.release(req.seq.seq_id)
         self._requests.pop(req.request_id, None)
         self._by_seq.pop(req.seq.seq_id, None)
         self._counters["cancelled" if reason == "cancelled" else "finished"] += 1

@@ -59,6 +59,9 @@ class KVSpec:
     block_size: int
     bytes_per_block: int
     max_blocks_per_seq: int
+    uses_block_tables: bool = True
+    """False when the executor pages its cache internally (tvm): the runtime's block tables
+    only count capacity, so blocks cannot be shared between sequences (no prefix caching)."""
 
 
 @dataclass

@@ -106,7 +106,8 @@ class TvmExecutor(Executor):
         c = self.config
         elem = KV_DTYPE_BYTES.get(self.payload["kv_dtype"], 4)
         per_block = 2 * c.num_layers * self.page_size * c.num_kv_heads * c.head_dim * elem
-        return KVSpec("paged", self.page_size, per_block, -(-c.max_position // self.page_size))
+        return KVSpec("paged", self.page_size, per_block, -(-c.max_position // self.page_size),
+                      uses_block_tables=False)
 
     def init_cache(self, num_blocks: int) -> None:
         from tvm_ffi import Shape

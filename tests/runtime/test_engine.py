@@ -237,3 +237,30 @@ def test_logprobs_are_collected_per_token() -> None:
     assert out.logprobs is not None and [lp.token_id for lp in out.logprobs] == out.token_ids
     assert all(len(lp.top) == 2 and lp.top[0][0] == lp.token_id for lp in out.logprobs)
     assert out.to_dict()["logprobs"][0]["token_id"] == out.token_ids[0]
+
+
+class _InternalPagingExecutor(FakeExecutor):
+    """Like tvm: pages its cache itself, so block tables only count capacity."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.released: list[int] = []
+
+    def kv_spec(self):  # type: ignore[no-untyped-def]
+        spec = super().kv_spec()
+        return type(spec)(spec.layout, spec.block_size, spec.bytes_per_block, spec.max_blocks_per_seq,
+                          uses_block_tables=False)
+
+    def release(self, seq_id: int) -> None:
+        self.released.append(seq_id)
+
+
+def test_internal_paging_executor_gets_releases_and_no_prefix_sharing() -> None:
+    prompts = _prompts(5, seed=4, shared=12)
+    ex = _InternalPagingExecutor(vocab=VOCAB)
+    with Engine(ex, config=EngineConfig(max_running=2, max_num_tokens=16)) as engine:
+        outs = engine.generate(prompts, _greedy(6))
+        assert engine.stats()["prefix_cache_hits"] == 0
+    assert [o.token_ids for o in outs] == [reference(p, 6, VOCAB) for p in prompts]
+    seqs = {s for b in ex.batches for s in b.layout.seq_ids}
+    assert seqs <= set(ex.released) and len(ex.released) >= len(prompts)
