@@ -168,3 +168,17 @@ def test_cli_errors_are_one_line(stories_hf: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["compile", str(stories_hf), "--target", "tvm", "--device", "tpu",
                                        "-o", str(tmp_path / "y")])
     assert result.exit_code == 2 and "cpu, cuda, rocm" in result.output
+
+
+def test_engine_batches_over_tvm_and_frees_sequences(stories_tvm: Path) -> None:
+    from llmc.runtime.engine import Engine
+
+    prompts = [[1, 403, 407], [1, 261], [1, 378, 1, 70, 9], [1]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    alone = [generate_ids(load_model(str(stories_tvm)), p, params).token_ids for p in prompts]
+    engine = Engine.load(str(stories_tvm), max_running=4)
+    with engine:
+        outs = engine.generate(prompts, params)
+        assert engine.stats()["prefix_cache_hits"] == 0
+        assert engine.executor.seq_lens == {}, "finished sequences keep their TVM pages"
+    assert [o.token_ids for o in outs] == alone
