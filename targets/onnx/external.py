@@ -78,6 +78,32 @@ def read_tensor(data_file: Path, record: dict[str, Any]) -> np.ndarray:
     return array.reshape(record["shape"])
 
 
+
+def read_payload_weights(meta_file: Path, data_file: Path, read_quantized: Any, what: str) -> Any:
+    """Params of an ONNX payload, read back lazily from its external data file.
+
+    ``meta_file`` is the payload index (``initializers`` and ``params`` records); quantized params
+    are rebuilt by ``read_quantized(record, tensor)``, where ``tensor(name)`` reads an initializer.
+    """
+    import json
+
+    from llmc.compiler.weights import WeightStore
+    from llmc.errors import ArtifactError
+
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{meta_file}: cannot read the {what} payload index: {exc}") from exc
+    index = meta["initializers"]
+    tensor = lambda name: read_tensor(data_file, index[name])
+    store = WeightStore()
+    for name, record in meta["params"].items():
+        if record["kind"] == "quant":
+            store.set_lazy(name, lambda r=record: read_quantized(r, tensor))
+        else:
+            store.set_lazy(name, lambda r=record: tensor(r["init"]))
+    return store
+
 def check(model_path: Path) -> None:
     """Run ``onnx.checker`` on the saved model (external data resolved beside it)."""
     onnx.checker.check_model(str(model_path))

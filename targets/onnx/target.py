@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.errors import ArtifactError, LlmcError, TargetUnavailableError, UnsupportedError
+from llmc.errors import LlmcError, TargetUnavailableError, UnsupportedError
 from llmc.targets.base import EmitResult, Executor, Target
 
 if TYPE_CHECKING:
@@ -103,20 +103,8 @@ class OnnxTarget(Target):
 
     def read_weights(self, artifact: Artifact) -> WeightStore:
         """The params, read back lazily from ``model.onnx.data`` (bit-identical to what was emitted)."""
-        from llmc.targets.onnx.external import read_tensor
+        from llmc.targets.onnx.external import read_payload_weights
         from llmc.targets.onnx.quant import read_quantized
 
-        try:
-            meta = json.loads(artifact.file(META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{artifact.file(META)}: cannot read the onnx payload index: {exc}") from exc
-        data_file = artifact.file(DATA)
-        index = meta["initializers"]
-        tensor = lambda name: read_tensor(data_file, index[name])
-        store = WeightStore()
-        for name, record in meta["params"].items():
-            if record["kind"] == "quant":
-                store.set_lazy(name, lambda r=record: read_quantized(r, tensor))
-            else:
-                store.set_lazy(name, lambda r=record: tensor(r["init"]))
+        store: WeightStore = read_payload_weights(artifact.file(META), artifact.file(DATA), read_quantized, "onnx")
         return store

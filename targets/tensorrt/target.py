@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.errors import ArtifactError, LlmcError, TargetUnavailableError
+from llmc.errors import LlmcError, TargetUnavailableError
 from llmc.targets.base import EmitResult, Executor, Target
 from llmc.targets.tensorrt.engine import PRECISIONS
 
@@ -183,20 +183,9 @@ class TensorRTTarget(Target):
 
     def read_weights(self, artifact: Artifact) -> WeightStore:
         """The params, read back from ``model.onnx.data`` (quantized codes un-flipped to llmc's form)."""
-        from llmc.targets.onnx.external import read_tensor
+        from llmc.targets.onnx.external import read_payload_weights
         from llmc.targets.tensorrt.quant import read_dq_weight
 
-        try:
-            meta = json.loads(artifact.file(META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"{artifact.file(META)}: cannot read the tensorrt payload index: {exc}") from exc
-        data_file = artifact.file(DATA)
-        index = meta["initializers"]
-        tensor = lambda name: read_tensor(data_file, index[name])
-        store = WeightStore()
-        for name, record in meta["params"].items():
-            if record["kind"] == "quant":
-                store.set_lazy(name, lambda r=record: read_dq_weight(r, tensor))
-            else:
-                store.set_lazy(name, lambda r=record: tensor(r["init"]))
+        store: WeightStore = read_payload_weights(artifact.file(META), artifact.file(DATA), read_dq_weight,
+                                                  "tensorrt")
         return store
