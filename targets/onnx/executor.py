@@ -25,6 +25,7 @@ from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.onnx.session import create_session, parse_device
+from llmc.targets.slots import slot_ids
 
 INITIAL_CAPACITY = 256
 MAX_BINDINGS = 64
@@ -149,19 +150,8 @@ class OnnxExecutor(Executor):
         layout = batch.layout
         if not self.keys:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
-        slots = []
-        for j, table in enumerate(batch.block_tables):
-            seq = layout.seq_ids[j]
-            if len(table) != 1:
-                raise LlmcError(f"sequence {seq}: the onnx executor keeps one kv slot of {self.capacity} tokens "
-                                f"per sequence (load option kv_capacity), got {len(table)} blocks")
-            if not 0 <= table[0] < self.num_slots:
-                raise LlmcError(f"sequence {seq}: slot {table[0]} is outside the {self.num_slots} allocated")
-            if layout.context_lens[j] > self.capacity:
-                raise RequestError(f"sequence {seq} needs {layout.context_lens[j]} tokens of kv cache; a slot holds "
-                                   f"{self.capacity} (load option kv_capacity, at most the model context "
-                                   f"{self.config.max_position})")
-            slots.append(int(table[0]))
+        slots = slot_ids(batch, self.num_slots, self.capacity, "onnx", " (load option kv_capacity)",
+                         f"load option kv_capacity, at most the model context {self.config.max_position}")
         longest = max(layout.context_lens)
         if longest > self.allocated:
             self._grow(longest)

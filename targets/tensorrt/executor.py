@@ -22,6 +22,7 @@ from llmc.compiler.config import ModelConfig
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
+from llmc.targets.slots import slot_ids
 from llmc.targets.tensorrt.engine import Profile
 
 INITIAL_CAPACITY = 256
@@ -166,22 +167,13 @@ class TrtGraphExecutor(Executor):
         layout = batch.layout
         if not self.keys:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
-        slots = []
-        for j, table in enumerate(batch.block_tables):
-            seq = layout.seq_ids[j]
-            if len(table) != 1:
-                raise LlmcError(f"sequence {seq}: the tensorrt executor keeps one kv slot of {self.capacity} "
-                                f"tokens per sequence, got {len(table)} blocks")
-            if not 0 <= table[0] < self.num_slots:
-                raise LlmcError(f"sequence {seq}: slot {table[0]} is outside the {self.num_slots} allocated")
-            if layout.context_lens[j] > self.capacity:
-                raise RequestError(f"sequence {seq} needs {layout.context_lens[j]} tokens of kv cache; a slot holds "
-                                   f"{self.capacity} (load option kv_capacity; the engine profile takes a past of at "
-                                   f"most {self.profile.past[2]}, the model context is {self.config.max_position})")
+        slots = slot_ids(batch, self.num_slots, self.capacity, "tensorrt", "",
+                         f"load option kv_capacity; the engine profile takes a past of at most "
+                         f"{self.profile.past[2]}, the model context is {self.config.max_position}")
+        for j, seq in enumerate(layout.seq_ids):
             if layout.query_lens[j] > self.profile.sequence[2]:
                 raise RequestError(f"sequence {seq}: {layout.query_lens[j]} new tokens in one step; the engine profile "
                                    f"takes at most {self.profile.sequence[2]} (target option max_sequence)")
-            slots.append(int(table[0]))
         if max(layout.context_lens) > self.allocated:
             self._grow(max(layout.context_lens))
         return slots
