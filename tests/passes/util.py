@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,20 @@ def interpret_steps(module: Module, weights: WeightStore, seed: int = 0, vocab: 
         ids = rng.integers(0, vocab, size=2)
         out.append(interp.run("decode", {"input_ids": ids, "positions": np.asarray(layout.positions())},
                               layout, kv)["logits"])
+    return out
+
+
+def executor_steps(executor: Any, vocab: int, seed: int = 0) -> list[np.ndarray]:
+    """The schedule and token ids of :func:`interpret_steps`, run on an executor."""
+    from tests.helpers import SequenceDriver
+
+    driver = SequenceDriver(executor)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=8)
+    out = [np.concatenate(driver.step({0: list(ids[:5]), 1: list(ids[5:])}))]
+    for _ in range(2):
+        nxt = rng.integers(0, vocab, size=2)
+        out.append(np.concatenate(driver.step({0: [int(nxt[0])], 1: [int(nxt[1])]})))
     return out
 
 

@@ -12,7 +12,7 @@ from llmc.passes.quant_rtn import per_channel_group, quantize_rtn
 from llmc.targets.torch.executor import TorchExecutor
 from llmc.targets.torch.weights import PackedWeight
 from tests.helpers import SequenceDriver
-from tests.passes.util import interpret_steps, llama_config, random_llama, run_pipeline
+from tests.passes.util import executor_steps, interpret_steps, llama_config, random_llama, run_pipeline
 
 
 def _packed(spec: QuantSpec, out: int, inp: int, seed: int = 0) -> tuple[PackedWeight, np.ndarray]:
@@ -59,14 +59,7 @@ def test_executor_matches_interpreter_on_the_same_quantized_weights(pipeline: st
     module, _ = run_pipeline(module, weights, pipeline)
     want = interpret_steps(module, weights, seed=4)
     executor = TorchExecutor(module, weights)
-    driver = SequenceDriver(executor)
-    rng = np.random.default_rng(4)
-    lens = (5, 3)
-    ids = rng.integers(0, config.vocab_size, size=sum(lens))
-    got = [np.concatenate(driver.step({0: list(ids[:5]), 1: list(ids[5:])}))]
-    for _ in range(2):
-        nxt = rng.integers(0, config.vocab_size, size=2)
-        got.append(np.concatenate(driver.step({0: [int(nxt[0])], 1: [int(nxt[1])]})))
+    got = executor_steps(executor, config.vocab_size, seed=4)
     for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(1.0, np.abs(a).max()))
 
@@ -100,13 +93,7 @@ def test_tied_head_shares_int8_kernel_codes_with_the_embedding(scheme: str) -> N
     assert isinstance(embed, PackedWeight) and embed.kernel_name() == "int8pack"
     assert embed.resident_bytes < 64 * 64 * 1.2  # int8 codes once, no float copy, no second layout
     want = interpret_steps(module, weights, seed=1)
-    driver = SequenceDriver(executor)
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, config.vocab_size, size=8)
-    got = [np.concatenate(driver.step({0: list(ids[:5]), 1: list(ids[5:])}))]
-    for _ in range(2):
-        nxt = rng.integers(0, config.vocab_size, size=2)
-        got.append(np.concatenate(driver.step({0: [int(nxt[0])], 1: [int(nxt[1])]})))
+    got = executor_steps(executor, config.vocab_size, seed=1)
     for a, b in zip(want, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * max(1.0, np.abs(a).max()))
 
