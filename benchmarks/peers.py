@@ -184,17 +184,19 @@ class HFBackend(Backend):
     """transformers LlamaForCausalLM, eager with a dynamic cache, or (``compile``) static cache +
     ``torch.compile`` of the decode forward."""
 
-    def __init__(self, folder: str, threads: int, dtype: str = "float32", compile: bool = False) -> None:
+    def __init__(self, folder: str, threads: int, dtype: str = "float32", compile: bool = False,
+                 device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(threads)
         self.torch = torch
+        self.device = device
         self.folder = folder
         self.threads = threads
         self.dtype = dtype
         self.compile = compile
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).to(device).eval()
         # transformers 5.x renamed past_key_values to cache
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._decode_fn: Any = self.model.forward
@@ -212,21 +214,23 @@ class HFBackend(Backend):
         tied = self.model.get_output_embeddings().weight is embed
         per_step = total + row if tied else total - embed.numel() * embed.element_size() + row
         name = "hf-compile" if self.compile else "hf-eager"
-        return BackendInfo(name, name, _version("transformers"), total, per_step, row, self.threads, "cpu",
+        return BackendInfo(name, name, _version("transformers"), total, per_step, row, self.threads, self.device,
                            {"folder": self.folder, "dtype": self.dtype, "torch": _version("torch"),
                             "compile_s": round(self.compile_s, 2),
                             "cache": "StaticCache + torch.compile(decode)" if self.compile else "DynamicCache"})
 
     def run_batch(self, prompts: list[list[int]], gen_len: int) -> BatchRun:
         torch = self.torch
-        ids = torch.tensor(prompts, dtype=torch.long)
+        ids = torch.tensor(prompts, dtype=torch.long, device=self.device)
         batch, plen = ids.shape
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else (lambda: None)
         with torch.inference_mode():
             cache, extra = self._cache(batch, plen + gen_len)
             start = time.perf_counter()
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                              **extra(0, plen))
             tokens = out.logits[:, -1].argmax(-1)
+            sync()
             first = time.perf_counter()
             cache = getattr(out, self._cache_kw)
             generated, steps = [tokens], []
@@ -236,6 +240,7 @@ class HFBackend(Backend):
                                       **extra(plen + step, 1))
                 tokens = out.logits[:, -1].argmax(-1)
                 generated.append(tokens)
+                sync()
                 steps.append(time.perf_counter() - t0)
                 if self.compile and step == 0 and batch not in self._compiled:
                     self._compiled.add(batch)  # the first call at a new shape compiles
@@ -254,7 +259,7 @@ class HFBackend(Backend):
             self._caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
         cache = self._caches[key]
         cache.reset()
-        return cache, lambda pos, n: {"cache_position": torch.arange(pos, pos + n)}
+        return cache, lambda pos, n: {"cache_position": torch.arange(pos, pos + n, device=self.device)}
 
     def run_concurrent(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
         run = self.run_batch(prompts, gen_len)
@@ -341,7 +346,7 @@ def make_backend(spec: dict[str, Any]) -> Backend:
     engine, s = spec["engine"], spec["settings"]
     threads = int(s["threads"])
     if engine.startswith("llmc:"):
-        return LlmcBackend(engine.split(":", 1)[1], threads=threads)
+        return LlmcBackend(engine.split(":", 1)[1], threads=threads, device=spec.get("device"))
     if engine == "llama.cpp":
         sizes = [2]  # the greedy probe runs two sequences
         if "batch" in s["scenarios"]:
@@ -350,7 +355,8 @@ def make_backend(spec: dict[str, Any]) -> Backend:
             sizes += s["concurrency"]
         return LlamaCppBackend(spec["gguf"], threads, max(sizes), s["prompt_len"] + s["gen_len"])
     if engine in ("hf-eager", "hf-compile"):
-        return HFBackend(spec["hf"], threads, spec.get("hf_dtype", "float32"), compile=engine == "hf-compile")
+        return HFBackend(spec["hf"], threads, spec.get("hf_dtype", "float32"), compile=engine == "hf-compile",
+                         device=spec.get("device") or "cpu")
     if engine == "ort-genai":
         folder = build_ort_genai(spec["hf"], Path(spec["work_dir"]) / f"ort-genai-{spec['ort_precision']}",
                                  spec["ort_precision"])
@@ -423,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf", help="Hugging Face folder for transformers and ort-genai.")
     parser.add_argument("--engines", default="llama.cpp,hf-eager", help=f"Peers: {', '.join(PEER_ENGINES)}.")
     parser.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", help="Device for llmc and transformers (e.g. cuda; default: as compiled / cpu).")
     parser.add_argument("--ort-precision", default="int4", choices=["int4", "fp32", "fp16"])
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "llmc" / "peers"))
     parser.add_argument("--scenario", default="single")
@@ -450,13 +457,13 @@ def main(argv: list[str] | None = None) -> int:
         warmup=args.warmup, repeat=args.repeat, seed=args.seed, threads=args.threads)
     vocab = _vocab_size(args)
     command = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
-    report = new_report(settings, _model_summary(args, vocab), args.threads, command=command)
+    report = new_report(settings, _model_summary(args, vocab), args.threads, command=command, device=args.device)
     engines = [f"llmc:{p}" for p in args.llmc] + [e for e in args.engines.split(",") if e]
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     reference: list[list[int]] | None = None
     for engine in engines:
         spec = {"engine": engine, "settings": settings.to_dict(), "vocab_size": vocab, "gguf": args.gguf,
-                "hf": args.hf, "hf_dtype": args.hf_dtype, "ort_precision": args.ort_precision,
+                "hf": args.hf, "hf_dtype": args.hf_dtype, "device": args.device, "ort_precision": args.ort_precision,
                 "work_dir": args.work_dir, "bandwidth": report.bandwidth["bytes_per_s"] if report.bandwidth else None,
                 "quiet": args.quiet}
         spec_path = Path(args.work_dir) / "spec.json"

@@ -68,3 +68,13 @@ def interpret(module, weights, chunks_per_step: list[dict[int, list[int]]], dtyp
             start += q
         results.append(per_seq)
     return results
+
+
+# Prefill chunks and decode tokens of three sequences mixed in one flattened batch (ids valid for
+# stories260k's 512-token vocabulary); step 2 is decode-only (the ``decode`` function).
+RAGGED_STEPS: list[dict[int, list[int]]] = [
+    {0: [1, 403, 407, 261, 378], 3: [1, 17]},
+    {0: [432], 3: [90, 91, 92, 93, 94, 95, 96], 7: [1, 300, 301]},
+    {7: [302], 0: [383], 3: [97]},
+    {3: [98], 7: list(range(310, 330))},
+]

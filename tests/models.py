@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# ../shared beside the repo; LLMC_SHARED_DIR points elsewhere (e.g. a copy carried to a GPU host)
+SHARED = Path(os.environ.get("LLMC_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 
 
 def tiny_llama_config(**overrides: Any) -> dict[str, Any]:
@@ -30,6 +32,14 @@ def tiny_llama_config(**overrides: Any) -> dict[str, Any]:
     }
     config.update(overrides)
     return config
+
+
+# A model TVM's CUDA attention kernels accept (head_dim 64; stories260k's head_dim 8 is refused):
+# tests/targets/test_cuda.py and benchmarks/gpu/prepare.sh write it with write_random_hf_model.
+CUDA_TINY: dict[str, Any] = {
+    "seed": 3, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 64, "vocab_size": 512, "max_position_embeddings": 256,
+}
 
 
 def write_random_hf_model(directory: Path, seed: int = 0, **overrides: Any) -> Path:

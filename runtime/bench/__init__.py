@@ -47,9 +47,10 @@ def progress_bar(total: int, quiet: bool = False) -> tuple[Callable[[str], None]
 
 
 def new_report(settings: BenchSettings, model: dict[str, Any], threads: int | None, measure_bw: bool = True,
-               command: list[str] | None = None, bandwidth_mib: int = 256) -> Report:
-    """A report with machine/software info and (once per run) the measured memory bandwidth."""
-    bandwidth = measure_bandwidth(threads or 1, mib=bandwidth_mib) if measure_bw else None
+               command: list[str] | None = None, bandwidth_mib: int = 256, device: str | None = None) -> Report:
+    """A report with machine/software info and (once per run) the measured memory bandwidth
+    (of the GPU's memory when ``device`` is a CUDA device)."""
+    bandwidth = measure_bandwidth(threads or 1, mib=bandwidth_mib, device=device) if measure_bw else None
     return Report(machine=machine_info(), software=software_info(), bandwidth=bandwidth,
                   settings=settings.to_dict(), model=model, command=list(command if command is not None else sys.argv))
 
@@ -70,7 +71,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, device: str | None 
     backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config)
     try:
         report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw,
-                            bandwidth_mib=bandwidth_mib)
+                            bandwidth_mib=bandwidth_mib, device=str(getattr(backend.executor, "device", "cpu")))
         points = settings.points()
         advance, close = progress_bar(len(points) * (settings.warmup + settings.repeat), quiet)
         try:

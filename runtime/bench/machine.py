@@ -113,10 +113,13 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def measure_bandwidth(threads: int = 1, mib: int = 256, repeats: int = 5) -> dict[str, Any]:
+def measure_bandwidth(threads: int = 1, mib: int = 256, repeats: int = 5, device: str | None = None) -> dict[str, Any]:
     """Memory bandwidth from copying a ``mib`` MiB array: (bytes read + written) / best time.
 
-    The copy is split over ``threads`` threads (numpy releases the GIL while copying)."""
+    The copy is split over ``threads`` threads (numpy releases the GIL while copying); on a
+    ``cuda`` device it is one device-to-device copy timed with CUDA events."""
+    if device and device.startswith("cuda"):
+        return _measure_gpu_bandwidth(device, mib, repeats)
     threads = max(1, threads)
     src = np.ones(mib * 2**20 // 8, dtype=np.float64)
     dst = np.empty_like(src)
@@ -132,4 +135,26 @@ def measure_bandwidth(threads: int = 1, mib: int = 256, repeats: int = 5) -> dic
         "bytes_per_s": 2 * src.nbytes / best,
         "method": f"numpy copy of {mib} MiB float64 over {threads} thread(s), best of {repeats + 1}",
         "threads": threads,
+    }
+
+
+def _measure_gpu_bandwidth(device: str, mib: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    n = max(mib, 1024) * 2**20 // 4  # at least 1 GiB, far beyond any GPU's L2
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return {
+        "bytes_per_s": 2 * src.numel() * 4 / best,
+        "method": f"torch device-to-device copy of {src.numel() * 4 >> 20} MiB on "
+                  f"{torch.cuda.get_device_name(device)}, CUDA events, best of {repeats + 1}",
+        "threads": 1,
     }

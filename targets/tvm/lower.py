@@ -154,12 +154,37 @@ def check_supported(module: Module) -> None:
         raise UnsupportedError("the module has no prefill function")
 
 
+CUDA_MAX_BLOCK_Z = 64
+
+
+def check_cuda_decode_attention(config: dict[str, Any]) -> None:
+    """Refuse shapes for which TVM's paged decode-attention kernel cannot launch on CUDA.
+
+    TVM 0.27 (``relax/frontend/nn/llm/_decode_kernels.py``) fills a block of 512 threads as
+    ``(head_dim / 4, group, 512 / (head_dim / 4 * group))`` (its vector width assumes 2-byte
+    q/k/v whatever the dtype) and checks ``threadIdx.z`` against 64 only for WebGPU; on CUDA a
+    larger z fails at run time with CUDA_ERROR_INVALID_VALUE. Tiny heads (head_dim 8) hit it.
+    """
+    head_dim, group = int(config["head_dim"]), int(config["num_heads"]) // int(config["num_kv_heads"])
+    bdx, bdy = max(1, head_dim // 4), group
+    while bdx * bdy > 512 and bdy > 1:
+        bdy //= 2
+    bdz = max(512, bdx * bdy) // (bdx * bdy)
+    if bdz > CUDA_MAX_BLOCK_Z:
+        raise UnsupportedError(
+            f"TVM's CUDA decode-attention kernel would launch blocks of ({bdx}, {bdy}, {bdz}) threads for "
+            f"head_dim {head_dim} with {group} query heads per kv head; CUDA allows at most {CUDA_MAX_BLOCK_Z} "
+            "threads in z (head_dim x group must be >= 32); use the torch target on CUDA for this model")
+
+
 def lower_module(module: Module, target: Any) -> Lowered:
     """Lower ``module`` to a Relax ``IRModule`` for the TVM ``target``."""
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
     check_supported(module)
+    if target.kind.name == "cuda":
+        check_cuda_decode_attention(module.config)
     plan = rope_plan(module)
     model = _build_model_class(module, plan, target)()
     functions = [name for name in ("prefill", "decode") if name in module.functions]

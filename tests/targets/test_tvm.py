@@ -24,7 +24,7 @@ from llmc.runtime.sampling import SamplingParams
 from llmc.targets.base import StepBatch
 from llmc.targets.registry import get_target
 from llmc.targets.tvm.lower import interleaved_to_half
-from tests.helpers import SequenceDriver, interpret
+from tests.helpers import RAGGED_STEPS, SequenceDriver, interpret
 from tests.targets.tvm_util import LLAMA3, quantize, random_weights, tiny_config, tiny_module, write_artifact
 
 pytestmark = pytest.mark.tvm
@@ -56,21 +56,11 @@ def test_stories_gguf_interleaved_rope_greedy_exact(stories_gguf: Path, stories_
     assert _greedy(art) == stories_expected_ids
 
 
-def _ragged_steps() -> list[dict[int, list[int]]]:
-    """Prefill chunks and decode tokens of three sequences mixed in one flattened batch."""
-    return [
-        {0: [1, 403, 407, 261, 378], 3: [1, 17]},
-        {0: [432], 3: [90, 91, 92, 93, 94, 95, 96], 7: [1, 300, 301]},
-        {7: [302], 0: [383], 3: [97]},  # a decode-only step (the decode function)
-        {3: [98], 7: list(range(310, 330))},
-    ]
-
-
 def test_logits_match_torch_on_ragged_batches(stories_tvm: Path, stories_artifact: Path) -> None:
     tvm_exec = get_target("tvm").load(Artifact.load(stories_tvm))
     torch_exec = get_target("torch").load(Artifact.load(stories_artifact))
     tvm_drv, torch_drv = SequenceDriver(tvm_exec), SequenceDriver(torch_exec)
-    for i, chunks in enumerate(_ragged_steps()):
+    for i, chunks in enumerate(RAGGED_STEPS):
         all_rows = i != 2
         got, want = tvm_drv.step(chunks, all_rows=all_rows), torch_drv.step(chunks, all_rows=all_rows)
         for g, w in zip(got, want, strict=True):

@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 pytest.importorskip("tvm", reason="apache-tvm is not installed (the tvm extra: pip install -e '.[tvm]')")
 
-from llmc.errors import TargetUnavailableError
+from llmc.errors import TargetUnavailableError, UnsupportedError
 from llmc.targets.registry import get_target
 from llmc.targets.tvm.devcode import amdgpu_mach, cuda_sm, device_images
 from tests.targets.tvm_util import random_weights, tiny_config, tiny_module, write_artifact
@@ -26,8 +26,8 @@ from tests.targets.tvm_util import random_weights, tiny_config, tiny_module, wri
 pytestmark = [pytest.mark.tvm, pytest.mark.slow]
 
 
-def _tiny(tmp_path: Path, **options: object):
-    config = tiny_config(num_layers=1)
+def _tiny(tmp_path: Path, head_dim: int = 16, **options: object):
+    config = tiny_config(num_layers=1, hidden_size=4 * head_dim, head_dim=head_dim)
     weights = random_weights(config, seed=1)
     return write_artifact(tiny_module(config, weights), weights, tmp_path / "art", **options)
 
@@ -61,6 +61,12 @@ def test_cuda_h100_fatbin_holds_every_kernel(tmp_path: Path) -> None:
             get_target("tvm").load(art)
         else:  # pragma: no cover - a GPU machine runs it for real in the benchmarks
             raise TargetUnavailableError("skip")
+
+
+def test_cuda_refuses_heads_too_small_for_tvm_decode_attention(tmp_path: Path) -> None:
+    """head_dim 8 with 2 query heads per kv head: TVM's decode kernel would need 128 threads in z."""
+    with pytest.raises(UnsupportedError, match=r"\(2, 2, 128\) threads for head_dim 8"):
+        _tiny(tmp_path, head_dim=8, device="cuda", arch="nvidia/nvidia-h100")
 
 
 def _has_cuda_gpu() -> bool:
