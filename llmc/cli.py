@@ -59,7 +59,8 @@ def _emit_json(data: Any) -> None:
 @click.option("--arch", default=None,
               help="Device architecture: LLVM CPU name, CUDA tag/sm_XX (nvidia/nvidia-h100, sm_90a) or AMD gfx942.")
 @click.option("--tune", type=click.IntRange(0), default=0, show_default=True,
-              help="Meta-schedule tuning trials (tvm target; the tuning log is cached and reused).")
+              help="Meta-schedule tuning trials (tvm target, cpu: the batch-1 decode's matmul kernels; "
+                   "the tuning log is cached and reused).")
 @click.option("--target-option", "target_option", multiple=True,
               help="KEY=VALUE passed to the target, e.g. accuracy_level=4 (onnx: int8 activations) (repeatable).")
 def compile(source: Path, out: Path, target: str, dtype: str | None, device: str, opt_level: int,

@@ -215,7 +215,8 @@ class LlmcBackend(Backend):
         return run_engine_requests(self._engine, prompts, gen_len)
 
     def gpu_peak_bytes(self) -> int | None:
-        if not str(getattr(self.executor, "device", "cpu")).startswith("cuda"):
+        """Peak GPU memory of a torch executor (torch's allocator; other runtimes allocate their own)."""
+        if self.artifact.target != "torch" or not str(getattr(self.executor, "device", "cpu")).startswith("cuda"):
             return None
         import torch
 

@@ -152,9 +152,13 @@ def _measure_gpu_bandwidth(device: str, mib: int, repeats: int) -> dict[str, Any
         end.record()
         end.synchronize()
         best = min(best, start.elapsed_time(end) / 1e3)
+    size = src.numel() * 4
+    del src, dst
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)  # the probe's buffers are not the model's
     return {
-        "bytes_per_s": 2 * src.numel() * 4 / best,
-        "method": f"torch device-to-device copy of {src.numel() * 4 >> 20} MiB on "
+        "bytes_per_s": 2 * size / best,
+        "method": f"torch device-to-device copy of {size >> 20} MiB on "
                   f"{torch.cuda.get_device_name(device)}, CUDA events, best of {repeats + 1}",
         "threads": 1,
     }

@@ -158,12 +158,45 @@ def _build_cuda_stub() -> Path:
     return out
 
 
-def _find_cudart(toolkit: Path) -> Path:
-    for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-        hits = sorted((toolkit / sub).glob("libcudart.so.*"))
-        if hits:
-            return hits[0]
-    raise TargetUnavailableError(f"libcudart.so was not found under {toolkit}")
+CUDART = "libcudart.so.13"  # what the wheel's libtvm_runtime_cuda.so links against
+
+
+def _find_cudart(toolkit: Path | None) -> Path | str:
+    """``libcudart.so.13``: already loadable, from an ``nvidia-cuda-runtime`` wheel, or in ``toolkit``."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL(CUDART)
+        return CUDART
+    import sys
+
+    roots = [Path(p) / "nvidia" for p in sys.path if p]
+    hits = [h for r in roots if r.is_dir() for h in sorted(r.glob(f"*/lib/{CUDART}"))]
+    if toolkit is not None:
+        subs = ("lib64", "lib", "targets/x86_64-linux/lib")
+        hits += [h for sub in subs for h in sorted((toolkit / sub).glob(CUDART))]
+    if hits:
+        return hits[0]
+    raise TargetUnavailableError(f"{CUDART} (the CUDA 13 runtime TVM's CUDA plugin needs) was not found",
+                                 hint="pip install nvidia-cuda-runtime, or set CUDA_PATH to a CUDA 13 toolkit")
+
+
+def _load_cuda_plugin(cudart: Path | str) -> None:
+    """Load TVM's CUDA runtime plugin (``libtvm_runtime_cuda.so``) with ``cudart`` preloaded.
+
+    The full wheel loads it when ``libcuda.so.1`` exists; a runtime-only TVM never does.
+    """
+    import tvm
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    ctypes.CDLL(str(cudart), mode=ctypes.RTLD_GLOBAL)
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+    except (OSError, RuntimeError) as exc:
+        raise TargetUnavailableError(f"TVM's CUDA runtime plugin does not load: {exc}") from exc
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
+        raise TargetUnavailableError("TVM's CUDA runtime plugin loaded but registered no CUDA device API")
 
 
 def ensure_cuda_codegen() -> tuple[Path, list[str]]:
@@ -172,25 +205,31 @@ def ensure_cuda_codegen() -> tuple[Path, list[str]]:
     Returns the CUDA toolkit root and notes for the manifest.
     """
     import tvm
-    from tvm.base import _LOADED_LIBS
-    from tvm_ffi.libinfo import load_lib_ctypes
 
     toolkit = cuda_toolkit()
     notes: list[str] = []
     if tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
-        ctypes.CDLL(str(_find_cudart(toolkit)), mode=ctypes.RTLD_GLOBAL)
+        cudart = _find_cudart(toolkit)
         if _find_libcuda() is None:
             ctypes.CDLL(str(_build_cuda_stub()), mode=ctypes.RTLD_GLOBAL)
             notes.append("built without a GPU driver: a stub libcuda.so.1 let TVM's CUDA plugin load")
-        runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
-        try:
-            _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
-                package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
-        except (OSError, RuntimeError) as exc:
-            raise TargetUnavailableError(f"TVM's CUDA runtime plugin does not load: {exc}") from exc
-        if tvm.get_global_func("device_api.cuda", allow_missing=True) is None:
-            raise TargetUnavailableError("TVM's CUDA runtime plugin loaded but registered no CUDA device API")
+        _load_cuda_plugin(cudart)
     return toolkit, notes
+
+
+def ensure_cuda_runtime() -> None:
+    """Make TVM's CUDA device API available to run an artifact (a real NVIDIA driver is needed)."""
+    import tvm
+
+    if tvm.get_global_func("device_api.cuda", allow_missing=True) is not None:
+        return
+    if _find_libcuda() is None:
+        raise TargetUnavailableError("this tvm artifact is for CUDA and no NVIDIA driver (libcuda.so.1) is "
+                                     "installed here")
+    toolkit = None
+    with contextlib.suppress(TargetUnavailableError):
+        toolkit = cuda_toolkit()
+    _load_cuda_plugin(_find_cudart(toolkit))
 
 
 def _find_libcuda() -> str | None:
@@ -240,45 +279,44 @@ def toolchain(kind: str) -> Iterator[list[str]]:
 
 # -- compile ---------------------------------------------------------------------------------
 def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_key: str = "",
-                   cpu_schedule: str = "default") -> tuple[Any, list[str]]:
-    """``tvm.compile`` ``mod`` for ``spec``; with ``tune_trials`` meta-schedule tunes first."""
+                   cpu_schedule: str = "gemv", cuda_graph: bool = False) -> tuple[Any, list[str]]:
+    """``tvm.compile`` ``mod`` for ``spec``; with ``tune_trials`` meta-schedule tunes first;
+    ``cuda_graph`` turns on TVM's CUDA-graph capture of static-shape kernel sequences."""
     import tvm
 
     target = make_target(spec)
     kind = device_kind(spec)
     with toolchain(kind) as notes, target:
         if tune_trials > 0:
-            exe, tune_notes = _compile_tuned(mod, target, tune_trials, tune_key)
+            exe, tune_notes, _ = compile_tuned_module(mod, spec, tune_trials, tune_key, cpu_schedule)
             return exe, notes + tune_notes
         try:
-            if kind == "cpu" and cpu_schedule == "dlight":
-                return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target)), notes
+            if kind == "cpu" and cpu_schedule in ("dlight", "gemv"):
+                done: dict[str, list[str]] = {}
+                exe = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, cpu_schedule, done))
+                if cpu_schedule == "gemv":
+                    notes = [*notes, f"gemv schedule (untuned) on {len(done.get('gemv', []))} decode_1 kernels"]
+                return exe, notes
+            if cuda_graph:
+                current = tvm.transform.PassContext.current()
+                config = {**dict(current.config), "relax.backend.use_cuda_graph": True}
+                with tvm.transform.PassContext(opt_level=current.opt_level, config=config):
+                    exe = tvm.compile(mod, target=target)
+                return exe, [*notes, "cuda graphs: static-shape kernel runs captured (RewriteCUDAGraph)"]
             return tvm.compile(mod, target=target), notes
         except Exception as exc:  # TVM raises many types; name the target and keep the cause
             raise UnsupportedError(f"tvm.compile for {spec} failed: {str(exc).strip().splitlines()[-1]}") from exc
 
 
-def cpu_pipeline(target: Any) -> Any:
-    """TVM's CPU pipeline plus dlight's CPU rules (parallel, vectorised GEMV and reductions)."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.s_tir import dlight as dl
+def cpu_pipeline(target: Any, schedule: str = "dlight", record: dict[str, list[str]] | None = None) -> Any:
+    """TVM's CPU pipeline with llmc's schedules (``gemv``) or dlight's CPU rules (``dlight``)."""
+    from llmc.targets.tvm.schedules import cpu_pipeline as pipeline
 
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
-            seq = tvm.transform.Sequential(
-                cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target)
-            )
-            return seq(mod)
+    return pipeline(target, schedule, record=record)
 
-    del relax
-    return _pipeline
+
+TUNER_VERSION = 3
+"""Part of the tuning-log key: logs of an older llmc tuner (other tasks, unfused kernels) are not reused."""
 
 
 def tuning_dir(spec: dict[str, Any], tune_key: str, trials: int) -> Path:
@@ -288,37 +326,22 @@ def tuning_dir(spec: dict[str, Any], tune_key: str, trials: int) -> Path:
     return cache_dir() / "tvm" / "tuning" / digest.hexdigest()[:16]
 
 
-def _static(func: Any) -> bool:
-    """True when the PrimFunc declares no symbolic shape variable (meta-schedule needs static shapes)."""
-    text = func.script()
-    return "TypeVar(" not in text and not any(f"= T.{t}()" in text for t in ("int64", "int32"))
+def compile_tuned_module(mod: Any, spec: dict[str, Any], trials: int, tune_key: str,
+                         cpu_schedule: str = "gemv") -> tuple[Any, list[str], dict[str, Any]]:
+    """Tune ``decode_1``'s kernels with meta-schedule (log cached by key), then compile with the records.
 
+    Returns the executable, manifest notes and a summary of the tuning (tasks, records, kernels
+    built from them, seconds, log directory). CPU (llvm) only: tuning measures on this machine.
+    """
+    from llmc.targets.tvm.tune import compile_tuned
 
-def _compile_tuned(mod: Any, target: Any, trials: int, tune_key: str) -> tuple[Any, list[str]]:
-    """Tune the static-shape matmul kernels with meta-schedule (log cached by key), then compile."""
-    from tvm.s_tir import meta_schedule as ms
-
-    work = tuning_dir({"target": str(target)}, tune_key, trials)
-    done = work / "llmc_done.json"
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
-             if _static(t.dispatched[0]["main"]) and "matmul" in t.task_name]
-    notes = []
-    if done.exists():
-        notes.append(f"meta-schedule: reused tuning log {work} ({trials} trials, {len(tasks)} tasks)")
-    else:
-        work.mkdir(parents=True, exist_ok=True)
-        if tasks:
-            # replay-trace samples the design space; the evolutionary search's mutators hit
-            # "Check failed: old_rv != nullptr && new_rv != nullptr" on these kernels (TVM 0.27)
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                tasks, str(work), strategy="replay-trace")
-            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work), max_trials_global=trials,
-                          cost_model="random", num_trials_per_iter=min(64, max(4, trials // max(1, len(tasks)))))
-        done.write_text(json.dumps({"trials": trials, "tasks": [t.task_name for t in tasks]}))
-        notes.append(f"meta-schedule: tuned {len(tasks)} static matmul tasks, {trials} trials; log in {work}")
-    database = ms.database.JSONDatabase(work_dir=str(work))
-    records = len(database.get_all_tuning_records())
-    notes.append(f"meta-schedule: {records} tuning records applied" if records else
-                 "meta-schedule found no valid schedule: the build uses the default schedules")
-    log.info(notes[-1])
-    return ms.relax_integration.compile_relax(database, mod, target, params=None), notes
+    if device_kind(spec) != "cpu":
+        raise UnsupportedError("meta-schedule tuning measures on this machine: it tunes cpu (llvm) builds only")
+    target = make_target(spec)
+    work = tuning_dir({"target": str(target), "tuner": TUNER_VERSION}, tune_key, trials)
+    with target:
+        exe, report = compile_tuned(mod, target, trials, work, cpu_schedule)
+    summary = {"trials": trials, "log": str(work), "reused": report.reused, "seconds": round(report.seconds, 1),
+               "tasks": report.tasks, "records": report.records, "applied": report.applied,
+               "untuned_gemv": report.untuned_gemv}
+    return exe, report.notes, summary

@@ -60,7 +60,7 @@ class TvmExecutor(Executor):
 
     def __init__(self, artifact: Artifact, device: str | None = None, threads: int | None = None) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # works with a runtime-only TVM too
 
         self.payload = json.loads(artifact.file(PAYLOAD).read_text())
         self.config: ModelConfig = artifact.config
@@ -75,7 +75,7 @@ class TvmExecutor(Executor):
             lib = tvm.runtime.load_module(str(artifact.file(LIBRARY)))
         except Exception as exc:  # TVM raises its own error types
             raise TargetUnavailableError(f"cannot load {artifact.file(LIBRARY)}: {exc}") from exc
-        self.vm = relax.VirtualMachine(lib, self.dev)
+        self.vm = VirtualMachine(lib, self.dev)
         weights = artifact.weights()
         self.params = [_to_tvm(weight_part(weights[name], part), self.dev)
                        for name, part in self.payload["param_slots"]]
@@ -93,7 +93,10 @@ class TvmExecutor(Executor):
         if kind == "cpu":
             return tvm.cpu(0)
         if kind == "cuda":
-            if tvm.get_global_func("device_api.cuda", allow_missing=True) is None or not tvm.cuda(0).exist:
+            from llmc.targets.tvm.build import ensure_cuda_runtime
+
+            ensure_cuda_runtime()
+            if not tvm.cuda(0).exist:
                 raise TargetUnavailableError("this tvm artifact is for CUDA, and TVM sees no CUDA GPU here")
             return tvm.cuda(0)
         raise TargetUnavailableError(

@@ -2,9 +2,15 @@
 
 Options (``CompileOptions.target_options`` / ``llmc compile --arch --tune``): ``device``
 (``cpu``, ``cuda``, ``rocm``), ``arch`` (the LLVM CPU, CUDA tag/arch or AMD gfx arch), ``tune``
-(meta-schedule trials, 0 = TVM's default schedules), ``page_size`` (KV cache page, 16),
-``cpu_schedule`` (``default``, or ``dlight``: dlight's CPU GEMV rule on the batch-1 decode, ~3x
-faster decode on SmolLM2 but minutes of LLVM codegen for its unrolled kernels).
+(meta-schedule trials over the batch-1 decode's matrix-vector kernels, cpu only, see
+:mod:`llmc.targets.tvm.tune`; 0 = TVM's default schedules), ``page_size`` (KV cache page, 16),
+``cpu_schedule`` (``gemv``, the default: llmc's GEMV schedule for the batch-1 decode's matmuls
+with fixed choices, no tuning, see :mod:`llmc.targets.tvm.schedules`; ``dlight``: dlight's CPU
+GEMV/reduction rules, with minutes of LLVM codegen for their unrolling; ``tvm``: TVM's own CPU
+pipeline, which leaves kernels unscheduled, 4.4x slower decode on SmolLM2),
+``cuda_graph`` (cuda only, default on: TVM's RewriteCUDAGraph captures the static-shape batch-1
+decode's kernels between KV-cache calls in CUDA graphs; measured +41% decode tok/s on an H100,
+docs/performance.md; ``--target-option cuda_graph=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.errors import UnsupportedError
 from llmc.targets.base import EmitResult, Executor, Target
+from llmc.targets.tvm.schedules import CPU_SCHEDULES
 
 if TYPE_CHECKING:
     from llmc.runtime.artifact import Artifact, ArtifactWriter
@@ -57,10 +64,18 @@ class TvmTarget(Target):
         start = time.perf_counter()
         lowered = lower_module(module, target)
         tune_key = print_module(module) if tune else ""
-        cpu_schedule = str(options.get("cpu_schedule") or "default")
-        if cpu_schedule not in ("default", "dlight"):
-            raise UnsupportedError(f"cpu_schedule must be default or dlight, not {cpu_schedule!r}")
-        exe, notes = build.compile_module(lowered.mod, spec, tune, tune_key, cpu_schedule)
+        cpu_schedule = options.get("cpu_schedule") or ("gemv" if kind == "cpu" else None)
+        if cpu_schedule is not None and (kind != "cpu" or cpu_schedule not in CPU_SCHEDULES):
+            raise UnsupportedError(f"cpu_schedule (cpu builds only) must be one of {', '.join(CPU_SCHEDULES)}, "
+                                   f"not {cpu_schedule!r} for a {kind} build")
+        cuda_graph = _flag(options.get("cuda_graph"), default=kind == "cuda")
+        if cuda_graph and kind != "cuda":
+            raise UnsupportedError(f"cuda_graph is a CUDA option; this build is for {kind}")
+        tuning = None
+        if tune:
+            exe, notes, tuning = build.compile_tuned_module(lowered.mod, spec, tune, tune_key, str(cpu_schedule))
+        else:
+            exe, notes = build.compile_module(lowered.mod, spec, 0, "", str(cpu_schedule), cuda_graph=cuda_graph)
         lib = writer.path(LIBRARY)
         exe.export_library(str(lib))
         seconds = time.perf_counter() - start
@@ -78,12 +93,15 @@ class TvmTarget(Target):
             "kv_dtype": lowered.kv_dtype,
             "rope": lowered.rope.to_dict(),
             "tune_trials": tune,
+            "tuning": tuning,
+            "cuda_graph": cuda_graph,
             "device_code": device_code,
             "compile_seconds": round(seconds, 2),
         }
         writer.path(PAYLOAD).write_text(json.dumps(payload, indent=1))
         opts = {"device": kind, "arch": spec.get("mcpu") or spec.get("arch") or spec.get("tag"),
-                "target": spec, "tune": tune, "page_size": page_size, "cpu_schedule": cpu_schedule}
+                "target": spec, "tune": tune, "page_size": page_size, "cpu_schedule": cpu_schedule,
+                "cuda_graph": cuda_graph}
         return EmitResult(options=opts, files=[LIBRARY, PAYLOAD], notes=lowered.notes + notes)
 
     def load(self, artifact: Artifact, **options: Any) -> Executor:
@@ -93,6 +111,20 @@ class TvmTarget(Target):
         from llmc.targets.tvm.executor import TvmExecutor
 
         return TvmExecutor(artifact, device=options.get("device"), threads=options.get("threads"))
+
+
+def _flag(value: Any, default: bool) -> bool:
+    """A boolean target option given as a bool or as text (``--target-option cuda_graph=0``)."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UnsupportedError(f"expected a boolean (1/0, true/false), got {value!r}")
 
 
 def _check_device_code(exe: Any, lib: Any, kind: str) -> dict[str, Any]:

@@ -65,15 +65,17 @@ def tiny_module(config: ModelConfig, weights: WeightStore) -> Module:
     return build_module(config, params)
 
 
-def write_artifact(module: Module, weights: WeightStore, out: Path, **options: Any) -> Artifact:
-    """An artifact for ``module`` written straight by the tvm target (no source file, no passes)."""
-    target = get_target("tvm")
+def write_artifact(module: Module, weights: WeightStore, out: Path, target_name: str = "tvm",
+                   **options: Any) -> Artifact:
+    """An artifact for ``module`` written straight by a target (tvm by default; no source file, no passes)."""
+    target = get_target(target_name)
     with ArtifactWriter(out) as writer:
         writer.write_weights(module, weights)
         writer.write_ir(module)
         result = target.emit(module, weights, writer, {"device": "cpu", **options})
         path = writer.finish({"model": dict(module.config),
-                              "target": {"name": "tvm", "options": result.options, "files": result.files}})
+                              "target": {"name": target_name, "options": result.options, "files": result.files,
+                                         "notes": result.notes}})
     return Artifact.load(path)
 
 
