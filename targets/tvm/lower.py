@@ -246,6 +246,7 @@ def _build_model_class(module: Module, plan: RopePlan, target: Any) -> type:
     class LlmcModel(nn.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             self.kv_dtype = kv_dtype
+            self.nibble_pairs = target.kind.name == "llvm"  # 4-bit matmuls over code bytes (quantized_linear)
             self.module_params = module.params
             self.weights = nn.ParameterDict()
             self.slot_of: dict[str, tuple[str, str]] = {}
@@ -424,7 +425,8 @@ class _FunctionLowering:
         name, parts = self._param(weight_ref)
         info = self.model_info(name)
         if info.quant is not None:
-            return quantized_linear(x, _ordered(parts), info.quant, tuple(info.type.shape), name.replace(".", "_"))
+            return quantized_linear(x, _ordered(parts), info.quant, tuple(info.type.shape), name.replace(".", "_"),
+                                    nibble_pairs=self.model.nibble_pairs)
         return float_linear(x, parts["weight"], name.replace(".", "_"))
 
     def attention(self, node: Node) -> Any:

@@ -34,28 +34,61 @@ def dequant_expr(te_qdata: Any, te_scales: Any, te_offsets: Any, spec: QuantSpec
     return scale * code.astype("float32") + offset
 
 
-def quantized_linear(x: Any, parts: list[Any], spec: QuantSpec, shape: tuple[int, int], name: str) -> Any:
-    """``x @ dequant(w).T`` for ``x [tokens, in]`` (an ``nn.Tensor``); returns ``[tokens, out]``."""
+def _nibble_pair_term(x_te: Any, qdata: Any, scales: Any, offsets: Any, spec: QuantSpec, t: Any, o: Any,
+                      k: Any) -> Any:
+    """``x[t, 2k] * w[o, 2k] + x[t, 2k+1] * w[o, 2k+1]`` from one byte of 4-bit codes."""
+    from tvm import tirx
+
+    byte = qdata[o, k].astype("int32")
+    codes = (tirx.bitwise_and(byte, tirx.const(15, "int32")), tirx.shift_right(byte, tirx.const(4, "int32")))
+    scale = scales[o, k * 2 // spec.group_size].astype("float32")
+    if spec.symmetric:
+        half = tirx.const(float(2 ** (spec.bits - 1)), "float32")
+        w = [scale * (c.astype("float32") - half) for c in codes]
+    else:
+        offset = offsets[o, k * 2 // spec.group_size].astype("float32")
+        w = [scale * c.astype("float32") + offset for c in codes]
+    return x_te[t, 2 * k].astype("float32") * w[0] + x_te[t, 2 * k + 1].astype("float32") * w[1]
+
+
+def quantized_linear(x: Any, parts: list[Any], spec: QuantSpec, shape: tuple[int, int], name: str,
+                     nibble_pairs: bool = False) -> Any:
+    """``x @ dequant(w).T`` for ``x [tokens, in]`` (an ``nn.Tensor``); returns ``[tokens, out]``.
+
+    ``nibble_pairs`` (4-bit, CPU builds): reduce over the bytes of the codes, two products per
+    byte (low and high nibble) in one expression, instead of dequantizing a ``[out, in]`` stage
+    element by element: vectorized over bytes, every lane decodes its byte with the same shift
+    and mask (the element-wise form gives each lane its own shift and scalarizes on llvm).
+    """
     from tvm import te
     from tvm.relax.frontend import nn
 
     out_features, in_features = shape
     out_dtype = x.dtype
+    pairs = nibble_pairs and spec.bits == 4 and in_features % 2 == 0 and spec.group_size % 2 == 0
 
     def compute(x_te: Any, *w_te: Any) -> Any:
         qdata, scales = w_te[0], w_te[1]
         offsets = w_te[2] if len(w_te) > 2 else None
-        weight = te.compute(
-            (out_features, in_features),
-            lambda o, i: dequant_expr(qdata, scales, offsets, spec, o, i),
-            name="dequantize",
-        )
-        k = te.reduce_axis((0, in_features), name="k")
-        acc = te.compute(
-            (x_te.shape[0], out_features),
-            lambda t, o: te.sum(x_te[t, k].astype("float32") * weight[o, k], axis=k),
-            name="matmul",
-        )
+        if pairs:
+            k = te.reduce_axis((0, in_features // 2), name="k")
+            acc = te.compute(
+                (x_te.shape[0], out_features),
+                lambda t, o: te.sum(_nibble_pair_term(x_te, qdata, scales, offsets, spec, t, o, k), axis=k),
+                name="matmul",
+            )
+        else:
+            weight = te.compute(
+                (out_features, in_features),
+                lambda o, i: dequant_expr(qdata, scales, offsets, spec, o, i),
+                name="dequantize",
+            )
+            k = te.reduce_axis((0, in_features), name="k")
+            acc = te.compute(
+                (x_te.shape[0], out_features),
+                lambda t, o: te.sum(x_te[t, k].astype("float32") * weight[o, k], axis=k),
+                name="matmul",
+            )
         if out_dtype == "float32":
             return acc
         return te.compute(acc.shape, lambda t, o: acc[t, o].astype(out_dtype), name="cast")

@@ -63,7 +63,9 @@ class TvmTarget(Target):
         target = build.make_target(spec)
         start = time.perf_counter()
         lowered = lower_module(module, target)
-        tune_key = print_module(module) if tune else ""
+        # the log belongs to the kernels: key it by llmc's IR and by the lowered TVM module
+        # (a change in how llmc lowers an op must not reuse records of the old kernels)
+        tune_key = f"{print_module(module)}\n{_script_digest(lowered.mod)}" if tune else ""
         cpu_schedule = options.get("cpu_schedule") or ("gemv" if kind == "cpu" else None)
         if cpu_schedule is not None and (kind != "cpu" or cpu_schedule not in CPU_SCHEDULES):
             raise UnsupportedError(f"cpu_schedule (cpu builds only) must be one of {', '.join(CPU_SCHEDULES)}, "
@@ -111,6 +113,13 @@ class TvmTarget(Target):
         from llmc.targets.tvm.executor import TvmExecutor
 
         return TvmExecutor(artifact, device=options.get("device"), threads=options.get("threads"))
+
+
+def _script_digest(mod: Any) -> str:
+    """sha256 of the TVMScript of ``mod`` (the same text in every process, unlike pointer-keyed hashes)."""
+    import hashlib
+
+    return hashlib.sha256(mod.script().encode()).hexdigest()
 
 
 def _flag(value: Any, default: bool) -> bool:

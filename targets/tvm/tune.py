@@ -18,7 +18,8 @@ every candidate was killed ("Build errors: N sample(s)"; the task log says "Loca
 Timeout, killed after 30.0 seconds"). :func:`build_candidate` builds without that import.
 
 The log (``database_*.json``) lives in :func:`llmc.targets.tvm.build.tuning_dir`, keyed by the
-target, TVM version, the printed IR and the trial count, and is reused by later compiles.
+target, TVM version, llmc's printed IR, the lowered TVM module's text and the trial count, and is
+reused by later compiles.
 """
 
 from __future__ import annotations
