@@ -295,7 +295,9 @@ def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_ke
                 done: dict[str, list[str]] = {}
                 exe = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, cpu_schedule, done))
                 if cpu_schedule == "gemv":
-                    notes = [*notes, f"gemv schedule (untuned) on {len(done.get('gemv', []))} decode_1 kernels"]
+                    gemv, tiled = len(done.get("gemv", [])), len(done.get("token_matmul", []))
+                    notes = [*notes, f"gemv schedule (untuned) on {gemv} decode_1 kernels",
+                             f"token-tiled matmul schedule on {tiled} prefill/decode kernels"]
                 return exe, notes
             if cuda_graph:
                 current = tvm.transform.PassContext.current()

@@ -9,7 +9,7 @@ Kernels that llmc's GEMV schedule fits (all of them for Llama models) search its
 static kernel searches TVM's generic CPU space with the evolutionary strategy. Candidates are
 timed with the CPU caches flushed, as a decode step meets its weights. Decode kernels without a
 record get the untuned GEMV schedule; dynamic-shape kernels (``prefill``, batched ``decode``)
-cannot be tuned and keep TVM's default schedule (or dlight's with ``cpu_schedule=dlight``).
+cannot be tuned and get llmc's token-tiled matmul schedule (:mod:`llmc.targets.tvm.schedules`).
 
 Why the stock meta-schedule setup built nothing here: its ``LocalBuilder`` starts new worker
 processes for every batch and its default build function imports ``tvm.s_tir.tensor_intrin``
@@ -185,7 +185,8 @@ def compile_tuned(mod: Any, target: Any, trials: int, work: Path, rest: str = "g
         f"meta-schedule: {'reused' if report.reused else 'tuned'} {len(tasks)} decode_1 kernels "
         f"({trials} trials, {report.seconds:.0f} s of tuning, log {work}); "
         f"{len(report.applied)} kernels built from {report.records} tuning records"
-        + (f", {len(report.untuned_gemv)} with the untuned GEMV schedule" if report.untuned_gemv else ""))
+        + (f", {len(report.untuned_gemv)} with the untuned GEMV schedule" if report.untuned_gemv else "")
+        + f"; token-tiled matmul schedule on {len(scheduled.get('token_matmul', []))} prefill/decode kernels")
     if tasks and not report.applied:
         report.notes.append("meta-schedule produced no valid schedule: the decode kernels are not tuned")
     log.info(report.notes[0])

@@ -90,6 +90,9 @@ def test_gemv_schedule_matches_torch_and_interpreter(tmp_path: Path) -> None:
     assert art.manifest["target"]["options"]["cpu_schedule"] == "gemv"
     # q, k/v, o+add, gate+silu*up, up, down+add, lm_head: every decode_1 matmul kernel
     assert "gemv schedule (untuned) on 7 decode_1 kernels" in art.manifest["target"]["notes"]
+    # the same matmuls over a symbolic token count (prefill, batched decode): STEPS has odd counts,
+    # so the predicated last token tile runs too
+    assert "token-tiled matmul schedule on 7 prefill/decode kernels" in art.manifest["target"]["notes"]
     _assert_matches(art, write_artifact(module, weights, tmp_path / "torch", target_name="torch"))
 
     for name in list(weights):
