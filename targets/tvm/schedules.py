@@ -85,10 +85,7 @@ def schedule_gemv(sch: Any, lanes: int | None = None, rows: int | None = None) -
     sch.parallel(row_blocks)
     sch.unroll(o_inner)
     sch.vectorize(k_lanes)
-    sch.reverse_compute_at(block, row_blocks)
-    for name in epilogue:
-        sch.reverse_compute_at(sch.get_sblock(name), row_blocks)
-    sch.decompose_reduction(rf, k_outer)
+    _finish(sch, block, epilogue, rf, row_blocks, k_outer)
 
 
 def schedule_token_matmul(sch: Any, lanes: int = TOKEN_MATMUL[0], rows: int = TOKEN_MATMUL[1],
@@ -117,9 +114,14 @@ def schedule_token_matmul(sch: Any, lanes: int = TOKEN_MATMUL[0], rows: int = TO
     sch.unroll(t_inner)
     sch.unroll(o_inner)
     sch.vectorize(k_lanes)
-    sch.reverse_compute_at(block, t_outer)
+    _finish(sch, block, epilogue, rf, t_outer, k_outer)
+
+
+def _finish(sch: Any, block: Any, epilogue: list[str], rf: Any, tile: Any, k_outer: Any) -> None:
+    """Sum the lane partials and run the epilogue per ``tile``; zero the partials before ``k_outer``."""
+    sch.reverse_compute_at(block, tile)
     for name in epilogue:
-        sch.reverse_compute_at(sch.get_sblock(name), t_outer)
+        sch.reverse_compute_at(sch.get_sblock(name), tile)
     sch.decompose_reduction(rf, k_outer)
 
 
@@ -165,38 +167,30 @@ def gemv_fits(func: Any) -> bool:
 
 def apply_gemv(mod: Any, names: set[str]) -> tuple[Any, list[str]]:
     """Give the unscheduled kernels ``names`` of ``mod`` the untuned GEMV schedule where it fits."""
-    import tvm
-    from tvm.s_tir.schedule import Schedule
-
-    done = []
-    for gv, func in list(mod.functions.items()):
-        if gv.name_hint not in names or not isinstance(func, tvm.tirx.PrimFunc):
-            continue
-        if func.attrs and func.attrs.get("tirx.is_scheduled", False):
-            continue
-        sch = Schedule(tvm.IRModule({"main": func}))
-        try:
-            schedule_gemv(sch, *GEMV_DEFAULT)
-        except Exception:  # any schedule error: keep TVM's default for this kernel
-            continue
-        mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        done.append(gv.name_hint)
-    return mod, sorted(done)
+    return _apply(mod, lambda sch: schedule_gemv(sch, *GEMV_DEFAULT), names)
 
 
 def apply_token_matmuls(mod: Any) -> tuple[Any, list[str]]:
     """Give every unscheduled matmul kernel over a symbolic number of tokens :func:`schedule_token_matmul`."""
+    return _apply(mod, schedule_token_matmul)
+
+
+def _apply(mod: Any, schedule: Any, names: set[str] | None = None) -> tuple[Any, list[str]]:
+    """Run ``schedule`` on each unscheduled PrimFunc of ``mod`` (those in ``names``, if given),
+    keeping TVM's default where it raises; returns the module and the scheduled kernels' names."""
     import tvm
     from tvm.s_tir.schedule import Schedule
 
     done = []
     for gv, func in list(mod.functions.items()):
+        if names is not None and gv.name_hint not in names:
+            continue
         if not isinstance(func, tvm.tirx.PrimFunc) or (func.attrs and func.attrs.get("tirx.is_scheduled", False)):
             continue
         sch = Schedule(tvm.IRModule({"main": func}))
         try:
-            schedule_token_matmul(sch)
-        except Exception:  # no matmul block, a static one, or an unfit shape: keep TVM's default
+            schedule(sch)
+        except Exception:  # no matmul block, a shape the schedule does not fit: keep TVM's default
             continue
         mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
         done.append(gv.name_hint)
