@@ -1,9 +1,24 @@
-"""Checks shared by executors whose KV cache is one fixed-capacity slot per sequence."""
+"""What executors whose KV cache is one fixed-capacity slot per sequence share: the cache's
+spec, the slot-count check and the per-step slot checks."""
 
 from __future__ import annotations
 
+from llmc.compiler.config import ModelConfig
 from llmc.errors import LlmcError, RequestError
-from llmc.targets.base import StepBatch
+from llmc.targets.base import KVSpec, StepBatch
+
+
+def slot_kv_spec(config: ModelConfig, capacity: int) -> KVSpec:
+    """One float32 slot of ``capacity`` tokens (keys and values of every layer) per sequence."""
+    per_slot = 2 * config.num_layers * config.num_kv_heads * capacity * config.head_dim * 4
+    return KVSpec("slots", capacity, per_slot, 1)
+
+
+def checked_slot_count(num_blocks: int) -> int:
+    """``num_blocks`` (the runtime's blocks are slots here), refused unless positive."""
+    if num_blocks <= 0:
+        raise LlmcError(f"the kv cache needs at least one slot, got {num_blocks}")
+    return num_blocks
 
 
 def slot_ids(batch: StepBatch, num_slots: int, capacity: int, owner: str, slot_note: str,

@@ -25,7 +25,7 @@ from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.onnx.session import create_session, parse_device
-from llmc.targets.slots import slot_ids
+from llmc.targets.slots import checked_slot_count, slot_ids, slot_kv_spec
 
 INITIAL_CAPACITY = 256
 MAX_BINDINGS = 64
@@ -94,15 +94,11 @@ class OnnxExecutor(Executor):
 
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
-        c = self.config
-        per_slot = 2 * c.num_layers * c.num_kv_heads * self.capacity * c.head_dim * 4
-        return KVSpec("slots", self.capacity, per_slot, 1)
+        return slot_kv_spec(self.config, self.capacity)
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` slots (on the CPU for a short context first; they grow on demand)."""
-        if num_blocks <= 0:
-            raise LlmcError(f"the kv cache needs at least one slot, got {num_blocks}")
-        self.num_slots = num_blocks
+        self.num_slots = checked_slot_count(num_blocks)
         self.keys, self.values = [], []
         self.allocated = 0
         self._grow(min(self.capacity, INITIAL_CAPACITY) if self.kind == "cpu" else self.capacity)

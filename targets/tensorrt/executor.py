@@ -22,7 +22,7 @@ from llmc.compiler.config import ModelConfig
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.base import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
-from llmc.targets.slots import slot_ids
+from llmc.targets.slots import checked_slot_count, slot_ids, slot_kv_spec
 from llmc.targets.tensorrt.engine import Profile
 
 INITIAL_CAPACITY = 256
@@ -128,15 +128,11 @@ class TrtGraphExecutor(Executor):
 
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
-        c = self.config
-        per_slot = 2 * c.num_layers * c.num_kv_heads * self.capacity * c.head_dim * 4
-        return KVSpec("slots", self.capacity, per_slot, 1)
+        return slot_kv_spec(self.config, self.capacity)
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` slots (host memory starts short and grows; the GPU gets full capacity)."""
-        if num_blocks <= 0:
-            raise LlmcError(f"the kv cache needs at least one slot, got {num_blocks}")
-        self.num_slots = num_blocks
+        self.num_slots = checked_slot_count(num_blocks)
         self.keys, self.values, self.allocated = [], [], 0
         on_cpu = self.runner.device.type == "cpu"
         self._grow(min(self.capacity, INITIAL_CAPACITY) if on_cpu else self.capacity)
