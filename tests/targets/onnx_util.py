@@ -12,11 +12,30 @@ from llmc.compiler.frontends.source import ModelSource, load_source
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import QuantizedTensor, pack_codes
+from llmc.runtime.artifact import Artifact
 from llmc.runtime.kv_cache import BlockAllocator
 from llmc.targets.base import Executor, StepBatch
+from llmc.targets.registry import get_target
 
 Step = Sequence[tuple[int, Sequence[int]]]
 """One step: (sequence id, its new tokens) for each sequence in the step."""
+
+# A ragged schedule: first prompts of different lengths, two of equal length (one batched
+# call), decode rows in non-adjacent slots (gather path) and adjacent ones (in place), and
+# prefill chunks after a cached prefix, mixed with decode rows in the same step.
+SCHEDULE: list[list[tuple[int, list[int]]]] = [
+    [(0, [1, 5, 9, 33, 7]), (1, [1, 8, 2, 40, 41, 42, 3, 4, 5]), (2, [1, 60, 61])],
+    [(0, [11]), (2, [12]), (1, [13, 14, 15, 16])],
+    [(2, [17]), (1, [18]), (0, [19]), (3, [1, 3, 5, 7, 9, 11]), (4, [1, 2, 4, 8]), (5, [1, 9, 7, 5])],
+    [(0, [20, 21, 22, 23, 24, 25, 26]), (3, [27]), (2, [28]), (5, [29])],
+    [(0, [30]), (1, [31]), (2, [32]), (3, [33]), (4, [34]), (5, [35])],
+]
+
+
+def load_executor(path: Path, **options: object) -> Executor:
+    """The executor of the artifact at ``path`` (its own target), with load ``options``."""
+    artifact = Artifact.load(path)
+    return get_target(artifact.target).load(artifact, **options)
 
 
 def drive(executor: Executor, steps: Sequence[Step], last_only: bool = False) -> list[np.ndarray]:

@@ -26,26 +26,10 @@ from llmc.runtime.evaluate import evaluate
 from llmc.runtime.generate import generate_ids, load_model
 from llmc.runtime.sampling import SamplingParams
 from llmc.targets.base import StepBatch
-from llmc.targets.registry import get_target
 from tests.models import write_random_hf_model
-from tests.targets.onnx_util import compile_transformed, drive, quantize_source
+from tests.targets.onnx_util import SCHEDULE, compile_transformed, drive, load_executor, quantize_source
 
 pytestmark = pytest.mark.onnx
-
-# A ragged schedule: first prompts of different lengths, two of equal length (one batched
-# call), decode rows in non-adjacent slots (gather path) and adjacent ones (in place), and
-# prefill chunks after a cached prefix, mixed with decode rows in the same step.
-SCHEDULE = [
-    [(0, [1, 5, 9, 33, 7]), (1, [1, 8, 2, 40, 41, 42, 3, 4, 5]), (2, [1, 60, 61])],
-    [(0, [11]), (2, [12]), (1, [13, 14, 15, 16])],
-    [(2, [17]), (1, [18]), (0, [19]), (3, [1, 3, 5, 7, 9, 11]), (4, [1, 2, 4, 8]), (5, [1, 9, 7, 5])],
-    [(0, [20, 21, 22, 23, 24, 25, 26]), (3, [27]), (2, [28]), (5, [29])],
-    [(0, [30]), (1, [31]), (2, [32]), (3, [33]), (4, [34]), (5, [35])],
-]
-
-
-def _load(path: Path, **options: object):
-    return get_target(Artifact.load(path).target).load(Artifact.load(path), **options)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +98,8 @@ def test_logits_match_torch_ragged_batches(model: str, opt_level: int, config: d
     in_gqa = model != "stories" and opt_level == 2  # GQA's rotary kernel needs head_dim % 16 == 0
     assert (options["rope"]["in_gqa"] > 0) == in_gqa, options
     assert (options["packed_qkv"] > 0) == in_gqa, options  # fused qkv read by GQA as packed query
-    got = drive(_load(arts["onnx"]), SCHEDULE)
-    want = drive(_load(arts["torch"]), SCHEDULE)
+    got = drive(load_executor(arts["onnx"]), SCHEDULE)
+    want = drive(load_executor(arts["torch"]), SCHEDULE)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=f"step {i}")
 
@@ -146,7 +130,7 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, stories_eval_ids: 
     meta = json.loads((arts["onnx"] / "target" / "onnx.json").read_text())
     nbits = meta["onnx_ops"].get("com.microsoft.MatMulNBits", 0)
     assert nbits > 0 if (bits == 4 or level == 4) else nbits == 0
-    onnx_exec, torch_exec = _load(arts["onnx"]), _load(arts["torch"])
+    onnx_exec, torch_exec = load_executor(arts["onnx"]), load_executor(arts["torch"])
     if level == 0:  # same weights, float32 arithmetic: near-identical logits
         for i, (g, w) in enumerate(zip(drive(onnx_exec, SCHEDULE), drive(torch_exec, SCHEDULE), strict=True)):
             np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")

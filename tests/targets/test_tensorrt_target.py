@@ -25,29 +25,13 @@ from llmc.runtime.artifact import WEIGHTS_FILE, Artifact
 from llmc.runtime.generate import generate_ids, load_model
 from llmc.runtime.sampling import SamplingParams
 from llmc.targets.base import StepBatch
-from llmc.targets.registry import get_target
 from llmc.targets.tensorrt.engine import Profile, profile_shapes
 from llmc.targets.tensorrt.lower import TENSORRT_OPS
 from llmc.targets.tensorrt.quant import codes_from_transposed, transposed_codes
 from tests.models import write_random_hf_model
-from tests.targets.onnx_util import compile_transformed, drive, quantize_source, rtn_quantize
+from tests.targets.onnx_util import SCHEDULE, compile_transformed, drive, load_executor, quantize_source, rtn_quantize
 
 pytestmark = pytest.mark.onnx
-
-# Ragged steps: first prompts of different lengths batched with nothing else, decode rows in
-# non-adjacent slots, prefill chunks after a cached prefix mixed with decode rows.
-SCHEDULE = [
-    [(0, [1, 5, 9, 33, 7]), (1, [1, 8, 2, 40, 41, 42, 3, 4, 5]), (2, [1, 60, 61])],
-    [(0, [11]), (2, [12]), (1, [13, 14, 15, 16])],
-    [(2, [17]), (1, [18]), (0, [19]), (3, [1, 3, 5, 7, 9, 11]), (4, [1, 2, 4, 8]), (5, [1, 9, 7, 5])],
-    [(0, [20, 21, 22, 23, 24, 25, 26]), (3, [27]), (2, [28]), (5, [29])],
-    [(0, [30]), (1, [31]), (2, [32]), (3, [33]), (4, [34]), (5, [35])],
-]
-
-
-def _load(path: Path, **options: object):
-    artifact = Artifact.load(path)
-    return get_target(artifact.target).load(artifact, **options)
 
 
 def _graph(path: Path) -> onnx.ModelProto:
@@ -133,8 +117,8 @@ def test_logits_match_torch_ragged_batches(model: str, opt_level: int, config: d
             for t in ("torch", "tensorrt")}
     ops = {n.op_type for n in assert_tensorrt_ready(arts["tensorrt"]).graph.node}
     assert ("Attention" in ops) == (attention == "onnx") and ("Softmax" in ops) == (attention == "matmul")
-    got = drive(_load(arts["tensorrt"], device="cpu-ort"), SCHEDULE)
-    want = drive(_load(arts["torch"]), SCHEDULE)
+    got = drive(load_executor(arts["tensorrt"], device="cpu-ort"), SCHEDULE)
+    want = drive(load_executor(arts["torch"]), SCHEDULE)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0, err_msg=f"step {i}")
 
@@ -178,8 +162,8 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, tmp_path: Path, mo
     if bits == 4:
         assert {a.name: a.i for a in dq[0].attribute}.get("block_size") == 32
     # same weights in, float32 arithmetic: near-identical logits
-    got = drive(_load(arts["tensorrt"], device="cpu-ort"), SCHEDULE)
-    want = drive(_load(arts["torch"]), SCHEDULE)
+    got = drive(load_executor(arts["tensorrt"], device="cpu-ort"), SCHEDULE)
+    want = drive(load_executor(arts["torch"]), SCHEDULE)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")
     stored, reference = Artifact.load(arts["tensorrt"]).weights(), Artifact.load(arts["torch"]).weights()
@@ -225,8 +209,8 @@ def test_quant_flag_of_the_driver(stories_hf: Path, tmp_path: Path) -> None:
     arts = {t: compile_model(stories_hf, tmp_path / t, CompileOptions(target=t, quant="int4"))
             for t in ("torch", "tensorrt")}
     assert_tensorrt_ready(arts["tensorrt"])
-    got = drive(_load(arts["tensorrt"], device="cpu-ort"), SCHEDULE[:2])
-    want = drive(_load(arts["torch"]), SCHEDULE[:2])
+    got = drive(load_executor(arts["tensorrt"], device="cpu-ort"), SCHEDULE[:2])
+    want = drive(load_executor(arts["torch"]), SCHEDULE[:2])
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=0)
 
@@ -238,8 +222,8 @@ def test_half_weights(dtype: str, tiny_hf: Path, tmp_path: Path) -> None:
     model = assert_tensorrt_ready(arts["tensorrt"])
     want_type = onnx.TensorProto.FLOAT16 if dtype == "float16" else onnx.TensorProto.BFLOAT16
     assert sum(i.data_type == want_type for i in model.graph.initializer) >= 7  # the matrices stay half
-    got = drive(_load(arts["tensorrt"], device="cpu-ort"), SCHEDULE[:3])
-    want = drive(_load(arts["torch"]), SCHEDULE[:3])
+    got = drive(load_executor(arts["tensorrt"], device="cpu-ort"), SCHEDULE[:3])
+    want = drive(load_executor(arts["torch"]), SCHEDULE[:3])
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-3, rtol=0)
 
@@ -269,14 +253,14 @@ def test_profile_limits(stories_hf: Path, tmp_path: Path) -> None:
         target="tensorrt", target_options={"max_batch": 2, "max_sequence": 4, "max_past": 16}))
     assert Artifact.load(path).target_options["profile"] == {"batch": [1, 2, 2], "sequence": [1, 1, 4],
                                                              "past": [1, 8, 16]}
-    executor = _load(path, device="cpu-ort")
+    executor = load_executor(path, device="cpu-ort")
     executor.init_cache(3)
     with pytest.raises(RequestError, match="max_sequence"):
         executor.step(StepBatch(np.arange(1, 6), BatchLayout((0,), (5,), (5,)), [[0]], np.asarray([4])))
     # three decode rows with a batch limit of 2 run as two calls, same logits as the torch target
     steps = [[(0, [1, 2, 3])], [(1, [1, 4])], [(2, [1])], [(0, [5]), (1, [6]), (2, [7])]]
     got = drive(executor, steps)
-    want = drive(_load(compile_model(stories_hf, tmp_path / "torch", CompileOptions())), steps)
+    want = drive(load_executor(compile_model(stories_hf, tmp_path / "torch", CompileOptions())), steps)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=0)
 
