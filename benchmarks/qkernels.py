@@ -14,8 +14,6 @@ process (median of ``--iters``), so a loaded machine slows them alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 
 from llmc.compiler.ir.types import QuantSpec
 from llmc.passes.quant_rtn import per_channel_group, quantize_rtn
+from llmc.runtime.bench.stats import interleaved_median_ms
 from llmc.targets.torch import qkernels
 from llmc.targets.torch.weights import PackedWeight
 
@@ -83,15 +82,7 @@ def measure(n: int, k: int, rows: int, iters: int) -> dict[str, float]:
         "int8pack": int8pack,
     }
     PackedWeight.CPU_KERNEL_MAX_ROWS = max(PackedWeight.CPU_KERNEL_MAX_ROWS, rows)  # time the kernel at any rows
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for name, fn in fns.items():
-        assert fn() is not None, name
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_median_ms(fns, iters)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ for the same int4 weight. Every variant runs interleaved in one process (median 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +19,7 @@ import torch
 
 from llmc.compiler.ir.types import QuantSpec
 from llmc.passes.quant_rtn import per_channel_group, quantize_rtn
+from llmc.runtime.bench.stats import interleaved_median_ms
 from llmc.targets.torch.weights import PackedWeight
 
 SHAPES = {"qkv 960x576": (960, 576), "gate_up 3072x576": (3072, 576), "down 576x1536": (576, 1536),
@@ -61,15 +60,7 @@ def measure(n: int, k: int, iters: int) -> dict[str, float]:
         "int4": lambda: i4.linear(x),
         "int4d": lambda: torch.nn.functional.linear(x, i4d.dequantize(torch.float32)),
     }
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(iters):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return interleaved_median_ms(fns, iters)
 
 
 if __name__ == "__main__":
