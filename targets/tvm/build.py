@@ -278,18 +278,15 @@ def toolchain(kind: str) -> Iterator[list[str]]:
 
 
 # -- compile ---------------------------------------------------------------------------------
-def compile_module(mod: Any, spec: dict[str, Any], tune_trials: int = 0, tune_key: str = "",
-                   cpu_schedule: str = "gemv", cuda_graph: bool = False) -> tuple[Any, list[str]]:
-    """``tvm.compile`` ``mod`` for ``spec``; with ``tune_trials`` meta-schedule tunes first;
+def compile_module(mod: Any, spec: dict[str, Any], cpu_schedule: str = "gemv",
+                   cuda_graph: bool = False) -> tuple[Any, list[str]]:
+    """``tvm.compile`` ``mod`` for ``spec`` without tuning (:func:`compile_tuned_module` tunes);
     ``cuda_graph`` turns on TVM's CUDA-graph capture of static-shape kernel sequences."""
     import tvm
 
     target = make_target(spec)
     kind = device_kind(spec)
     with toolchain(kind) as notes, target:
-        if tune_trials > 0:
-            exe, tune_notes, _ = compile_tuned_module(mod, spec, tune_trials, tune_key, cpu_schedule)
-            return exe, notes + tune_notes
         try:
             if kind == "cpu" and cpu_schedule in ("dlight", "gemv"):
                 done: dict[str, list[str]] = {}

@@ -60,24 +60,24 @@ class TvmTarget(Target):
         kind = build.device_kind(spec)
         if tune and kind != "cpu":
             raise UnsupportedError("--tune needs a GPU to measure on for cuda/rocm; here it tunes cpu builds only")
+        cpu_schedule = options.get("cpu_schedule") or ("gemv" if kind == "cpu" else None)
+        if cpu_schedule is not None and (kind != "cpu" or cpu_schedule not in CPU_SCHEDULES):
+            raise UnsupportedError(f"cpu_schedule (cpu builds only) must be one of {', '.join(CPU_SCHEDULES)}, "
+                                   f"not {cpu_schedule!r} for a {kind} build")
+        cuda_graph = _flag("cuda_graph", options.get("cuda_graph"), default=kind == "cuda")
+        if cuda_graph and kind != "cuda":
+            raise UnsupportedError(f"cuda_graph is a CUDA option; this build is for {kind}")
         target = build.make_target(spec)
         start = time.perf_counter()
         lowered = lower_module(module, target)
         # the log belongs to the kernels: key it by llmc's IR and by the lowered TVM module
         # (a change in how llmc lowers an op must not reuse records of the old kernels)
         tune_key = f"{print_module(module)}\n{_script_digest(lowered.mod)}" if tune else ""
-        cpu_schedule = options.get("cpu_schedule") or ("gemv" if kind == "cpu" else None)
-        if cpu_schedule is not None and (kind != "cpu" or cpu_schedule not in CPU_SCHEDULES):
-            raise UnsupportedError(f"cpu_schedule (cpu builds only) must be one of {', '.join(CPU_SCHEDULES)}, "
-                                   f"not {cpu_schedule!r} for a {kind} build")
-        cuda_graph = _flag(options.get("cuda_graph"), default=kind == "cuda")
-        if cuda_graph and kind != "cuda":
-            raise UnsupportedError(f"cuda_graph is a CUDA option; this build is for {kind}")
         tuning = None
         if tune:
             exe, notes, tuning = build.compile_tuned_module(lowered.mod, spec, tune, tune_key, str(cpu_schedule))
         else:
-            exe, notes = build.compile_module(lowered.mod, spec, 0, "", str(cpu_schedule), cuda_graph=cuda_graph)
+            exe, notes = build.compile_module(lowered.mod, spec, str(cpu_schedule), cuda_graph=cuda_graph)
         lib = writer.path(LIBRARY)
         exe.export_library(str(lib))
         seconds = time.perf_counter() - start
@@ -122,7 +122,7 @@ def _script_digest(mod: Any) -> str:
     return hashlib.sha256(mod.script().encode()).hexdigest()
 
 
-def _flag(value: Any, default: bool) -> bool:
+def _flag(name: str, value: Any, default: bool) -> bool:
     """A boolean target option given as a bool or as text (``--target-option cuda_graph=0``)."""
     if value is None or value == "":
         return default
@@ -133,7 +133,7 @@ def _flag(value: Any, default: bool) -> bool:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise UnsupportedError(f"expected a boolean (1/0, true/false), got {value!r}")
+    raise UnsupportedError(f"target option {name} expects a boolean (1/0, true/false), got {value!r}")
 
 
 def _check_device_code(exe: Any, lib: Any, kind: str) -> dict[str, Any]:
