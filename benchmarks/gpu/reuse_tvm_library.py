@@ -25,10 +25,9 @@ from unittest import mock
 
 from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.errors import ArtifactError
+from llmc.runtime.artifact import IR_FILE
 from llmc.targets.base import EmitResult
 from llmc.targets.tvm.target import LIBRARY, PAYLOAD, TvmTarget
-
-IR_FILE = "ir/final.ir"
 
 
 def options_from_manifest(manifest: dict[str, Any]) -> CompileOptions:
