@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from llmc.assets import fetch_smollm2
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.ir.batch import BatchLayout
+from llmc.driver import CompileOptions, compile_model
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import StepBatch
-from llmc.targets.registry import get_target
+from llmc.runtime.executor import StepBatch
+from llmc.runtime.registry import get_target
 
 PROMPT = "The capital of France is"
 

@@ -19,8 +19,8 @@ import numpy as np
 
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import Executor, StepBatch
-from llmc.targets.registry import get_target
+from llmc.runtime.executor import Executor, StepBatch
+from llmc.runtime.registry import get_target
 
 
 def run_once(executor: Executor, prompt: list[int], gen: int) -> tuple[float, float, list[int]]:

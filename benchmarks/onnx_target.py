@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.frontends.source import ModelSource, load_source
 from llmc.compiler.weights import as_float
+from llmc.driver import CompileOptions, compile_model
 
 HF_LAYER = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
             "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",

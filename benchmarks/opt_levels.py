@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmc.compiler.driver import CompileOptions, frontend_module, optimize
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.batch import BatchLayout
-from llmc.targets.base import StepBatch
+from llmc.driver import CompileOptions, frontend_module, optimize
+from llmc.runtime.executor import StepBatch
 from llmc.targets.torch.executor import TorchExecutor
 from llmc.targets.torch.target import TorchTarget
 
@@ -50,7 +50,7 @@ def compile_variant(model: str, variant: str) -> tuple[TorchExecutor, dict[str, 
         options = CompileOptions(passes=variant.strip("[]"))
     else:
         options = CompileOptions(opt_level=int(variant.lstrip("O")))
-    module, _ = optimize(module, source.weights, options, target.fused_ops, target.name,
+    module, _ = optimize(module, source.weights, options, target.capabilities().fused_ops, target.name,
                          target.preferred_passes(options.opt_level) if not options.passes else None)
     return TorchExecutor(module, source.weights), module.op_counts()
 

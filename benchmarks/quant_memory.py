@@ -20,7 +20,8 @@ def status():
     d = dict(line.split(':', 1) for line in open('/proc/self/status'))
     return int(d['VmRSS'].split()[0]) / 1024, int(d['VmHWM'].split()[0]) / 1024
 import torch
-from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.loader import load_model
+from llmc.runtime.generate import generate_ids
 from llmc.runtime.sampling import SamplingParams
 imported = status()[0]
 model = load_model(sys.argv[1], threads=1)

@@ -67,7 +67,8 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
 
     from llmc.runtime.evaluate import evaluate, reference_logits
-    from llmc.runtime.generate import generate_ids, load_model
+    from llmc.runtime.generate import generate_ids
+    from llmc.runtime.loader import load_model
     from llmc.runtime.sampling import SamplingParams
 
     ids = json.loads(Path(args.ids).read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmc.errors import InputError
+from llmc.compiler.errors import InputError
 
 
 @dataclass(frozen=True)

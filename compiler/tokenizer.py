@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from llmc.errors import InputError, LlmcError
+from llmc.compiler.errors import InputError, LlmcError
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "llmc_tokenizer.json"

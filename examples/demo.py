@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from llmc.assets import SMOLLM2_Q4_1, fetch_smollm2
-from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError
 from llmc.runtime.artifact import Artifact
-from llmc.runtime.generate import LoadedModel, generate_ids, load_model
+from llmc.runtime.generate import generate_ids
+from llmc.runtime.loader import LoadedModel, load_model
 from llmc.runtime.sampling import SamplingParams
 
 

@@ -1,7 +1,6 @@
 """llmc: a compiler-style optimization toolchain for large language models."""
 
-from llmc.errors import LlmcError
-
-__version__ = "0.1.0"
+from llmc.compiler.errors import LlmcError
+from llmc.compiler.version import __version__
 
 __all__ = ["LlmcError", "__version__"]

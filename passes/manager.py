@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.compiler.errors import IRError, LlmcError, PassError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.ir.ops import OPS
 from llmc.compiler.ir.printer import print_module
 from llmc.compiler.ir.verify import verify_module
-from llmc.errors import IRError, LlmcError, PassError
 from llmc.passes.base import Pass, PassContext
 
 

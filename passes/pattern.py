@@ -27,11 +27,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmc.compiler.errors import PassError
 from llmc.compiler.ir.builder import Builder
 from llmc.compiler.ir.graph import AttrValue, Function, Module, Node, ParamInfo, Value
 from llmc.compiler.ir.ops import OPS
 from llmc.compiler.weights import Loader, Weight
-from llmc.errors import PassError
 from llmc.passes.base import PassContext
 
 COMMUTATIVE_OPS = frozenset({"add", "mul"})

@@ -6,7 +6,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
+from llmc.compiler.options import parse_value
 from llmc.passes.base import Pass
 
 PassFactory = Callable[..., Pass]
@@ -42,20 +43,6 @@ def _load_builtin_passes() -> None:
 _ITEM = re.compile(r"\s*([a-z0-9_-]+)\s*(?:\((.*?)\))?\s*(?:,|$)")
 
 
-def _parse_value(text: str) -> Any:
-    text = text.strip()
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            return text
-
-
 def parse_pipeline(text: str) -> list[Pass]:
     """Passes from a comma-separated string; arguments in parentheses (``k=v`` or positional)."""
     _load_builtin_passes()
@@ -75,9 +62,9 @@ def parse_pipeline(text: str) -> list[Pass]:
         for part in filter(None, (p.strip() for p in (raw_args or "").split(","))):
             key, eq, value = part.partition("=")
             if eq:
-                kwargs[key.strip().replace("-", "_")] = _parse_value(value)
+                kwargs[key.strip().replace("-", "_")] = parse_value(value)
             else:
-                args.append(_parse_value(part))
+                args.append(parse_value(part))
         try:
             passes.append(PASSES[name](*args, **kwargs))
         except (TypeError, ValueError) as exc:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from llmc.compiler.errors import LlmcError
 from llmc.compiler.ir.types import QuantSpec
-from llmc.errors import LlmcError
+from llmc.compiler.quant_modes import FLOAT32_SCHEMES, QUANT_MODES
 from llmc.passes.quant_rtn import per_channel_group
 
-FLOAT_SCHEMES = {"none": "float32", "fp32": "float32", "float32": "float32", "fp16": "float16",
-                 "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+FLOAT_SCHEMES = {
+    **dict.fromkeys(FLOAT32_SCHEMES, "float32"),
+    **{alias: mode.dtype for mode in QUANT_MODES.values() if mode.dtype for alias in (mode.name, *mode.aliases)},
+}
+"""Float scheme spellings -> dtype, from the ``--quant`` table."""
 HEAD_PARAMS = ("embed", "lm_head")
 
 

@@ -6,57 +6,30 @@ casts, or :class:`QuantizedTensor` from round-to-nearest) and the params' :class
 (quant spec; dtype for float casts, retyping the ``param`` nodes). With calibration tokens,
 4-bit weights first get AWQ-style activation-aware scales (see :mod:`llmc.passes.awq`).
 
-The driver runs this pass *last*, after the fusions, so fused weights (e.g. a concatenated
+The compile driver appends this pass to the pipeline, *last*, after the fusions, so fused weights (e.g. a concatenated
 qkv) are quantized as one matrix and AWQ's scale sharing follows the fused graph.
 Norm vectors (1-D params) are never quantized.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmc.compiler.ir.graph import Function, Module, Node, ParamInfo, Value
+from llmc.compiler.errors import LlmcError
+from llmc.compiler.ir.graph import Module, ParamInfo
+from llmc.compiler.ir.surgery import retype_params
 from llmc.compiler.ir.types import TensorType
+from llmc.compiler.token_ids import read_token_ids
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, as_float
-from llmc.errors import LlmcError
 from llmc.passes.base import Pass, PassContext, PassResult
 from llmc.passes.pipelines import register_pass
 from llmc.passes.quant_plan import QuantPlan, Scheme
 from llmc.passes.quant_rtn import fake_quantize, quantize_rtn
 
 log = logging.getLogger(__name__)
-
-
-def retype_params(module: Module, params: dict[str, ParamInfo]) -> Module:
-    """A module with ``params`` declared and every ``param`` node typed accordingly."""
-    functions = {name: _retype_function(fn, params) for name, fn in module.functions.items()}
-    return Module(functions, params, dict(module.config), dict(module.meta))
-
-
-def _retype_function(fn: Function, params: dict[str, ParamInfo]) -> Function:
-    mapping: dict[int, Node] = {}
-    nodes: list[Node] = []
-
-    def remap(v: Value) -> Value:
-        return Value(mapping.get(id(v.node), v.node), v.index)
-
-    for node in fn.nodes:
-        new = node
-        if node.op == "param":
-            info = params[str(node.attrs["name"])]
-            if node.out_types != (info.type,):
-                new = Node("param", (), dict(node.attrs), (info.type,))
-        elif any(id(v.node) in mapping for v in node.inputs):
-            new = Node(node.op, tuple(remap(v) for v in node.inputs), dict(node.attrs), node.out_types)
-        if new is not node:
-            mapping[id(node)] = new
-        nodes.append(new)
-    return Function(fn.name, nodes, {k: remap(v) for k, v in fn.outputs.items()})
 
 
 def quantize_weight(weight: Any, scheme: Scheme, scale_dtype: str = "float16") -> tuple[Any, str]:
@@ -70,17 +43,6 @@ def quantize_weight(weight: Any, scheme: Scheme, scale_dtype: str = "float16") -
     return quantize_rtn(w, spec), spec.describe()
 
 
-def load_ids(path: str | Path) -> list[int]:
-    """Token ids from a JSON list file."""
-    try:
-        ids = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LlmcError(f"{path}: cannot read a JSON list of token ids: {exc}") from exc
-    if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-        raise LlmcError(f"{path}: expected a JSON list of integer token ids")
-    return ids
-
-
 @register_pass
 class QuantizePass(Pass):
     """Weight-only quantization (or float cast) of every matrix param."""
@@ -91,15 +53,21 @@ class QuantizePass(Pass):
     def __init__(self, scheme: str = "int4", group: int = 32, sym: bool | None = None, head: str | None = None,
                  override: str | list[str] | None = None, calib: str | None = None,
                  calib_ids: list[int] | None = None, awq_grid: int = 10, scale_dtype: str = "float16",
-                 plan: QuantPlan | None = None, calib_tokens: int = 1024) -> None:
+                 plan: QuantPlan | None = None, calib_tokens: int = 1024, keep_inputs: bool = False) -> None:
         self.plan = plan or QuantPlan.build(str(scheme), int(group), sym, head, override)
-        ids = calib_ids if calib_ids is not None else (load_ids(calib) if calib else None)
+        ids = calib_ids if calib_ids is not None else (read_token_ids(calib, "calibration file") if calib else None)
         self.calib_ids = None if ids is None else ids[: int(calib_tokens)]
         self.awq_grid = int(awq_grid)
         self.scale_dtype = scale_dtype
         self.assignments: dict[str, str] = {}
+        self.keep_inputs = keep_inputs
+        self.input_weights: dict[str, Any] = {}
+        """With ``keep_inputs``: every referenced param as the pass received it (before AWQ scaling,
+        which also rescales norm vectors), by name, for the accuracy gate's reference (else nothing
+        is kept: the matrices may be large)."""
         self.float_weights: dict[str, np.ndarray] = {}
-        """The float weights the quantized ones were made from (after AWQ scaling), by name."""
+        """With ``keep_inputs``: the float weights the quantized ones were made from (after AWQ
+        scaling), by name (the gate's escalation re-quantizes them)."""
         self.awq_stats: dict[str, int] = {}
 
     def describe(self) -> str:
@@ -116,6 +84,8 @@ class QuantizePass(Pass):
         used = module.referenced_params()
         matrices = [name for name, info in module.params.items() if info.type.rank == 2 and name in used]
         stats: dict[str, int] = {}
+        if self.keep_inputs:
+            self.input_weights = {name: ctx.weights[name] for name in sorted(used)}
         if self.calib_ids:
             def wants(name: str) -> bool:
                 return self.plan.scheme_for(name).bits == 4
@@ -127,7 +97,8 @@ class QuantizePass(Pass):
         for name in matrices:
             weight = ctx.weights[name]
             bytes_before += _nbytes(weight)
-            self.float_weights[name] = as_float(weight) if isinstance(weight, QuantizedTensor) else weight
+            if self.keep_inputs:
+                self.float_weights[name] = as_float(weight) if isinstance(weight, QuantizedTensor) else weight
             scheme = self.plan.scheme_for(name)
             value, desc = quantize_weight(weight, scheme, self.scale_dtype)
             info = params[name]

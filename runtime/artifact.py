@@ -26,15 +26,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llmc import __version__
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import ArtifactError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.ir.parser import parse_module
 from llmc.compiler.ir.printer import print_module
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.tokenizer import LlmcTokenizer
+from llmc.compiler.version import __version__
 from llmc.compiler.weights import QuantizedTensor, Weight, WeightStore
-from llmc.errors import ArtifactError
 
 FORMAT = "llmc-artifact"
 SCHEMA_VERSION = 1
@@ -169,7 +169,7 @@ class Artifact:
     def weights(self) -> WeightStore:
         """Every param, loaded lazily from the weights file (or from the target payload when it holds them)."""
         if self.manifest["target"].get("stores_weights") and not self.file(WEIGHTS_FILE).exists():
-            from llmc.targets.registry import get_target
+            from llmc.runtime.registry import get_target
 
             return get_target(self.target).read_weights(self)
         path = str(self.file(WEIGHTS_FILE))

@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import itertools
 import threading
 import time
@@ -58,17 +57,17 @@ from typing import Any
 
 import numpy as np
 
+from llmc.compiler.errors import LlmcError, RequestError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.tokenizer import LlmcTokenizer
-from llmc.errors import LlmcError, RequestError, UnsupportedError
 from llmc.runtime.detokenizer import IncrementalDetokenizer
+from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import KVCacheManager, PagedKVCache, SlotKVCache
+from llmc.runtime.loader import kv_blocks, load_model
 from llmc.runtime.outputs import RequestOutput, StreamChunk
 from llmc.runtime.sampling import RequestSampler, SamplingParams, TokenLogprobs, sample_batch
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence
-from llmc.targets.base import Executor, StepBatch
 
-DEFAULT_KV_BYTES = 1 << 30
 Prompt = str | list[int]
 Sink = Callable[[StreamChunk | RequestOutput | BaseException], None]
 
@@ -129,10 +128,8 @@ class Engine:
     """Continuous batching over one executor. Thread-safe; see the module docstring."""
 
     def __init__(self, executor: Executor, tokenizer: LlmcTokenizer | None = None,
-                 config: EngineConfig | None = None, eos_ids: set[int] | None = None,
-                 step_threads: int | None = None) -> None:
+                 config: EngineConfig | None = None, eos_ids: set[int] | None = None) -> None:
         self.executor = executor
-        self._step_threads = step_threads  # torch threads for the step loop (None: leave as is)
         self.tokenizer = tokenizer
         self.engine_config = config or EngineConfig()
         self.config = executor.config  # the model's ModelConfig
@@ -159,39 +156,19 @@ class Engine:
     @classmethod
     def load(cls, path: str, **config: Any) -> Engine:
         """Load the artifact at ``path``; ``config`` holds :class:`EngineConfig` fields."""
-        from llmc.runtime.artifact import Artifact
-        from llmc.targets.registry import get_target
-
         cfg = EngineConfig.from_kwargs(**config)
-        artifact = Artifact.load(path, verify=cfg.verify)
-        options: dict[str, Any] = {"device": cfg.device, "threads": cfg.threads, "block_size": cfg.block_size,
-                                   "deterministic": cfg.deterministic or None}
-        options = {k: v for k, v in options.items() if v is not None}  # unset: the artifact's own choice
-        with _serial_torch() as caller_threads:
-            executor = get_target(artifact.target).load(artifact, **options)
-            if cfg.deterministic and not getattr(executor, "deterministic", False):
-                raise UnsupportedError(f"the {artifact.target} target has no deterministic (batch-invariant) "
-                                       "mode; use the torch target for deterministic=True")
-            return cls(executor, artifact.tokenizer(), cfg, step_threads=cfg.threads or caller_threads)
+        model = load_model(path, verify=cfg.verify, device=cfg.device, threads=cfg.threads,
+                           block_size=cfg.block_size, deterministic=cfg.deterministic)
+        return cls(model.executor, model.tokenizer, cfg)
 
     def _make_cache(self) -> KVCacheManager:
         spec, cfg = self.executor.kv_spec(), self.engine_config
-        if spec.layout == "slots":
-            slots = min(cfg.max_running, cfg.num_blocks or cfg.max_running)
-            self._max_running = slots
-            self.executor.init_cache(slots)
-            return SlotKVCache(slots, min(spec.block_size, self.config.max_position))  # block_size: slot capacity
-        self._max_running = cfg.max_running
-        if cfg.num_blocks:
-            blocks = cfg.num_blocks
-        elif cfg.kv_memory:
-            blocks = int(cfg.kv_memory) // spec.bytes_per_block
-        else:
-            blocks = min(cfg.max_running * spec.max_blocks_per_seq,
-                         max(spec.max_blocks_per_seq, DEFAULT_KV_BYTES // spec.bytes_per_block))
-        if blocks < 1:
-            raise LlmcError(f"kv_memory {cfg.kv_memory} is less than one cache block ({spec.bytes_per_block} bytes)")
+        blocks = kv_blocks(spec, cfg.max_running, num_blocks=cfg.num_blocks, kv_memory=cfg.kv_memory)
         self.executor.init_cache(blocks)
+        if spec.layout == "slots":
+            self._max_running = blocks
+            return SlotKVCache(blocks, min(spec.block_size, self.config.max_position))  # block_size: slot capacity
+        self._max_running = cfg.max_running
         prefix_caching = cfg.prefix_caching and spec.uses_block_tables
         return PagedKVCache(blocks, spec.block_size, prefix_caching=prefix_caching)
 
@@ -355,10 +332,7 @@ class Engine:
 
     # -- the step loop --------------------------------------------------------------------
     def _loop(self) -> None:
-        if self._step_threads:
-            import torch
-
-            torch.set_num_threads(self._step_threads)
+        self.executor.bind_step_thread()
         while True:
             with self._cond:
                 while not (self._closed or self._inbox or self._cancels or self.scheduler.has_work()):
@@ -509,22 +483,3 @@ def _future_sink(fut: concurrent.futures.Future) -> Sink:
             fut.set_result(item)
 
     return sink
-
-
-@contextlib.contextmanager
-def _serial_torch() -> Any:
-    """Run the caller's torch work (loading, cache allocation) without an OpenMP team.
-
-    Steps run on the engine thread. With libgomp, once two OS threads have each run parallel
-    regions, both get slower: on a 2-core machine, decode steps on the engine thread went from
-    27 to 62 ms after the loading thread had run one parallel matmul. Loading serially keeps
-    the engine thread's team the only one. Yields the caller's thread count to reuse.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield previous
-    finally:
-        torch.set_num_threads(previous)

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
-from llmc.errors import RequestError
+from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import BlockAllocator
-from llmc.targets.base import Executor, StepBatch
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 
 
 class CacheFullError(LlmcError):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llmc.errors import RequestError
+from llmc.compiler.errors import RequestError
 
 
 @dataclass

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 from llmc.runtime.kv_cache import KVCacheManager
 
 

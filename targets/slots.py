@@ -4,8 +4,8 @@ spec, the slot-count check and the per-step slot checks."""
 from __future__ import annotations
 
 from llmc.compiler.config import ModelConfig
-from llmc.errors import LlmcError, RequestError
-from llmc.targets.base import KVSpec, StepBatch
+from llmc.compiler.errors import LlmcError, RequestError
+from llmc.runtime.executor import KVSpec, StepBatch
 
 
 def slot_kv_spec(config: ModelConfig, capacity: int) -> KVSpec:

@@ -49,7 +49,7 @@ def tiny_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def stories_artifact(stories_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """stories260k compiled for the torch target at the default opt level."""
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
 
     return compile_model(stories_hf, tmp_path_factory.mktemp("art") / "stories", CompileOptions())
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.interp import Interpreter, NumpyKVCache
-from llmc.targets.base import Executor, StepBatch
+from llmc.runtime.executor import Executor, StepBatch
 
 
 class SequenceDriver:

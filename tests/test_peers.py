@@ -25,7 +25,7 @@ def _peers() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
     from llmc.synth import synthesize
 
     root = tmp_path_factory.mktemp("peers")

@@ -31,9 +31,9 @@ def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _llmc_logits(source: Path, out: Path, ids: list[int]) -> np.ndarray:
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
     from llmc.runtime.artifact import Artifact
-    from llmc.targets.registry import get_target
+    from llmc.runtime.registry import get_target
 
     artifact = Artifact.load(compile_model(source, out, CompileOptions()))
     return SequenceDriver(get_target(artifact.target).load(artifact)).step({0: ids})[0]

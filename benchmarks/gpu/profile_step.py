@@ -17,8 +17,8 @@ import numpy as np
 
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import StepBatch
-from llmc.targets.registry import get_target
+from llmc.runtime.executor import StepBatch
+from llmc.runtime.registry import get_target
 
 
 def main(argv: list[str] | None = None) -> int:

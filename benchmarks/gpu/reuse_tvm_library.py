@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import ArtifactError
 from llmc.runtime.artifact import IR_FILE
-from llmc.targets.base import EmitResult
+from llmc.runtime.target import EmitResult
 from llmc.targets.tvm.target import LIBRARY, PAYLOAD, TvmTarget
 
 

@@ -22,10 +22,10 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
 from llmc.compiler.config import ModelConfig, RopeScaling
+from llmc.compiler.errors import InputError, UnsupportedError
 from llmc.compiler.frontends.source import ModelSource
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import QuantizedTensor, Weight, WeightStore, pack_codes
-from llmc.errors import InputError, UnsupportedError
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import InputError, UnsupportedError
 from llmc.compiler.tokenizer import LlmcTokenizer, TokenizerMeta
-from llmc.errors import InputError, UnsupportedError
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import numpy as np
 from safetensors import safe_open
 
 from llmc.compiler.config import ModelConfig, RopeScaling
+from llmc.compiler.errors import InputError, UnsupportedError
 from llmc.compiler.frontends.source import ModelSource
 from llmc.compiler.tokenizer import LlmcTokenizer, TokenizerMeta
 from llmc.compiler.weights import WeightStore
-from llmc.errors import InputError, UnsupportedError
 
 log = logging.getLogger(__name__)
 

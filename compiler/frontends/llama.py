@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import InputError
 from llmc.compiler.ir.builder import Builder
 from llmc.compiler.ir.graph import AttrValue, Function, Module, ParamInfo, Value
 from llmc.compiler.ir.types import KV_CACHE_TYPE, TensorType
 from llmc.compiler.weights import QuantizedTensor, WeightStore, dtype_name
-from llmc.errors import InputError
 
 PREFILL, DECODE = "prefill", "decode"
 LAYER_PARAMS = ("attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down")

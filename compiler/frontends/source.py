@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import InputError
 from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.compiler.weights import WeightStore
-from llmc.errors import InputError
 
 
 @dataclass

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from llmc.compiler.errors import IRError
 from llmc.compiler.ir.graph import AttrValue, Function, Node, ParamInfo, Value
 from llmc.compiler.ir.ops import OPS, TypeCheckError
 from llmc.compiler.ir.types import TensorType
-from llmc.errors import IRError
 
 
 class Builder:

@@ -10,11 +10,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from llmc.compiler.errors import IRError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.graph import Module, Node, Value
 from llmc.compiler.ir.rope import apply_rope_numpy
 from llmc.compiler.weights import Weight, as_float
-from llmc.errors import IRError
 
 
 class NumpyKVCache:

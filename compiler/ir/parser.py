@@ -6,10 +6,10 @@ import json
 import re
 from typing import Any
 
+from llmc.compiler.errors import IRError
 from llmc.compiler.ir.graph import Function, Module, Node, ParamInfo, Value
 from llmc.compiler.ir.printer import FORMAT_HEADER
 from llmc.compiler.ir.types import Dim, QuantSpec, TensorType
-from llmc.errors import IRError
 
 _NODE = re.compile(r"^%(\d+) = ([a-z_0-9]+)(?:\((.*?)\))? (\{.*\}) : (.+)$")
 _PARAM = re.compile(r'^param ("(?:[^"\\]|\\.)*") : (\S+(?:\[[^\]]*\])?)(?: quant (\S+)/(\S+))?$')

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from llmc.compiler.errors import IRError
 from llmc.compiler.ir.graph import Function, Module, Node
 from llmc.compiler.ir.ops import OPS, TypeCheckError
-from llmc.errors import IRError
 
 
 def verify_module(module: Module) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmc.errors import InputError
+from llmc.compiler.errors import InputError
 from llmc.synth.presets import PRESETS, Preset, get_preset
 from llmc.synth.weights import STORAGE_DTYPES, param_count, storage_dtype
 

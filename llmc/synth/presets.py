@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmc.errors import InputError
+from llmc.compiler.errors import InputError
 
 _LLAMA3_ROPE_SCALING = {
     "factor": 32.0,

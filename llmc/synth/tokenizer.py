@@ -15,8 +15,8 @@ from functools import lru_cache
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
+from llmc.compiler.errors import InputError
 from llmc.compiler.frontends.gguf_tokenizer import CONTROL, IGNORE_MERGES, NORMAL, PRE_TOKENIZER_SPLITS
-from llmc.errors import InputError
 from llmc.synth.presets import Preset
 
 MAX_MERGES = 2000

@@ -16,8 +16,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from llmc.compiler.errors import InputError
 from llmc.compiler.weights import NUMPY_DTYPES
-from llmc.errors import InputError
 from llmc.synth.presets import Preset
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")

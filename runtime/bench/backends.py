@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc.errors import UnsupportedError
+from llmc.compiler.errors import UnsupportedError
 
 Tick = Callable[[], None]
 
@@ -110,26 +110,20 @@ class LlmcBackend(Backend):
 
     def __init__(self, artifact: str | Path, threads: int | None = None, device: str | None = None,
                  engine_config: dict[str, Any] | None = None) -> None:
-        from llmc.runtime.artifact import Artifact
-        from llmc.targets.registry import get_target
+        from llmc.runtime.loader import load_model
 
         self.path = Path(artifact)
-        self.artifact = Artifact.load(self.path)
+        self.model = load_model(self.path, threads=threads, device=device)
+        self.artifact = self.model.artifact
         self.threads = threads
         self.device = device
-        options: dict[str, Any] = {}
-        if threads:
-            options["threads"] = threads
-        if device:
-            options["device"] = device
-        self.load_options = options
-        self.executor = get_target(self.artifact.target).load(self.artifact, **options)
+        self.executor = self.model.executor
         self.engine_config = dict(engine_config or {})
         self._engine: Any = None
         self._engine_key: tuple[int, int] | None = None
 
     def info(self) -> BackendInfo:
-        from llmc import __version__
+        from llmc.compiler.version import __version__
 
         m = self.artifact.manifest
         total, per_step, row = weight_bytes_per_step(m["params"])
@@ -145,7 +139,7 @@ class LlmcBackend(Backend):
             weight_bytes_per_step=per_step,
             embed_row_bytes=row,
             threads=self.threads,
-            device=str(getattr(self.executor, "device", self.device or "cpu")),
+            device=str(self.executor.device),
             details={"artifact": str(self.path), "target": self.artifact.target,
                      "target_options": m["target"].get("options", {}), "weight_types": types,
                      "opt_level": m.get("pipeline", {}).get("opt_level"), "source": m["source"].get("path")},
@@ -153,18 +147,17 @@ class LlmcBackend(Backend):
 
     # -- static batches on the executor -------------------------------------------------
     def _tables(self, batch: int, tokens: int) -> list[list[int]]:
-        spec = self.executor.kv_spec()
-        if spec.layout == "slots":
-            self.executor.init_cache(batch)
-            return [[j] for j in range(batch)]
-        per_seq = -(-tokens // spec.block_size)
-        self.executor.init_cache(batch * per_seq)
+        from llmc.runtime.loader import kv_blocks_for
+
+        blocks = kv_blocks_for(self.executor.kv_spec(), batch, tokens)
+        self.executor.init_cache(blocks)
+        per_seq = blocks // batch
         return [list(range(j * per_seq, (j + 1) * per_seq)) for j in range(batch)]
 
     def run_batch(self, prompts: list[list[int]], gen_len: int) -> BatchRun:
         self.close()  # an engine would share this executor's cache
         from llmc.compiler.ir.batch import BatchLayout
-        from llmc.targets.base import StepBatch
+        from llmc.runtime.executor import StepBatch
 
         batch = len(prompts)
         lens = tuple(len(p) for p in prompts)
@@ -208,19 +201,16 @@ class LlmcBackend(Backend):
             self.close()
             config: dict[str, Any] = {"max_running": slots, **self.engine_config}
             if "num_blocks" not in config and "kv_memory" not in config:
-                spec = self.executor.kv_spec()
-                config["num_blocks"] = slots if spec.layout == "slots" else slots * -(-length // spec.block_size)
-            self._engine = _make_engine(self.executor, self.artifact, config)
+                from llmc.runtime.loader import kv_blocks_for
+
+                config["num_blocks"] = kv_blocks_for(self.executor.kv_spec(), slots, length)
+            self._engine = _make_engine(self.executor, self.model.tokenizer, config)
             self._engine_key = key
         return run_engine_requests(self._engine, prompts, gen_len)
 
     def gpu_peak_bytes(self) -> int | None:
-        """Peak GPU memory of a torch executor (torch's allocator; other runtimes allocate their own)."""
-        if self.artifact.target != "torch" or not str(getattr(self.executor, "device", "cpu")).startswith("cuda"):
-            return None
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
+        """Peak GPU memory, where the executor's allocator can tell (the torch target's on CUDA)."""
+        return self.executor.device_peak_bytes()
 
     def close(self) -> None:
         if self._engine is not None:
@@ -229,11 +219,11 @@ class LlmcBackend(Backend):
         self._engine_key = None
 
 
-def _make_engine(executor: Any, artifact: Any, config: dict[str, Any]) -> Any:
+def _make_engine(executor: Any, tokenizer: Any, config: dict[str, Any]) -> Any:
     try:
         from llmc.runtime.engine import Engine, EngineConfig
     except ImportError as exc:
         raise UnsupportedError(
             f"the concurrency scenario needs the continuous-batching engine (llmc.runtime.engine): {exc}"
         ) from exc
-    return Engine(executor, artifact.tokenizer(), EngineConfig.from_kwargs(**config))
+    return Engine(executor, tokenizer, EngineConfig.from_kwargs(**config))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 from llmc.runtime.bench.backends import RequestRun
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc.errors import InputError
+from llmc.compiler.errors import InputError
 from llmc.runtime.bench.backends import Backend, BackendInfo, BatchRun, RequestRun
 from llmc.runtime.bench.machine import load_average, peak_rss_bytes
 from llmc.runtime.bench.stats import mean_or_none, summarize

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from llmc import __version__
+from llmc.compiler.version import __version__
 
 SOFTWARE = ("numpy", "torch", "onnxruntime", "onnxruntime-genai", "transformers", "llama-cpp-python", "apache-tvm",
             "gguf", "safetensors", "tokenizers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 
 SCHEMA_NAME = "llmc-bench"
 SCHEMA_VERSION = 1

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.server.backend import Backend, Delta
 from llmc.runtime.server.errors import APIError, error_body, install_error_handlers

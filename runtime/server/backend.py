@@ -12,8 +12,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmc.compiler.errors import LlmcError, RequestError
 from llmc.compiler.tokenizer import LlmcTokenizer
-from llmc.errors import LlmcError, RequestError
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.server.errors import APIError
 

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 
 _TYPES = {
     400: "invalid_request_error",

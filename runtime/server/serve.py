@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import LlmcError
+from llmc.compiler.errors import LlmcError
 
 logger = logging.getLogger("llmc.server")
 

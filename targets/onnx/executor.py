@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
-from llmc.errors import LlmcError, RequestError
-from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.compiler.errors import LlmcError, RequestError
+from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.onnx.session import create_session, parse_device
 from llmc.targets.slots import checked_slot_count, slot_ids, slot_kv_spec

@@ -87,8 +87,8 @@ def read_payload_weights(meta_file: Path, data_file: Path, read_quantized: Any, 
     """
     import json
 
+    from llmc.compiler.errors import ArtifactError
     from llmc.compiler.weights import WeightStore
-    from llmc.errors import ArtifactError
 
     try:
         meta = json.loads(meta_file.read_text())

@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Function, Module, Node, Value
 from llmc.compiler.ir.rope import cos_sin
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore
-from llmc.errors import UnsupportedError
 from llmc.targets.onnx.graph import MS_DOMAIN, GraphBuilder
 from llmc.targets.onnx.quant import QuantTensors
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import TargetUnavailableError
+from llmc.compiler.errors import TargetUnavailableError
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 

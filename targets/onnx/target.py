@@ -1,6 +1,6 @@
 """The ONNX target: ``target/model.onnx`` + ``model.onnx.data`` (the weights) + ``onnx.json``.
 
-The payload holds the weights (``stores_weights``), so the driver writes no second copy in
+The payload holds the weights (``Capabilities.stores_weights``), so the driver writes no second copy in
 ``weights/``; :meth:`OnnxTarget.read_weights` reads them back from the ONNX data file.
 """
 
@@ -10,10 +10,11 @@ import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from llmc.compiler.errors import LlmcError, TargetUnavailableError, UnsupportedError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.errors import LlmcError, TargetUnavailableError, UnsupportedError
-from llmc.targets.base import EmitResult, Executor, Target
+from llmc.runtime.executor import Executor
+from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
 
 if TYPE_CHECKING:
     from llmc.runtime.artifact import Artifact, ArtifactWriter
@@ -28,8 +29,10 @@ class OnnxTarget(Target):
     name = "onnx"
     doc = ("ONNX Runtime: one ONNX graph with MatMulNBits, GroupQueryAttention and "
            "SkipSimplifiedLayerNormalization over a slot KV cache (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)")
-    fused_ops = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
-    stores_weights = True
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cpu", "cuda"),
+                            kv_layout="slots", stores_weights=True)
 
     def availability(self) -> str | None:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.compiler.config import ModelConfig
-from llmc.errors import LlmcError, TargetUnavailableError
+from llmc.compiler.errors import LlmcError, TargetUnavailableError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from llmc.compiler.config import ModelConfig
-from llmc.errors import LlmcError, RequestError
-from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.compiler.errors import LlmcError, RequestError
+from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.slots import checked_slot_count, slot_ids, slot_kv_spec
 from llmc.targets.tensorrt.engine import Profile

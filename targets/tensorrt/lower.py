@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Module, Node
 from llmc.compiler.weights import QuantizedTensor, WeightStore
-from llmc.errors import UnsupportedError
 from llmc.targets.onnx.graph import GraphBuilder
 from llmc.targets.onnx.lower import Lowering, past_name, present_name
 from llmc.targets.tensorrt.quant import DqWeight

@@ -14,10 +14,11 @@ import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from llmc.compiler.errors import LlmcError, TargetUnavailableError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.errors import LlmcError, TargetUnavailableError
-from llmc.targets.base import EmitResult, Executor, Target
+from llmc.runtime.executor import Executor
+from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
 from llmc.targets.tensorrt.engine import PRECISIONS
 
 if TYPE_CHECKING:
@@ -48,8 +49,10 @@ class TensorRTTarget(Target):
     doc = ("TensorRT: a standard-ops ONNX graph (blocked DequantizeLinear INT4/INT8, MatMul/Softmax attention, "
            "explicit past/present KV) built into an engine where TensorRT and a GPU are installed; "
            "--device cpu-ort runs the graph under ONNX Runtime")
-    fused_ops = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
-    stores_weights = True
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cuda", "cpu", "cpu-ort"),
+                            kv_layout="slots", stores_weights=True)
 
     def availability(self) -> str | None:
         try:

@@ -9,7 +9,8 @@ one call per layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,11 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import LlmcError, RequestError
 from llmc.compiler.ir.graph import Function, Module, Node
 from llmc.compiler.ir.rope import cos_sin
 from llmc.compiler.weights import WeightStore
-from llmc.errors import LlmcError, RequestError
-from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.torch import qkernels
 from llmc.targets.torch.invariant import invariant_attend, invariant_step
 from llmc.targets.torch.weights import (
@@ -86,8 +87,14 @@ class TorchExecutor(Executor):
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
+        self.step_threads = threads or torch.get_num_threads()
+        with serial_torch():
+            self._load(module, weights, device, block_size, activation_dtype, deterministic, quant_kernels)
         if threads:
             torch.set_num_threads(threads)
+
+    def _load(self, module: Module, weights: WeightStore, device: str, block_size: int, activation_dtype: str,
+              deterministic: bool, quant_kernels: str) -> None:
         release_transients_to_os()  # load-time copies and per-layer float weights must not pile up in the heap
         self.module = module
         self.config = ModelConfig.from_dict(module.config)
@@ -143,9 +150,18 @@ class TorchExecutor(Executor):
     def init_cache(self, num_blocks: int) -> None:
         c = self.config
         shape = (c.num_layers, num_blocks * self.block_size, c.num_kv_heads, c.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.torch_device)
-        self.v_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.torch_device)
+        with serial_torch():  # often called on a thread that will not run the steps
+            self.k_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.torch_device)
+            self.v_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.torch_device)
         self.num_blocks = num_blocks
+
+    def bind_step_thread(self) -> None:
+        torch.set_num_threads(self.step_threads)
+
+    def device_peak_bytes(self) -> int | None:
+        if self.torch_device.type != "cuda":
+            return None
+        return int(torch.cuda.max_memory_allocated(self.torch_device))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         assert self.k_cache is not None and self.v_cache is not None
@@ -343,6 +359,23 @@ class TorchExecutor(Executor):
             else:
                 env[instr.out : instr.out + instr.n_out] = list(result)
         return env[program.outputs["logits"]]
+
+
+@contextlib.contextmanager
+def serial_torch() -> Iterator[None]:
+    """Run torch work (loading, cache allocation) on this thread without an OpenMP team.
+
+    Steps usually run on another thread (the engine's). With libgomp, once two OS threads have
+    each run parallel regions, both get slower: on a 2-core machine, decode steps on the engine
+    thread went from 27 to 62 ms after the loading thread had run one parallel matmul. Loading
+    serially keeps the stepping thread's team the only one.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _rope_key(attrs: dict[str, Any]) -> tuple:

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from llmc.errors import LlmcError, RequestError
+from llmc.compiler.errors import LlmcError, RequestError
 
 if TYPE_CHECKING:
-    from llmc.targets.base import StepBatch
+    from llmc.runtime.executor import StepBatch
     from llmc.targets.torch.executor import StepContext, TorchExecutor
 
 ROW_TILE = 16

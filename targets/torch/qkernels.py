@@ -20,6 +20,8 @@ from types import ModuleType
 
 import torch
 
+from llmc.compiler.paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
@@ -50,8 +52,6 @@ def build_dir() -> Path:
     env = os.environ.get("TORCH_EXTENSIONS_DIR")
     if env:
         return Path(env)
-    from llmc.assets import cache_dir
-
     return cache_dir() / "torch_extensions"
 
 

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.targets.base import EmitResult, Executor, Target
+from llmc.runtime.executor import Executor
+from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
 
 if TYPE_CHECKING:
     from llmc.runtime.artifact import Artifact, ArtifactWriter
@@ -18,10 +19,13 @@ PAYLOAD = "target/torch.json"
 class TorchTarget(Target):
     name = "torch"
     doc = "PyTorch eager kernels over a paged KV cache (CPU, or CUDA when available)"
-    fused_ops = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
     skipped_fusions = ("fuse-gate-up",)
     """Fusions the target can run but leaves out of its O2/O3: measured slower on torch CPU
     (docs/performance.md, "Passes: O0 vs O2"). ``--passes`` can still ask for them."""
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cpu", "cuda"),
+                            kv_layout="paged", deterministic=True, runs_in_memory=True)
 
     def preferred_passes(self, opt_level: int) -> list[str] | None:
         if opt_level < 2:
@@ -41,14 +45,19 @@ class TorchTarget(Target):
         return EmitResult(options=opts, files=[PAYLOAD])
 
     def load(self, artifact: Artifact, **options: Any) -> Executor:
+        return self.load_module(artifact.module, artifact.weights(), saved=artifact.target_options, **options)
+
+    def load_module(self, module: Module, weights: WeightStore, saved: dict[str, Any] | None = None,
+                    **options: Any) -> Executor:
+        """A :class:`~llmc.targets.torch.executor.TorchExecutor`; ``saved`` holds the options recorded
+        at compile time (an artifact's), which ``options`` override."""
         from llmc.targets.torch.executor import TorchExecutor
 
-        saved = artifact.target_options
-        device = options.get("device") or saved.get("device", "cpu")
+        saved = saved or {}
         return TorchExecutor(
-            artifact.module,
-            artifact.weights(),
-            device=device,
+            module,
+            weights,
+            device=options.get("device") or saved.get("device", "cpu"),
             block_size=int(options.get("block_size") or saved.get("block_size", 16)),
             activation_dtype=saved.get("activation_dtype", "float32"),
             threads=options.get("threads"),

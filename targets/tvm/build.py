@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import TargetUnavailableError, UnsupportedError
+from llmc.compiler.errors import TargetUnavailableError, UnsupportedError
+from llmc.compiler.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,6 @@ CUDA_STUB_FUNCTIONS = (
     "cuFuncSetAttribute", "cuLaunchKernel", "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleGetGlobal",
     "cuModuleLoadData", "cuModuleUnload", "cuTensorMapEncodeTiled", "cuDriverGetVersion",
 )
-
-
-def cache_dir() -> Path:
-    """llmc's cache (``$LLMC_CACHE_DIR``, default ``~/.cache/llmc``)."""
-    return Path(os.environ.get("LLMC_CACHE_DIR") or Path.home() / ".cache" / "llmc")
 
 
 # -- targets ---------------------------------------------------------------------------------

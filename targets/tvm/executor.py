@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import ArtifactError, LlmcError, RequestError, TargetUnavailableError
 from llmc.compiler.weights import QuantizedTensor, Weight
-from llmc.errors import ArtifactError, LlmcError, RequestError, TargetUnavailableError
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.tvm.lower import DECODE_ONE
 from llmc.targets.tvm.target import LIBRARY, PAYLOAD
 

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Function, Module, Node, Value
 from llmc.compiler.ir.ops import ROPE_OPTIONAL
 from llmc.compiler.ir.types import QuantSpec
-from llmc.errors import UnsupportedError
 
 FUSED_OPS = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
 LOWERED_OPS = frozenset({

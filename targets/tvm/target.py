@@ -20,10 +20,11 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
+from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
-from llmc.errors import UnsupportedError
-from llmc.targets.base import EmitResult, Executor, Target
+from llmc.runtime.executor import Executor
+from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
 from llmc.targets.tvm.schedules import CPU_SCHEDULES
 
 if TYPE_CHECKING:
@@ -37,7 +38,10 @@ PAGE_SIZE = 16
 class TvmTarget(Target):
     name = "tvm"
     doc = "Apache TVM Relax over TVM's paged KV cache: llvm (CPU) runs here; cuda and rocm cross-compile"
-    fused_ops = frozenset({"add_rms_norm", "swiglu", "rope_attention"})
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"),
+                            devices=("cpu", "cuda", "rocm"), kv_layout="paged")
 
     def availability(self) -> str | None:
         if importlib.util.find_spec("tvm") is None:
@@ -45,7 +49,7 @@ class TvmTarget(Target):
         return None
 
     def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:
-        from llmc.targets.registry import require_available
+        from llmc.runtime.registry import require_available
 
         require_available(self)
         from llmc.compiler.ir.printer import print_module
@@ -107,7 +111,7 @@ class TvmTarget(Target):
         return EmitResult(options=opts, files=[LIBRARY, PAYLOAD], notes=lowered.notes + notes)
 
     def load(self, artifact: Artifact, **options: Any) -> Executor:
-        from llmc.targets.registry import require_available
+        from llmc.runtime.registry import require_available
 
         require_available(self)
         from llmc.targets.tvm.executor import TvmExecutor

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import TargetUnavailableError, UnsupportedError
+from llmc.compiler.errors import TargetUnavailableError, UnsupportedError
 from llmc.targets.tvm.schedules import cpu_pipeline, decode_kernels, fuse, gemv_fits, gemv_space
 
 log = logging.getLogger(__name__)

@@ -12,16 +12,16 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from llmc.compiler.config import RopeScaling
-from llmc.compiler.driver import CompileOptions, compile_model, frontend_module
 from llmc.compiler.frontends.gguf import fit_llama3_scaling, load_gguf, open_gguf, read_tensor
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.interp import Interpreter, NumpyKVCache
 from llmc.compiler.ir.rope import inv_frequencies
 from llmc.compiler.weights import QuantizedTensor
+from llmc.driver import CompileOptions, compile_model, frontend_module
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import Executor, StepBatch
-from llmc.targets.registry import get_target
+from llmc.runtime.executor import Executor, StepBatch
+from llmc.runtime.registry import get_target
 from tests.compiler.gguf_util import hf_to_gguf, llama3_rope_freqs
 from tests.models import write_random_hf_model
 

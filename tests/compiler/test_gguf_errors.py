@@ -92,7 +92,7 @@ def test_missing_metadata_key(tiny_hf_dir: Path, tmp_path: Path) -> None:
 
 
 def test_missing_tensor(tiny_gguf: Path, tmp_path: Path) -> None:
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
 
     data = bytearray(tiny_gguf.read_bytes())
     name = b"blk.1.ffn_up.weight"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from llmc.compiler.driver import frontend_module
 from llmc.compiler.frontends.source import load_source
+from llmc.driver import frontend_module
 from llmc.errors import InputError, UnsupportedError
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from llmc.compiler.driver import frontend_module
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.builder import Builder
 from llmc.compiler.ir.graph import Module, Node, ParamInfo
@@ -14,6 +13,7 @@ from llmc.compiler.ir.parser import parse_module
 from llmc.compiler.ir.printer import print_module
 from llmc.compiler.ir.types import QuantSpec, TensorType
 from llmc.compiler.ir.verify import verify_module
+from llmc.driver import frontend_module
 from llmc.errors import IRError
 
 

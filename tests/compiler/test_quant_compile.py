@@ -10,13 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from llmc.cli import main
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.ir.interp import Interpreter
 from llmc.compiler.weights import QuantizedTensor
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError, QualityGateError
 from llmc.runtime.artifact import Artifact
 from llmc.runtime.evaluate import evaluate
-from llmc.runtime.generate import load_model
+from llmc.runtime.loader import load_model
 from tests.helpers import SequenceDriver
 
 

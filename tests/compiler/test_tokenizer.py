@@ -36,8 +36,9 @@ def test_encode_decode_and_chat(folder: Path) -> None:
 
 
 def test_tokenizer_survives_the_artifact(folder: Path, tmp_path: Path) -> None:
-    from llmc.compiler.driver import CompileOptions, compile_model
-    from llmc.runtime.generate import generate_ids, load_model
+    from llmc.driver import CompileOptions, compile_model
+    from llmc.runtime.generate import generate_ids
+    from llmc.runtime.loader import load_model
     from llmc.runtime.sampling import SamplingParams
 
     art = compile_model(folder, tmp_path / "art", CompileOptions(opt_level=0))

@@ -3,6 +3,7 @@ fused graph (one QKV matmul per layer) and dumps the IR after every pass."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import pytest
 from click.testing import CliRunner
 
 from llmc.cli import main
-from llmc.compiler.driver import CompileOptions, compile_model, frontend_module, optimize
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.types import QuantSpec
+from llmc.driver import CompileOptions, compile_model, frontend_module, optimize
 from llmc.runtime.artifact import Artifact
-from llmc.targets.base import Executor
+from llmc.runtime.executor import Executor
+from llmc.runtime.target import lowered_ops
 from llmc.targets.torch.executor import TorchExecutor
 from llmc.targets.torch.target import TorchTarget
 from tests.helpers import SequenceDriver
@@ -83,7 +85,8 @@ def test_cli_o2_artifact_has_one_qkv_matmul_per_layer_and_dumps_every_pass(stori
 
 def test_cli_custom_pipeline_with_an_unsupported_op_fails_cleanly(stories_hf: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TorchTarget, "fused_ops", frozenset({"add_rms_norm"}))
+    narrow = dataclasses.replace(TorchTarget().capabilities(), ops=lowered_ops("add_rms_norm"))
+    monkeypatch.setattr(TorchTarget, "capabilities", lambda self: narrow)
     result = CliRunner().invoke(main, ["compile", str(stories_hf), "-o", str(tmp_path / "a"),
                                        "--passes", "fuse-add-rmsnorm,fuse-gate-up"])
     assert result.exit_code == 2
@@ -95,7 +98,7 @@ def test_smollm2_o0_and_o2_logits_agree_in_fp32(smollm2_gguf: Path) -> None:
     source = load_source(smollm2_gguf)
     o0 = frontend_module(source, None)
     target = TorchTarget()
-    o2, _ = optimize(o0, source.weights, CompileOptions(opt_level=2), target.fused_ops, target.name,
+    o2, _ = optimize(o0, source.weights, CompileOptions(opt_level=2), target.capabilities().fused_ops, target.name,
                            target.preferred_passes(2))
     layers = source.config.num_layers
     assert o2.functions["decode"].op_counts()["split"] == layers
@@ -112,7 +115,7 @@ def test_torch_executor_runs_fused_quantized_projections(spec: QuantSpec) -> Non
     config = llama_config(layers=2, tied=True)
     quant = {f"layers.{i}.{p}": spec for i in range(2) for p in ("q", "k", "v", "gate", "up")}
     module, weights = random_llama(config, seed=11, quant=quant)
-    fused, _ = run_pipeline(module, weights, 2, target_ops=TorchTarget.fused_ops)
+    fused, _ = run_pipeline(module, weights, 2, target_ops=TorchTarget().capabilities().fused_ops)
     assert fused.params["layers.0.qkv"].quant == spec and fused.params["layers.1.gate_up"].quant == spec
     prompt, decode = [3, 9, 27, 17, 4], [8, 2]
     a = _logits(TorchExecutor(module, weights), prompt, decode)

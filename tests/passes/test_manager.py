@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from llmc.cli import main
-from llmc.compiler.driver import CompileOptions, optimize
 from llmc.compiler.ir.graph import Function, Module, Node
 from llmc.compiler.ir.ops import FUSED_OPS
+from llmc.driver import CompileOptions, optimize
 from llmc.errors import LlmcError, PassError
 from llmc.passes.base import Pass, PassContext, PassResult
 from llmc.passes.manager import PassManager
@@ -94,10 +94,11 @@ def test_parse_pipeline_arguments_and_errors() -> None:
 
 def test_torch_target_pipelines() -> None:
     target = TorchTarget()
-    assert target.fused_ops <= FUSED_OPS
-    o2 = [p.name for p in pipeline_for(2, target.fused_ops, target.preferred_passes(2))]
+    fused_ops = target.capabilities().fused_ops
+    assert fused_ops <= FUSED_OPS
+    o2 = [p.name for p in pipeline_for(2, fused_ops, target.preferred_passes(2))]
     assert "fuse-qkv" in o2 and "share-tied-weights" in o2
-    assert "fuse-gate-up" not in o2 and "swiglu" in target.fused_ops  # runnable, but not worth it on torch
+    assert "fuse-gate-up" not in o2 and "swiglu" in fused_ops  # runnable, but not worth it on torch
     assert target.preferred_passes(3) == o2 and target.preferred_passes(1) is None
 
 

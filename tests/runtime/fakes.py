@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
-from llmc.targets.base import Executor, KVSpec, StepBatch
+from llmc.runtime.executor import Executor, KVSpec, StepBatch
 
 
 def next_token(context: list[int], vocab: int, eos: int | None = None) -> int:

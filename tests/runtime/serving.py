@@ -22,7 +22,7 @@ VOCAB = 99  # the printable byte-level tokenizer: every sampled id decodes to re
 
 def build_chat_model(root: Path, context: int = 4096) -> tuple[Path, Path]:
     """A random Llama with a byte-level tokenizer and a ChatML template; returns (hf folder, artifact)."""
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
 
     assert byte_level_tokenizer(VOCAB, printable_only=True).get_vocab_size() == VOCAB
     hf = root / "hf"

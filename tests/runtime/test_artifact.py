@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.frontends.source import load_source
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import ArtifactError
 from llmc.runtime.artifact import MANIFEST, SCHEMA_VERSION, WEIGHTS_FILE, Artifact
 

@@ -24,7 +24,7 @@ SETTINGS = {"prompt_len": 5, "gen_len": 4, "warmup": 0, "repeat": 2, "threads": 
 
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
     from llmc.synth import synthesize
 
     root = tmp_path_factory.mktemp("bench")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import UnsupportedError
 from llmc.runtime.engine import Engine
 from tests.runtime.test_engine_torch import _alone, _workload

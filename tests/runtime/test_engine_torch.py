@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.ir.batch import BatchLayout
+from llmc.driver import CompileOptions, compile_model
 from llmc.runtime.engine import Engine
-from llmc.runtime.generate import load_model
+from llmc.runtime.executor import StepBatch
+from llmc.runtime.loader import load_model
 from llmc.runtime.sampling import SamplingParams
-from llmc.targets.base import StepBatch
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from llmc.cli import main
-from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import RequestError
 from llmc.runtime.evaluate import evaluate, log_softmax, reference_logits, scored_logits
-from llmc.runtime.generate import load_model
+from llmc.runtime.loader import load_model
 
 
 @pytest.fixture(scope="module")

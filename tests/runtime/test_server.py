@@ -13,7 +13,8 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc[serve]')")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 
-from llmc.runtime.generate import LoadedModel, generate_ids, load_model  # noqa: E402
+from llmc.runtime.generate import generate_ids  # noqa: E402
+from llmc.runtime.loader import LoadedModel, load_model  # noqa: E402
 from llmc.runtime.sampling import SamplingParams  # noqa: E402
 from tests.runtime.serving import API_KEY, MODEL, ServerProcess, metric  # noqa: E402
 

@@ -15,7 +15,7 @@ from tests.runtime.serving import ServerProcess  # noqa: E402
 @pytest.mark.network
 @pytest.mark.slow
 def test_smollm2_chat_answers_paris(smollm2_gguf: Path, tmp_path: Path) -> None:
-    from llmc.compiler.driver import CompileOptions, compile_model
+    from llmc.driver import CompileOptions, compile_model
 
     artifact = compile_model(smollm2_gguf, tmp_path / "smol", CompileOptions(quant="native"))
     with ServerProcess(artifact, log=tmp_path / "server.log") as server:

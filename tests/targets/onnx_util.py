@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.frontends.source import ModelSource, load_source
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import QuantizedTensor, pack_codes
+from llmc.driver import CompileOptions, compile_model
 from llmc.runtime.artifact import Artifact
+from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import BlockAllocator
-from llmc.targets.base import Executor, StepBatch
-from llmc.targets.registry import get_target
+from llmc.runtime.registry import get_target
 
 Step = Sequence[tuple[int, Sequence[int]]]
 """One step: (sequence id, its new tokens) for each sequence in the step."""
@@ -108,7 +108,7 @@ def quantize_source(source: ModelSource, bits: int, group: int | None, symmetric
 def compile_transformed(monkeypatch, path: Path, out: Path, target: str, transform: Callable[[ModelSource], None],
                         **options: object) -> Path:
     """Compile ``path`` after ``transform`` rewrote its loaded source (the same for every target)."""
-    import llmc.compiler.driver as driver
+    import llmc.driver as driver
 
     def load(p: object, **kwargs: object) -> ModelSource:
         source = load_source(path)

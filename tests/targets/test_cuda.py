@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.driver import CompileOptions, compile_model
 from llmc.runtime.artifact import Artifact, sha256_file
-from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.generate import generate_ids
+from llmc.runtime.loader import load_model
 from llmc.runtime.sampling import SamplingParams
 from tests.helpers import RAGGED_STEPS, SequenceDriver
 from tests.models import CUDA_TINY, write_random_hf_model
@@ -90,7 +91,7 @@ def _greedy(path: Path, n: int = 200) -> list[int]:
 
 
 def _assert_same_logits(got_path: Path, want_path: Path, atol: float) -> None:
-    from llmc.targets.registry import get_target
+    from llmc.runtime.registry import get_target
 
     artifacts = [Artifact.load(p) for p in (got_path, want_path)]
     drivers = [SequenceDriver(get_target(a.target).load(a)) for a in artifacts]

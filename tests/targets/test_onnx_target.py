@@ -17,15 +17,16 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 
 import onnx
 
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.weights import QuantizedTensor
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError, RequestError, TargetUnavailableError
 from llmc.runtime.artifact import WEIGHTS_FILE, Artifact
 from llmc.runtime.evaluate import evaluate
-from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.executor import StepBatch
+from llmc.runtime.generate import generate_ids
+from llmc.runtime.loader import load_model
 from llmc.runtime.sampling import SamplingParams
-from llmc.targets.base import StepBatch
 from tests.models import write_random_hf_model
 from tests.targets.onnx_util import SCHEDULE, compile_transformed, drive, load_executor, quantize_source
 
@@ -158,7 +159,7 @@ def test_runs_in_fresh_process_from_artifact_alone(stories_onnx: Path, stories_e
                                                    tmp_path: Path) -> None:
     moved = tmp_path / "copy" / "artifact"
     shutil.copytree(stories_onnx, moved)
-    code = ("import json, sys; from llmc.runtime.generate import generate_ids, load_model; "
+    code = ("import json, sys; from llmc.runtime.generate import generate_ids; from llmc.runtime.loader import load_model; "
             "from llmc.runtime.sampling import SamplingParams; "
             "r = generate_ids(load_model(sys.argv[1]), [1], SamplingParams(max_tokens=40, temperature=0.0)); "
             "print(json.dumps(r.token_ids))")

@@ -13,12 +13,13 @@ import pytest
 pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc[onnx]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc[onnx]')")
 
-from llmc.compiler.driver import CompileOptions, compile_model
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import TargetUnavailableError
 from llmc.runtime.artifact import MANIFEST, Artifact
-from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.generate import generate_ids
+from llmc.runtime.loader import load_model
+from llmc.runtime.registry import get_target
 from llmc.runtime.sampling import SamplingParams
-from llmc.targets.registry import get_target
 from llmc.targets.tensorrt.engine import check_engine_compat, tensorrt_missing
 from tests.targets.onnx_util import drive
 from tests.targets.test_tensorrt_target import SCHEDULE

@@ -17,14 +17,15 @@ import onnx
 from click.testing import CliRunner
 
 from llmc.cli import main
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.weights import QuantizedTensor
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError, RequestError, TargetUnavailableError
 from llmc.runtime.artifact import WEIGHTS_FILE, Artifact
-from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.executor import StepBatch
+from llmc.runtime.generate import generate_ids
+from llmc.runtime.loader import load_model
 from llmc.runtime.sampling import SamplingParams
-from llmc.targets.base import StepBatch
 from llmc.targets.tensorrt.engine import Profile, profile_shapes
 from llmc.targets.tensorrt.lower import TENSORRT_OPS
 from llmc.targets.tensorrt.quant import codes_from_transposed, transposed_codes

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from llmc.compiler.driver import CompileOptions, compile_model, frontend_module
 from llmc.compiler.frontends.source import load_source
+from llmc.driver import CompileOptions, compile_model, frontend_module
 from llmc.runtime.artifact import Artifact
-from llmc.targets.registry import get_target
+from llmc.runtime.registry import get_target
 from tests.helpers import SequenceDriver, interpret
 from tests.models import write_random_hf_model
 
@@ -92,7 +92,8 @@ def test_ragged_batch_equals_each_alone(tiny_hf: Path, tmp_path: Path) -> None:
 
 
 def test_stories260k_golden_200_steps(stories_hf: Path, stories_expected_ids: list[int], tmp_path: Path) -> None:
-    from llmc.runtime.generate import generate_ids, load_model
+    from llmc.runtime.generate import generate_ids
+    from llmc.runtime.loader import load_model
     from llmc.runtime.sampling import SamplingParams
 
     art = compile_model(stories_hf, tmp_path / "art", CompileOptions())

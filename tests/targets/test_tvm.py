@@ -13,16 +13,17 @@ import pytest
 os.environ.setdefault("TVM_NUM_THREADS", "1")
 pytest.importorskip("tvm", reason="apache-tvm is not installed (the tvm extra: pip install -e '.[tvm]')")
 
-from llmc.compiler.driver import CompileOptions, compile_model
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import WeightStore
+from llmc.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError, RequestError
 from llmc.runtime.artifact import Artifact
-from llmc.runtime.generate import generate_ids, load_model
+from llmc.runtime.executor import StepBatch
+from llmc.runtime.generate import generate_ids
+from llmc.runtime.loader import load_model
+from llmc.runtime.registry import get_target
 from llmc.runtime.sampling import SamplingParams
-from llmc.targets.base import StepBatch
-from llmc.targets.registry import get_target
 from llmc.targets.tvm.lower import interleaved_to_half
 from tests.helpers import RAGGED_STEPS, SequenceDriver, interpret
 from tests.targets.tvm_util import LLAMA3, quantize, random_weights, tiny_config, tiny_module, write_artifact

@@ -19,7 +19,7 @@ os.environ.setdefault("TVM_NUM_THREADS", "1")
 pytest.importorskip("tvm", reason="apache-tvm is not installed (the tvm extra: pip install -e '.[tvm]')")
 
 from llmc.errors import TargetUnavailableError, UnsupportedError
-from llmc.targets.registry import get_target
+from llmc.runtime.registry import get_target
 from llmc.targets.tvm.devcode import amdgpu_mach, cuda_sm, device_images
 from tests.targets.tvm_util import random_weights, tiny_config, tiny_module, write_artifact
 

@@ -16,7 +16,7 @@ pytest.importorskip("psutil", reason="meta-schedule needs psutil (the tvm extra)
 
 from llmc.compiler.ir.types import QuantSpec
 from llmc.runtime.artifact import Artifact
-from llmc.targets.registry import get_target
+from llmc.runtime.registry import get_target
 from llmc.targets.tvm.target import PAYLOAD
 from tests.helpers import SequenceDriver, interpret
 from tests.targets.tvm_util import quantize, random_weights, tiny_config, tiny_module, write_artifact
@@ -62,7 +62,7 @@ def _assert_matches(art: Artifact, reference: Artifact, atol: float = 1e-4) -> N
 
 @pytest.mark.slow
 def test_tune_applies_records_and_matches_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))  # a fresh tuning log
+    monkeypatch.setenv("LLMC_CACHE", str(tmp_path / "cache"))  # a fresh tuning log
     config = tiny_config(num_layers=1)
     weights = random_weights(config, seed=7)
     module = tiny_module(config, weights)

@@ -13,7 +13,7 @@ from llmc.compiler.ir.graph import Module
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore, pack_codes
 from llmc.runtime.artifact import Artifact, ArtifactWriter
-from llmc.targets.registry import get_target
+from llmc.runtime.registry import get_target
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:

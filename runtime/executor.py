@@ -1,26 +1,22 @@
-"""The interface between targets and the runtime: :class:`Target` and :class:`Executor`.
+"""The executor contract: what the runtime asks of a loaded artifact (:class:`Executor`), and
+what one step hands it (:class:`StepBatch`) and learns about its cache (:class:`KVSpec`).
 
-Every target compiles the IR into an artifact payload (:meth:`Target.emit`) and loads it back
-as an :class:`Executor`. An executor runs one *step* over a batch of sequences: the new tokens
-of each (a prefill chunk or one decode token, mixed freely), with its KV-cache blocks. The
-runtime owns block allocation and scheduling; the executor owns the cache storage.
+An executor runs one *step* over a batch of sequences: the new tokens of each (a prefill chunk
+or one decode token, mixed freely), with its KV-cache blocks. The runtime owns block allocation
+and scheduling; the executor owns the cache storage. Targets implement this contract
+(``llmc.targets.*.executor``); the runtime never imports them.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
 from llmc.compiler.ir.batch import BatchLayout
-from llmc.compiler.ir.graph import Module
-from llmc.compiler.weights import WeightStore
-
-if TYPE_CHECKING:
-    from llmc.runtime.artifact import Artifact, ArtifactWriter
 
 
 @dataclass
@@ -64,15 +60,6 @@ class KVSpec:
     only count capacity, so blocks cannot be shared between sequences (no prefix caching)."""
 
 
-@dataclass
-class EmitResult:
-    """What a target records in the manifest about its payload."""
-
-    options: dict[str, Any]
-    files: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
 class Executor(ABC):
     """A loaded artifact that runs steps."""
 
@@ -104,36 +91,11 @@ class Executor(ABC):
         """
         return None
 
-
-class Target(ABC):
-    """A code generator plus the loader of what it generates."""
-
-    name: ClassVar[str]
-    doc: ClassVar[str]
-    fused_ops: ClassVar[frozenset[str]] = frozenset()
-    quant_bits: ClassVar[frozenset[int]] = frozenset({4, 8})
-    stores_weights: ClassVar[bool] = False
-    """True when the payload holds the weights itself: the driver then writes no ``weights/`` copy
-    and :meth:`read_weights` reads them back from the payload."""
-
-    def availability(self) -> str | None:
-        """None when usable here, else the reason it is not."""
+    def bind_step_thread(self) -> None:
+        """Called once on the thread that will run :meth:`step` (the engine's loop), before the
+        first step: executors with per-thread state (a CPU thread pool) set it up here."""
         return None
 
-    def preferred_passes(self, opt_level: int) -> list[str] | None:
-        """The pass list this target wants at ``opt_level`` (None: the generic pipeline)."""
+    def device_peak_bytes(self) -> int | None:
+        """Peak device memory this executor's allocator has seen, where it can tell (else None)."""
         return None
-
-    @abstractmethod
-    def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:
-        """Write the target payload (weights and IR are written by the driver)."""
-
-    @abstractmethod
-    def load(self, artifact: Artifact, **options: Any) -> Executor:
-        """Load an artifact written by :meth:`emit`."""
-
-    def read_weights(self, artifact: Artifact) -> WeightStore:
-        """The params of an artifact whose payload stores them (``stores_weights``)."""
-        from llmc.errors import ArtifactError
-
-        raise ArtifactError(f"{artifact.path}: target {self.name!r} keeps no weights in its payload")

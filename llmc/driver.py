@@ -1,4 +1,7 @@
-"""The compiler driver: source file -> front end -> IR -> passes -> target -> artifact."""
+"""The compile driver: source file -> front end -> IR -> passes (quantization last) -> target -> artifact.
+
+The top layer: it may use every package, and only the CLI and the public API import it.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +12,27 @@ from typing import Any
 
 import numpy as np
 
+from llmc.compiler.errors import LlmcError, UnsupportedError
 from llmc.compiler.frontends.llama import build_module, declare_params
 from llmc.compiler.frontends.source import ModelSource, load_source
 from llmc.compiler.ir.graph import Module
+from llmc.compiler.quant_modes import PASS_MODES, quant_mode
+from llmc.compiler.token_ids import read_tokens
+from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore
-from llmc.errors import LlmcError
-from llmc.passes.base import PassContext
+from llmc.gate import AccuracyGate, describe_weights
+from llmc.passes.base import Pass, PassContext
 from llmc.passes.manager import PassManager
 from llmc.passes.pipelines import parse_pipeline, pipeline_for
+from llmc.passes.quant_plan import QuantPlan
+from llmc.passes.quantize import QuantizePass
 from llmc.runtime.artifact import ArtifactWriter, sha256_file
-from llmc.targets.registry import get_target
+from llmc.runtime.registry import get_target
+from llmc.runtime.target import Capabilities
 
 log = logging.getLogger(__name__)
 
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
-# --quant: "none" keeps weights as loaded (GGUF blocks dequantized to float32); "native" keeps
-# GGUF Q8_0/Q4_0/Q4_1 blocks as QuantizedTensor bit for bit; fp16..int4 are the quantization passes.
-QUANT_MODES = ("none", "fp16", "bf16", "int8", "int4", "native")
 
 
 @dataclass
@@ -40,6 +47,7 @@ class CompileOptions:
     device: str = "cpu"
     target_options: dict[str, Any] = field(default_factory=dict)
     quant: str = "none"
+    """A :data:`~llmc.compiler.quant_modes.QUANT_MODES` name."""
     group_size: int = 32
     sym: bool | None = None
     """Symmetric quantization (None: int8 symmetric, int4 asymmetric)."""
@@ -50,8 +58,7 @@ class CompileOptions:
     auto_escalate: bool = False
 
     def __post_init__(self) -> None:
-        if self.quant not in QUANT_MODES:
-            raise LlmcError(f"unknown --quant {self.quant!r}; choose from {', '.join(QUANT_MODES)}")
+        quant_mode(self.quant)
 
     def manifest_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -90,37 +97,86 @@ def frontend_module(source: ModelSource, dtype: str | None) -> Module:
     return build_module(source.config, params, meta={"source": str(source.path), **source.meta})
 
 
-def optimize(module: Module, weights: WeightStore, options: CompileOptions, target_ops: frozenset[str],
-             target_name: str, preferred: list[str] | None = None) -> tuple[Module, PassManager]:
-    """Run ``--passes`` or the ``O<n>`` pipeline (``preferred``: the target's own list for that level)."""
+def quantize_pass(options: CompileOptions, tokenizer: LlmcTokenizer | None, keep_inputs: bool) -> QuantizePass | None:
+    """The ``quantize`` pass ``--quant`` asks for (None for ``none``/``native``); option errors come first."""
+    if options.quant not in PASS_MODES:
+        if options.calib_file is not None:
+            raise LlmcError(f"--calib-file applies to int4 quantization (AWQ scales), not --quant {options.quant}")
+        return None
+    plan = QuantPlan.build(options.quant, options.group_size, options.sym, None, list(options.quant_override))
+    calib = read_tokens(options.calib_file, tokenizer, "calibration file") if options.calib_file else None
+    if calib is not None and plan.main.bits != 4 and not any(s.bits == 4 for _, s in plan.overrides):
+        raise LlmcError("--calib-file applies to int4 quantization (AWQ scales); use it with --quant int4")
+    return QuantizePass(plan=plan, calib_ids=calib, keep_inputs=keep_inputs)
+
+
+def pipeline_passes(options: CompileOptions, target_ops: frozenset[str], preferred: list[str] | None = None,
+                    quantize: Pass | None = None) -> list[Pass]:
+    """``--passes`` or the ``O<n>`` pipeline (``preferred``: the target's own list for that level),
+    then ``quantize`` last, so fused weights are quantized as one matrix."""
     passes = (parse_pipeline(options.passes) if options.passes
               else pipeline_for(options.opt_level, target_ops, preferred))
-    manager = PassManager(passes, verify=True, dump_dir=options.dump_ir)
+    return passes + ([quantize] if quantize is not None else [])
+
+
+def optimize(module: Module, weights: WeightStore, options: CompileOptions, target_ops: frozenset[str],
+             target_name: str, preferred: list[str] | None = None,
+             quantize: Pass | None = None) -> tuple[Module, PassManager]:
+    """Run the pipeline of :func:`pipeline_passes` with verification after every pass."""
+    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize), verify=True,
+                          dump_dir=options.dump_ir)
     ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name, options=options.target_options)
     return manager.run(module, ctx), manager
+
+
+def check_target_options(options: CompileOptions, caps: Capabilities, target: str) -> None:
+    """Refuse a device or quantization mode the target does not build for, before any work."""
+    caps.device_kind(options.device)
+    if options.quant not in caps.quant_modes:
+        raise UnsupportedError(f"target {target!r} does not lower --quant {options.quant} weights; it takes "
+                               f"{', '.join(sorted(caps.quant_modes))}")
 
 
 def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions) -> Path:
     """Compile a model file or folder into an artifact directory; returns its path."""
     target = get_target(options.target)
+    caps = target.capabilities()
+    check_target_options(options, caps, target.name)
     source = load_source(source_path, native_quant=options.quant == "native")
     if options.quant == "native" and source.kind != "gguf":
         raise LlmcError(f"{source_path}: --quant native keeps GGUF quant blocks; this source is {source.kind!r}, "
                         "not a GGUF file")
+    gate = AccuracyGate.from_options(options.eval_file, options.max_ppl_increase, options.auto_escalate,
+                                     source.tokenizer)
+    quantize = quantize_pass(options, source.tokenizer, keep_inputs=gate is not None)
     module = frontend_module(source, options.dtype)
-    module, manager = optimize(module, source.weights, options, target.fused_ops, target.name,
-                               target.preferred_passes(options.opt_level))
-    quant_manifest: dict[str, Any] = {}
-    if options.quant != "none" or options.eval_file is not None:
-        from llmc.compiler.quantization import quantize_and_gate  # last pass: after the fusions
-
-        quant = quantize_and_gate(module, source.weights, options, source.tokenizer, target.fused_ops, target.name)
-        module = quant.module
-        manager.records.extend(quant.records)
-        quant_manifest = quant.manifest
+    module, manager = optimize(module, source.weights, options, caps.fused_ops, target.name,
+                               target.preferred_passes(options.opt_level), quantize)
+    extra: dict[str, Any] = {}
+    matrices = [n for n in sorted(module.referenced_params()) if module.params[n].type.rank == 2]
+    if quantize is not None:
+        extra["quantization"] = {
+            "mode": options.quant,
+            "order": "last pass, after the optimization pipeline",
+            "plan": quantize.plan.describe(),
+            "calibration": None if quantize.calib_ids is None else {
+                "file": str(options.calib_file), "tokens": len(quantize.calib_ids), "method": "awq",
+                **quantize.awq_stats},
+            "params": describe_weights(source.weights, matrices),
+        }
+    elif options.quant == "native":
+        extra["quantization"] = {"mode": "native", "params": describe_weights(source.weights, matrices)}
+    if gate is not None:
+        reference = quantize.input_weights if quantize is not None else {}
+        outcome = gate.run(module, source.weights, reference, quantize)
+        module = outcome.module
+        extra["quality"] = outcome.quality
+        if outcome.escalated and "quantization" in extra:
+            extra["quantization"]["params"] = describe_weights(source.weights, matrices)
+            extra["quantization"]["escalated"] = outcome.escalated
     out = Path(out)
     with ArtifactWriter(out) as writer:
-        if target.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
+        if caps.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
             writer.record_weights(module, source.weights)
         else:
             writer.write_weights(module, source.weights)
@@ -135,7 +191,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             },
             "model": source.config.to_dict(),
             "target": {"name": target.name, "options": emitted.options, "files": emitted.files,
-                       "notes": emitted.notes, "stores_weights": target.stores_weights},
+                       "notes": emitted.notes, "stores_weights": caps.stores_weights},
             "compile_options": options.manifest_dict(),
             "pipeline": {
                 "opt_level": options.opt_level,
@@ -147,11 +203,11 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
                 "num_layers": source.config.num_layers,
                 "num_kv_heads": source.config.num_kv_heads,
                 "head_dim": source.config.head_dim,
-                "layout": "slots" if target.name in ("onnx", "tensorrt") else "paged",
+                "layout": caps.kv_layout,
             },
             "op_counts": module.op_counts(),
             "tokenizer": source.tokenizer is not None,
-            **quant_manifest,
+            **extra,
         }
         return writer.finish(manifest)
 

@@ -1,45 +1,45 @@
-"""Quantization at compile time: the ``quantize`` pass, then the accuracy gate.
+"""The accuracy gate: a compiled model's quality, measured before anything is written.
 
-Order: the driver runs the optimization pipeline (fusions) first and this *last*, so fused
-weights are quantized as one matrix. With ``--eval-file`` the result is scored against the
-unquantized model (same IR, float weights; for ``--quant native`` the dequantized GGUF) on the
-torch executor: perplexity, mean KL(reference || quantized) and top-1 agreement go into the
-manifest's ``quality`` key. Over ``--max-ppl-increase`` the compile fails with
-:class:`QualityGateError` before anything is written, unless ``--auto-escalate``: then the
-sensitivity of every unit (``embed``, ``lm_head``, each ``layers.N``) is *measured* as the KL
-of the model with only that unit quantized, and the most sensitive units are raised one
-precision step (int4 -> int8 -> fp16 -> fp32) one at a time until the budget holds.
+The compile driver runs the pipeline with the ``quantize`` pass last, so fused weights are
+quantized as one matrix; then, with ``--eval-file``, this gate scores the result against the
+unquantized model (same IR, float weights; for ``--quant native`` the dequantized GGUF) through
+the target registry (:data:`SCORING_TARGET`, an in-memory executor): perplexity, mean
+KL(reference || quantized) and top-1 agreement go into the manifest's ``quality`` key. Over
+``--max-ppl-increase`` the compile fails with :class:`QualityGateError` before anything is
+written, unless ``--auto-escalate``: then the sensitivity of every unit (``embed``, ``lm_head``,
+each ``layers.N``) is *measured* as the KL of the model with only that unit quantized, and the
+most sensitive units are raised one precision step (int4 -> int8 -> fp16 -> fp32) one at a time
+until the budget holds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from llmc.compiler.errors import LlmcError, QualityGateError
 from llmc.compiler.ir.graph import Module, ParamInfo
+from llmc.compiler.ir.surgery import retype_params
 from llmc.compiler.ir.types import TensorType
+from llmc.compiler.token_ids import read_tokens
 from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.compiler.weights import QuantizedTensor, Weight, WeightStore, as_float, dtype_name
-from llmc.errors import LlmcError, QualityGateError
-from llmc.passes.base import PassContext
-from llmc.passes.manager import PassManager, PassRecord
-from llmc.passes.quant_plan import QuantPlan, Scheme, parse_scheme
-from llmc.passes.quantize import QuantizePass, quantize_weight, retype_params
+from llmc.passes.quant_plan import Scheme, parse_scheme
+from llmc.passes.quantize import QuantizePass, quantize_weight
 from llmc.runtime.evaluate import EvalResult, evaluate, reference_logits
-
-if TYPE_CHECKING:
-    from llmc.compiler.driver import CompileOptions
+from llmc.runtime.executor import Executor
+from llmc.runtime.registry import get_target
 
 log = logging.getLogger(__name__)
 
-PASS_MODES = ("fp16", "bf16", "int8", "int4")
+SCORING_TARGET = "torch"
+"""The target whose in-memory executor scores candidates (float32 on the CPU)."""
 ESCALATION = {4: "int8", 8: "fp16", "float16": "none", "bfloat16": "none"}
 
 
@@ -58,29 +58,6 @@ def parse_budget(value: str | float | None) -> float | None:
     if budget < 0:
         raise LlmcError(f"--max-ppl-increase must not be negative, got {value!r}")
     return budget
-
-
-def read_tokens(path: Path, tokenizer: LlmcTokenizer | None, what: str) -> list[int]:
-    """Token ids of a text file (with the model's tokenizer) or of a JSON list of ids."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise LlmcError(f"{what} {path}: {exc}") from exc
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            ids = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise LlmcError(f"{what} {path}: looks like JSON but is not valid: {exc}") from exc
-        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
-            raise LlmcError(f"{what} {path}: a JSON {what} must be a list of integer token ids")
-        return ids
-    if tokenizer is None:
-        raise LlmcError(f"{what} {path}: the model has no tokenizer; give a JSON list of token ids instead")
-    ids = tokenizer.encode(text)
-    if len(ids) < 2:
-        raise LlmcError(f"{what} {path}: only {len(ids)} tokens; need a longer text")
-    return ids
 
 
 def unit_of(name: str) -> str:
@@ -110,32 +87,33 @@ def module_for(module: Module, weights: Mapping[str, Weight]) -> Module:
 
 
 @dataclass
-class QuantOutcome:
-    """What :func:`quantize_and_gate` adds to the compile."""
+class GateOutcome:
+    """What the gate adds to the compile: the module (retyped if layers were escalated), the
+    manifest's ``quality`` record and the lines to print."""
 
     module: Module
-    records: list[PassRecord] = field(default_factory=list)
-    manifest: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    escalated: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
 
 
 class _Scorer:
-    """Scores weight sets of one module against cached reference logits on the torch executor."""
+    """Scores weight sets of one module against cached reference logits on the scoring target."""
 
     def __init__(self, module: Module, ref_weights: Mapping[str, Weight], ids: list[int]) -> None:
         self.module = module
         self.ids = ids
+        self.target = get_target(SCORING_TARGET)
         ref_exec = self._executor(ref_weights)
         self.ref_logits = reference_logits(ref_exec, ids)
         self.reference = evaluate(ref_exec, ids)
 
-    def _executor(self, weights: Mapping[str, Weight]) -> Any:
-        from llmc.targets.torch.executor import TorchExecutor
-
+    def _executor(self, weights: Mapping[str, Weight]) -> Executor:
         try:
-            return TorchExecutor(module_for(self.module, weights), weights)  # type: ignore[arg-type]
+            return self.target.load_module(module_for(self.module, weights), weights)  # type: ignore[arg-type]
         except LlmcError as exc:
-            raise LlmcError(f"the accuracy gate runs the IR on the torch executor, which failed: {exc}") from exc
+            raise LlmcError(f"the accuracy gate runs the IR on the {SCORING_TARGET} target, which failed: {exc}") \
+                from exc
 
     def score(self, weights: Mapping[str, Weight]) -> EvalResult:
         return evaluate(self._executor(weights), self.ids, reference=self.ref_logits)
@@ -144,47 +122,41 @@ class _Scorer:
         return result.perplexity / self.reference.perplexity - 1.0
 
 
-def quantize_and_gate(module: Module, weights: WeightStore, options: CompileOptions,
-                      tokenizer: LlmcTokenizer | None, target_ops: frozenset[str], target_name: str) -> QuantOutcome:
-    """Run the ``quantize`` pass per ``options`` and, with an eval file, the accuracy gate."""
-    mode = options.quant
-    budget = parse_budget(options.max_ppl_increase)  # option errors before any slow work
-    if options.eval_file is None and (budget is not None or options.auto_escalate):
-        raise LlmcError("--max-ppl-increase and --auto-escalate need --eval-file (the held-out text to score)")
-    eval_ids = read_tokens(options.eval_file, tokenizer, "eval file") if options.eval_file is not None else None
-    used = sorted(module.referenced_params())
-    matrices = [n for n in used if module.params[n].type.rank == 2]
-    ref_weights: dict[str, Weight] = {n: weights[n] for n in used}
-    outcome = QuantOutcome(module)
-    qpass: QuantizePass | None = None
-    if mode in PASS_MODES:
-        plan = QuantPlan.build(mode, options.group_size, options.sym, None, list(options.quant_override))
-        calib = read_tokens(options.calib_file, tokenizer, "calibration file") if options.calib_file else None
-        if calib is not None and plan.main.bits != 4 and not any(s.bits == 4 for _, s in plan.overrides):
-            raise LlmcError("--calib-file applies to int4 quantization (AWQ scales); use it with --quant int4")
-        qpass = QuantizePass(plan=plan, calib_ids=calib)
-        manager = PassManager([qpass], verify=True, dump_dir=options.dump_ir / "quantize" if options.dump_ir else None)
-        ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name,
-                          options=options.target_options)
-        outcome.module = manager.run(module, ctx)
-        outcome.records = manager.records
-        outcome.manifest["quantization"] = {
-            "mode": mode,
-            "order": "last pass, after the optimization pipeline",
-            "plan": plan.describe(),
-            "calibration": None if calib is None else {
-                "file": str(options.calib_file), "tokens": len(calib), "method": "awq", **qpass.awq_stats},
-            "params": describe_weights(weights, matrices),
-        }
-    elif mode == "native":
-        outcome.manifest["quantization"] = {"mode": "native", "params": describe_weights(weights, matrices)}
-    if eval_ids is not None:
-        _gate(outcome, module, weights, ref_weights, matrices, qpass, options, eval_ids, budget)
-    return outcome
+@dataclass
+class AccuracyGate:
+    """``--eval-file`` (and its budget): built from the options before any slow work, so a bad
+    budget or an unreadable file fails at once; :meth:`run` scores the compiled module."""
+
+    eval_file: Path
+    ids: list[int]
+    budget: float | None
+    auto_escalate: bool
+
+    @classmethod
+    def from_options(cls, eval_file: Path | None, max_ppl_increase: str | float | None, auto_escalate: bool,
+                     tokenizer: LlmcTokenizer | None) -> AccuracyGate | None:
+        """The gate the options ask for, or None without ``--eval-file``."""
+        budget = parse_budget(max_ppl_increase)
+        if eval_file is None:
+            if budget is not None or auto_escalate:
+                raise LlmcError("--max-ppl-increase and --auto-escalate need --eval-file (the held-out text to score)")
+            return None
+        return cls(Path(eval_file), read_tokens(eval_file, tokenizer, "eval file"), budget, auto_escalate)
+
+    def run(self, module: Module, weights: WeightStore, reference: Mapping[str, Weight],
+            qpass: QuantizePass | None) -> GateOutcome:
+        """Score ``module`` with ``weights`` against the same module with ``reference`` weights (the
+        matrices before quantization); escalate or raise :class:`QualityGateError` over budget."""
+        used = sorted(module.referenced_params())
+        matrices = [n for n in used if module.params[n].type.rank == 2]
+        ref_weights = {n: reference.get(n, weights[n]) for n in used}
+        outcome = GateOutcome(module)
+        _gate(outcome, module, weights, ref_weights, matrices, qpass, self, self.ids, self.budget)
+        return outcome
 
 
-def _gate(outcome: QuantOutcome, module: Module, weights: WeightStore, ref_weights: dict[str, Weight],
-          matrices: list[str], qpass: QuantizePass | None, options: CompileOptions, ids: list[int],
+def _gate(outcome: GateOutcome, module: Module, weights: WeightStore, ref_weights: dict[str, Weight],
+          matrices: list[str], qpass: QuantizePass | None, gate: AccuracyGate, ids: list[int],
           budget: float | None) -> None:
     # The float model the quantized one is measured against (AWQ-scaled floats are the same function).
     float_ref = {n: (as_float(w) if isinstance(w, QuantizedTensor) else w) for n, w in ref_weights.items()}
@@ -193,7 +165,7 @@ def _gate(outcome: QuantOutcome, module: Module, weights: WeightStore, ref_weigh
     result = scorer.score(final)
     increase = scorer.increase(result)
     quality: dict[str, Any] = {
-        "eval_file": str(options.eval_file),
+        "eval_file": str(gate.eval_file),
         "tokens": result.tokens,
         "executor": "torch/cpu float32",
         "reference": {"perplexity": scorer.reference.perplexity, "mean_nll": scorer.reference.mean_nll},
@@ -201,9 +173,9 @@ def _gate(outcome: QuantOutcome, module: Module, weights: WeightStore, ref_weigh
         "ppl_increase": increase,
         "max_ppl_increase": budget,
     }
-    outcome.manifest["quality"] = quality
+    outcome.quality = quality
     fits = budget is None or increase <= budget
-    if not fits and options.auto_escalate:
+    if not fits and gate.auto_escalate:
         result, increase, fits = _escalate(outcome, module, weights, float_ref, matrices, qpass, scorer, budget,
                                            result, increase)
         quality["quantized"] = result.to_dict()
@@ -213,7 +185,7 @@ def _gate(outcome: QuantOutcome, module: Module, weights: WeightStore, ref_weigh
         raise QualityGateError(
             f"accuracy gate failed: perplexity {result.perplexity:.4f} vs {scorer.reference.perplexity:.4f} "
             f"unquantized (+{increase:.2%}) exceeds --max-ppl-increase {budget:.2%} on {result.tokens} tokens of "
-            f"{options.eval_file}; KL {result.kl_mean:.4g}, top-1 agreement {result.top1_agreement:.1%}; "
+            f"{gate.eval_file}; KL {result.kl_mean:.4g}, top-1 agreement {result.top1_agreement:.1%}; "
             "no artifact written",
             hint="raise the budget, use --auto-escalate, a larger --quant precision or --calib-file",
         )
@@ -224,7 +196,7 @@ def _gate(outcome: QuantOutcome, module: Module, weights: WeightStore, ref_weigh
     )
 
 
-def _escalate(outcome: QuantOutcome, module: Module, weights: WeightStore, float_ref: dict[str, Weight],
+def _escalate(outcome: GateOutcome, module: Module, weights: WeightStore, float_ref: dict[str, Weight],
               matrices: list[str], qpass: QuantizePass | None, scorer: _Scorer, budget: float | None,
               result: EvalResult, increase: float) -> tuple[EvalResult, float, bool]:
     """Raise the most sensitive units one precision step at a time until the budget holds."""
@@ -269,15 +241,13 @@ def _escalate(outcome: QuantOutcome, module: Module, weights: WeightStore, float
     for name, value in current.items():
         weights[name] = value
     outcome.module = module_for(outcome.module, current)
-    outcome.manifest["quality"]["escalation"] = {
+    outcome.quality["escalation"] = {
         "method": "greedy by measured per-unit KL (one unit quantized at a time)",
         "sensitivity_kl": sensitivity,
         "escalated": escalated_units,
         "steps": steps,
     }
-    if "quantization" in outcome.manifest:
-        outcome.manifest["quantization"]["params"] = describe_weights(current, matrices)
-        outcome.manifest["quantization"]["escalated"] = escalated_units
+    outcome.escalated = escalated_units
     return result, increase, fits
 
 

@@ -1,0 +1,82 @@
+"""The runtime spine: artifact -> executor (through the target registry), and how big its KV
+cache is. :meth:`Engine.load <llmc.runtime.engine.Engine.load>`, ``llmc run``, ``llmc eval``
+and ``llmc bench`` all load through :func:`load_model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmc.compiler.errors import LlmcError, UnsupportedError
+from llmc.compiler.tokenizer import LlmcTokenizer
+from llmc.runtime.artifact import Artifact
+from llmc.runtime.executor import Executor, KVSpec
+from llmc.runtime.registry import get_target
+from llmc.runtime.target import Capabilities
+
+DEFAULT_KV_BYTES = 1 << 30
+"""Default KV budget: enough for ``max_running`` full-context sequences, but at most this."""
+
+
+@dataclass
+class LoadedModel:
+    """A verified artifact, its executor, its tokenizer and its target's capabilities."""
+
+    artifact: Artifact
+    executor: Executor
+    tokenizer: LlmcTokenizer | None
+    capabilities: Capabilities
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set(self.executor.config.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.meta.eos_token_ids)
+        return ids
+
+
+def load_model(path: str | Path | Artifact, *, verify: bool = True, device: str | None = None,
+               threads: int | None = None, block_size: int | None = None, deterministic: bool = False,
+               **target_options: Any) -> LoadedModel:
+    """Load (and by default verify) an artifact and its executor.
+
+    Unset options keep the artifact's own choice; ``deterministic`` is refused, before
+    anything loads, by targets without a batch-invariant mode.
+    """
+    artifact = path if isinstance(path, Artifact) else Artifact.load(path, verify=verify)
+    target = get_target(artifact.target)
+    caps = target.capabilities()
+    if deterministic and not caps.deterministic:
+        raise UnsupportedError(f"the {artifact.target} target has no deterministic (batch-invariant) mode; "
+                               "use the torch target for deterministic=True")
+    options: dict[str, Any] = {"device": device, "threads": threads, "block_size": block_size,
+                               "deterministic": deterministic or None, **target_options}
+    options = {k: v for k, v in options.items() if v is not None}
+    executor = target.load(artifact, **options)
+    return LoadedModel(artifact, executor, artifact.tokenizer(), caps)
+
+
+def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, kv_memory: int | None = None,
+              budget: int = DEFAULT_KV_BYTES) -> int:
+    """Blocks (or slots) to allocate: ``num_blocks`` if given, else what ``kv_memory`` bytes hold, else
+    ``max_running`` full-context sequences capped at ``budget`` bytes (at least one full sequence)."""
+    if spec.layout == "slots":
+        return min(max_running, num_blocks or max_running)
+    if num_blocks:
+        blocks = num_blocks
+    elif kv_memory:
+        blocks = int(kv_memory) // spec.bytes_per_block
+    else:
+        blocks = min(max_running * spec.max_blocks_per_seq,
+                     max(spec.max_blocks_per_seq, budget // spec.bytes_per_block))
+    if blocks < 1:
+        raise LlmcError(f"kv_memory {kv_memory} is less than one cache block ({spec.bytes_per_block} bytes)")
+    return blocks
+
+
+def kv_blocks_for(spec: KVSpec, sequences: int, tokens_each: int) -> int:
+    """Exactly the blocks (or slots) ``sequences`` sequences of ``tokens_each`` tokens need."""
+    if spec.layout == "slots":
+        return sequences
+    return sequences * max(1, -(-tokens_each // spec.block_size))

@@ -1,0 +1,122 @@
+"""The target contract: a code generator that writes an artifact's payload and loads it back
+as an :class:`~llmc.runtime.executor.Executor`.
+
+The runtime owns this contract (with the artifact format and the executor contract); each
+target package (``llmc.targets.<name>``) implements it in ``target.py`` and is found by name
+through :mod:`llmc.runtime.registry`. Callers read :meth:`Target.capabilities` instead of
+branching on a target's name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from llmc.compiler.errors import ArtifactError, UnsupportedError
+from llmc.compiler.ir.graph import Module
+from llmc.compiler.ir.ops import BASE_OPS, FUSED_OPS
+from llmc.compiler.quant_modes import QUANT_MODES
+from llmc.compiler.weights import WeightStore
+from llmc.runtime.executor import Executor
+
+if TYPE_CHECKING:
+    from llmc.runtime.artifact import Artifact, ArtifactWriter
+
+ALL_QUANT_MODES = frozenset(QUANT_MODES)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can do, declared once and read by the driver, the loader and the engine."""
+
+    ops: frozenset[str]
+    """IR ops it lowers: every base op and the fused ops it runs."""
+    devices: tuple[str, ...]
+    """Device kinds it builds for (``cpu``, ``cuda``, ``rocm``, ``cpu-ort``); ``cuda:1`` is kind ``cuda``."""
+    kv_layout: Literal["paged", "slots"] = "paged"
+    """``paged``: blocks of a shared pool per sequence; ``slots``: one fixed-capacity slot per sequence."""
+    quant_modes: frozenset[str] = ALL_QUANT_MODES
+    """The ``--quant`` modes whose weights it lowers (:data:`llmc.compiler.quant_modes.QUANT_MODES`)."""
+    deterministic: bool = False
+    """Whether it has a batch-invariant mode (greedy results independent of batching)."""
+    stores_weights: bool = False
+    """True when the payload holds the weights: the driver then writes no ``weights/`` copy and
+    :meth:`Target.read_weights` reads them back from the payload."""
+    runs_in_memory: bool = False
+    """Whether :meth:`Target.load_module` runs a module without writing an artifact."""
+
+    @property
+    def fused_ops(self) -> frozenset[str]:
+        """The fused ops among :attr:`ops` (passes producing others are left out of pipelines)."""
+        return self.ops & FUSED_OPS
+
+    def device_kind(self, device: str) -> str:
+        """``device``'s kind (``cuda:1`` -> ``cuda``), refused unless the target builds for it."""
+        kind = device.split(":", 1)[0]
+        if kind not in self.devices:
+            raise UnsupportedError(f"unknown device {device!r} for this target; it builds for "
+                                   f"{', '.join(self.devices)}")
+        return kind
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fused_ops": sorted(self.fused_ops), "devices": list(self.devices), "kv_layout": self.kv_layout,
+                "quant_modes": sorted(self.quant_modes), "deterministic": self.deterministic,
+                "stores_weights": self.stores_weights, "runs_in_memory": self.runs_in_memory}
+
+
+def lowered_ops(*fused: str) -> frozenset[str]:
+    """Every base op plus the given fused ops (what most targets declare as :attr:`Capabilities.ops`)."""
+    unknown = set(fused) - FUSED_OPS
+    if unknown:
+        raise ValueError(f"not fused ops: {sorted(unknown)}")
+    return BASE_OPS | frozenset(fused)
+
+
+@dataclass
+class EmitResult:
+    """What a target records in the manifest about its payload."""
+
+    options: dict[str, Any]
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Target(ABC):
+    """A code generator plus the loader of what it generates."""
+
+    name: ClassVar[str]
+    doc: ClassVar[str]
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """Ops, devices, KV layout, quant modes and modes this target supports (cheap, no imports
+        of the backend: callers read it before deciding anything)."""
+
+    def availability(self) -> str | None:
+        """None when usable here, else the reason it is not (a missing backend, no GPU)."""
+        return None
+
+    def preferred_passes(self, opt_level: int) -> list[str] | None:
+        """The pass list this target wants at ``opt_level`` (None: the generic pipeline)."""
+        return None
+
+    @abstractmethod
+    def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:
+        """Write the target payload into ``writer`` (weights and IR are written by the driver,
+        unless the target stores the weights itself). Raises :class:`~llmc.errors.LlmcError`
+        naming the op, shape or option it cannot lower; nothing is written on failure."""
+
+    @abstractmethod
+    def load(self, artifact: Artifact, **options: Any) -> Executor:
+        """Load an artifact written by :meth:`emit` (``options``: ``device``, ``threads``,
+        ``block_size``, ``deterministic`` and the target's own load options)."""
+
+    def load_module(self, module: Module, weights: WeightStore, **options: Any) -> Executor:
+        """An executor for an in-memory module and its weights, without an artifact (only where
+        :attr:`Capabilities.runs_in_memory`; the accuracy gate scores candidates this way)."""
+        raise UnsupportedError(f"target {self.name!r} runs only compiled artifacts, not in-memory modules")
+
+    def read_weights(self, artifact: Artifact) -> WeightStore:
+        """The params of an artifact whose payload stores them (:attr:`Capabilities.stores_weights`)."""
+        raise ArtifactError(f"{artifact.path}: target {self.name!r} keeps no weights in its payload")
