@@ -51,8 +51,8 @@ class TensorRTTarget(Target):
            "--device cpu-ort runs the graph under ONNX Runtime")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cuda", "cpu", "cpu-ort"),
-                            kv_layout="slots", stores_weights=True)
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"),
+                            devices=("cuda", "cpu", "cpu-ort"), kv_layout="slots", stores_weights=True)
 
     def availability(self) -> str | None:
         try:

@@ -12,7 +12,10 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from llmc.compiler.config import RopeScaling
-from llmc.compiler.frontends.gguf import fit_llama3_scaling, load_gguf, open_gguf, read_tensor
+from llmc.compiler.frontends.gguf import load_gguf
+from llmc.compiler.frontends.gguf_config import fit_llama3_scaling
+from llmc.compiler.frontends.gguf_reader import open_gguf
+from llmc.compiler.frontends.gguf_tensors import read_tensor
 from llmc.compiler.frontends.source import load_source
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.interp import Interpreter, NumpyKVCache

@@ -12,7 +12,8 @@ from gguf import GGUFWriter
 
 from llmc.cli import main
 from llmc.compiler.config import ModelConfig
-from llmc.compiler.frontends.gguf import Metadata, load_gguf, open_gguf
+from llmc.compiler.frontends.gguf import load_gguf
+from llmc.compiler.frontends.gguf_reader import Metadata, open_gguf
 from llmc.compiler.frontends.gguf_tokenizer import build_tokenizer
 from llmc.compiler.tokenizer import LlmcTokenizer
 

@@ -159,7 +159,8 @@ def test_runs_in_fresh_process_from_artifact_alone(stories_onnx: Path, stories_e
                                                    tmp_path: Path) -> None:
     moved = tmp_path / "copy" / "artifact"
     shutil.copytree(stories_onnx, moved)
-    code = ("import json, sys; from llmc.runtime.generate import generate_ids; from llmc.runtime.loader import load_model; "
+    code = ("import json, sys; from llmc.runtime.generate import generate_ids; "
+            "from llmc.runtime.loader import load_model; "
             "from llmc.runtime.sampling import SamplingParams; "
             "r = generate_ids(load_model(sys.argv[1]), [1], SamplingParams(max_tokens=40, temperature=0.0)); "
             "print(json.dumps(r.token_ids))")
