@@ -11,12 +11,10 @@ from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import BlockAllocator
+from llmc.runtime.loader import kv_blocks_for
+from llmc.runtime.sampling import log_softmax
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+__all__ = ["EvalResult", "evaluate", "log_softmax", "reference_logits", "score", "scored_logits"]
 
 
 def scored_logits(executor: Executor, ids: list[int], window: int | None = None,
@@ -31,14 +29,14 @@ def scored_logits(executor: Executor, ids: list[int], window: int | None = None,
     if len(ids) < 2:
         raise RequestError("need at least two tokens to score")
     spec = executor.kv_spec()
-    allocator = BlockAllocator(-(-window // spec.block_size), spec.block_size)
+    allocator = BlockAllocator(kv_blocks_for(spec, 1, window), spec.block_size)
     executor.init_cache(allocator.num_blocks)
     stride = max(window // 2, 1)
     scored_until = 1  # next position to score
     start = 0
     while scored_until < len(ids):
         end = min(start + window, len(ids))
-        table = allocator.allocate(allocator.blocks_for(end - start))
+        table = allocator.allocate(kv_blocks_for(spec, 1, end - start))
         for c0 in range(start, end, chunk):
             c1 = min(c0 + chunk, end)
             layout = BatchLayout((0,), (c1 - c0,), (c1 - start,))

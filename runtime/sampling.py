@@ -22,9 +22,13 @@ from llmc.compiler.errors import RequestError
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop (field names follow the OpenAI API)."""
+    """How to pick tokens and when to stop (field names follow the OpenAI API).
 
-    max_tokens: int = 64
+    ``max_tokens=None`` asks for the rest of the context: as many tokens as the model's context
+    leaves after the prompt (see :meth:`max_new_tokens`).
+    """
+
+    max_tokens: int | None = 64
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -44,7 +48,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
@@ -63,6 +67,11 @@ class SamplingParams:
             raise RequestError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
+
+    def max_new_tokens(self, prompt_tokens: int, context_length: int) -> int:
+        """The most tokens to generate after a prompt of ``prompt_tokens``: ``max_tokens``, or for
+        None what ``context_length`` leaves (which may be < 1: the engine then refuses the request)."""
+        return self.max_tokens if self.max_tokens is not None else context_length - prompt_tokens
 
     @property
     def greedy(self) -> bool:
@@ -85,8 +94,14 @@ class TokenLogprobs:
 class RequestSampler:
     """Per-request sampling state: the parameters, a private generator and penalty counts."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int]) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int],
+                 max_tokens: int | None = None) -> None:
+        """``max_tokens`` overrides ``params.max_tokens`` (the engine resolves None to the rest of the context)."""
         self.params = params
+        limit = params.max_tokens if max_tokens is None else max_tokens
+        if limit is None:
+            raise ValueError("max_tokens=None must be resolved against the context before sampling")
+        self.max_tokens: int = limit
         self.rng = np.random.default_rng(params.seed)
         self.prompt_ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
         self.output_ids: list[int] = []
@@ -97,7 +112,7 @@ class RequestSampler:
         self.output_ids.append(token)
         if token in self.stop_ids:
             return "stop"
-        if len(self.output_ids) >= self.params.max_tokens:
+        if len(self.output_ids) >= self.max_tokens:
             return "length"
         return None
 
