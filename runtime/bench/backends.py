@@ -1,9 +1,9 @@
 """What a benchmark drives: a :class:`Backend` runs a static batch or concurrent requests.
 
 llmc's own backend is here; peers (llama.cpp, transformers, ONNX Runtime GenAI) implement the
-same interface in ``benchmarks/peers.py``, so every engine is timed by the same harness with the
-same prompts. All decoding is greedy and ignores EOS, so every sequence produces exactly
-``gen_len`` tokens.
+same interface in ``benchmarks/peer_engines/`` (run by ``benchmarks/peers.py``), so every engine
+is timed by the same harness with the same prompts. All decoding is greedy and ignores EOS, so
+every sequence produces exactly ``gen_len`` tokens.
 """
 
 from __future__ import annotations
