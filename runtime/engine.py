@@ -155,10 +155,13 @@ class Engine:
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (text needs a tokenizer; id lists pass through)."""
         if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError("this model has no tokenizer; give prompts as token id lists")
-            return self.tokenizer.encode(prompt)
+            return self._text_tokenizer().encode(prompt)
         return [int(t) for t in prompt]
+
+    def _text_tokenizer(self) -> LlmcTokenizer:
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer; give prompts as token id lists")
+        return self.tokenizer
 
     def submit(self, prompt: Prompt | None, params: SamplingParams | None, sink: Sink, request_id: str | None = None,
                streaming: bool = False, prompt_ids: list[int] | None = None) -> str:
@@ -198,9 +201,7 @@ class Engine:
         if len(plist) != len(prompts):
             raise RequestError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         texts = [p for p in prompts if isinstance(p, str)]
-        if texts and self.tokenizer is None:
-            raise RequestError("this model has no tokenizer; give prompts as token id lists")
-        encoded = iter(self.tokenizer.encode_batch(texts) if texts and self.tokenizer else [])
+        encoded = iter(self._text_tokenizer().encode_batch(texts) if texts else [])
         all_ids = [next(encoded) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         futures: list[concurrent.futures.Future[RequestOutput]] = []
         rids: list[str] = []

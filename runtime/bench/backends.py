@@ -124,13 +124,11 @@ class LlmcBackend(Backend):
 
     def info(self) -> BackendInfo:
         from llmc.compiler.version import __version__
+        from llmc.runtime.inspect import weight_types
 
         m = self.artifact.manifest
         total, per_step, row = weight_bytes_per_step(m["params"])
-        types: dict[str, int] = {}
-        for record in m["params"].values():
-            key = record.get("quant") or record.get("dtype", "?")
-            types[key] = types.get(key, 0) + 1
+        types = weight_types(m["params"])
         return BackendInfo(
             engine="llmc",
             label=f"llmc/{self.artifact.target}:{self.path.resolve().name}",

@@ -136,4 +136,4 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         else:
             message = str(exc.detail) if exc.detail else HTTPStatus(status).phrase
-        return error_response(status, message, headers=getattr(exc, "headers", None))
+        return error_response(status, message, headers=exc.headers)
