@@ -18,7 +18,7 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise LlmcError("--plot needs matplotlib (pip install 'llmc[bench]')") from exc
+        raise LlmcError("--plot needs matplotlib (pip install 'llmc-toolchain[bench]')") from exc
     rows = [r for r in report["results"] if r["error"] is None]
     scenarios = [s for s in ("single", "batch", "concurrency") if any(r["scenario"] == s for r in rows)]
     if not scenarios:

@@ -135,7 +135,7 @@ def validate(report: dict[str, Any]) -> None:
     try:
         import jsonschema
     except ImportError as exc:
-        raise LlmcError("validating a bench report needs jsonschema (pip install 'llmc[bench]')") from exc
+        raise LlmcError("validating a bench report needs jsonschema (pip install 'llmc-toolchain[bench]')") from exc
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(report), key=lambda e: list(e.absolute_path))
     if errors:
