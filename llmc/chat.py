@@ -11,6 +11,7 @@ system prompt and a history kept within the context; and streaming from plain (n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 from collections.abc import Iterator
@@ -111,12 +112,13 @@ class ChatSession:
         The turn enters the history once the answer is complete; :attr:`last` is its output."""
         turn = turn or self.prepare(user)
         pieces: list[str] = []
-        for chunk in stream_chunks(self.engine, turn.prompt_ids, turn.params):
-            if chunk.text:
-                pieces.append(chunk.text)
-                yield chunk.text
-            if chunk.output is not None:
-                self.last = chunk.output
+        with contextlib.closing(stream_chunks(self.engine, turn.prompt_ids, turn.params)) as chunks:
+            for chunk in chunks:  # leaving early closes the stream, which cancels the request
+                if chunk.text:
+                    pieces.append(chunk.text)
+                    yield chunk.text
+                if chunk.output is not None:
+                    self.last = chunk.output
         if turn.dropped:
             del self.history[:turn.dropped]
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(pieces)}]

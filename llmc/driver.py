@@ -138,8 +138,10 @@ def check_target_options(options: CompileOptions, caps: Capabilities, target: st
                                f"{', '.join(sorted(caps.quant_modes))}")
 
 
-def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions) -> Path:
-    """Compile a model file or folder into an artifact directory; returns its path."""
+def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions | None = None) -> Path:
+    """Compile a model file or folder into an artifact directory (``options``: the defaults when
+    None: torch, CPU, -O2, weights as stored); returns its path."""
+    options = options or CompileOptions()
     target = get_target(options.target)
     caps = target.capabilities()
     check_target_options(options, caps, target.name)
