@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -63,3 +65,22 @@ def test_import_llmc_stays_light(tmp_path: Path) -> None:
 def test_unknown_names_are_attribute_errors(tmp_path: Path) -> None:
     done = _python("import llmc\ntry:\n    llmc.Nope\nexcept AttributeError as e:\n    print(e)", tmp_path)
     assert "has no attribute 'Nope'" in done.stdout, done.stderr
+
+
+def _readme_python_blocks(section: str) -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("```", 1)[0] for block in body.split("```python\n")[1:]]
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_the_readme_python_api_runs_from_the_folder_above_a_clone(smollm2_gguf: Path, tmp_path: Path) -> None:
+    blocks = _readme_python_blocks("Python API")
+    assert len(blocks) == 2 and all("SmolLM2-135M-Instruct.Q4_1.gguf" in b for b in blocks)
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(smollm2_gguf)
+    (tmp_path / "llmc").symlink_to(ROOT, target_is_directory=True)  # the clone, beside the user's script
+    for block in blocks:
+        done = _python(block, tmp_path)
+        assert done.returncode == 0, f"{block}\n{done.stderr}"
+    assert "Paris" in done.stdout  # the chat session's answer

@@ -69,7 +69,8 @@ def bench(artifact: Path, scenario: str, batch_sizes: str, concurrency: str, pro
         prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, repeat=repeat, seed=seed,
         threads=threads or os.cpu_count())
     path = resolve_model(artifact, compile_target, quant, device)
-    report = run_bench(path, settings, device=device, quiet=quiet, bandwidth_mib=bandwidth_mib)
+    name = artifact.resolve().name if path == artifact else artifact.name.removesuffix(".gguf")
+    report = run_bench(path, settings, device=device, quiet=quiet, bandwidth_mib=bandwidth_mib, name=name)
     write_outputs(report, json_out, plot_out)
     click.echo(machine_line(report))
     click.echo(markdown_table(report["results"]))

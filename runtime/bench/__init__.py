@@ -83,10 +83,12 @@ def model_summary(artifact: Artifact) -> dict[str, Any]:
 
 def run_bench(artifact: str | Path, settings: BenchSettings, device: str | None = None, quiet: bool = False,
               engine_config: dict[str, Any] | None = None, measure_bw: bool = True,
-              bandwidth_mib: int = 256) -> dict[str, Any]:
-    """Benchmark a compiled artifact; returns the report dict (already validated)."""
+              bandwidth_mib: int = 256, name: str | None = None) -> dict[str, Any]:
+    """Benchmark a compiled artifact; returns the report dict (already validated). ``name``: what
+    tables and plots call it after ``llmc/TARGET:`` (default: the artifact's folder name)."""
     check_dependencies(quiet=quiet)
-    backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config)
+    backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config,
+                          name=name)
     try:
         report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw,
                             bandwidth_mib=bandwidth_mib, device=str(getattr(backend.executor, "device", "cpu")))
