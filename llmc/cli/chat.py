@@ -90,6 +90,7 @@ def chat(artifact: Path, system: str | None, **options: Any) -> None:
     leaves, Ctrl-C stops the current answer. Otherwise each line of stdin is one message and the
     answers are printed one after another:
 
+    \b
         printf 'What is the capital of France?\\n' | llmc chat model.gguf --max-tokens 24 --temperature 0
 
     The conversation is kept within the model's context: when it would not fit, the oldest turns
