@@ -16,6 +16,7 @@ from llmc.compiler.errors import LlmcError, UnsupportedError
 from llmc.compiler.frontends.llama import build_module, declare_params
 from llmc.compiler.frontends.source import ModelSource, load_source
 from llmc.compiler.ir.graph import Module
+from llmc.compiler.progress import step
 from llmc.compiler.quant_modes import PASS_MODES, quant_mode
 from llmc.compiler.token_ids import read_tokens
 from llmc.compiler.tokenizer import LlmcTokenizer
@@ -137,12 +138,16 @@ def check_target_options(options: CompileOptions, caps: Capabilities, target: st
                                f"{', '.join(sorted(caps.quant_modes))}")
 
 
-def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions) -> Path:
-    """Compile a model file or folder into an artifact directory; returns its path."""
+def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions | None = None) -> Path:
+    """Compile a model file or folder into an artifact directory (``options``: the defaults when
+    None: torch, CPU, -O2, weights as stored); returns its path."""
+    options = options or CompileOptions()
     target = get_target(options.target)
     caps = target.capabilities()
     check_target_options(options, caps, target.name)
-    source = load_source(source_path, native_quant=options.quant == "native")
+    with step(f"reading {Path(source_path).name}"):
+        source = load_source(source_path, native_quant=options.quant == "native")
+    read_tensors(source)
     if options.quant == "native" and source.kind != "gguf":
         raise LlmcError(f"{source_path}: --quant native keeps GGUF quant blocks; this source is {source.kind!r}, "
                         "not a GGUF file")
@@ -179,15 +184,20 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
         if caps.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
             writer.record_weights(module, source.weights)
         else:
-            writer.write_weights(module, source.weights)
+            with step("writing weights"):
+                writer.write_weights(module, source.weights)
         writer.write_ir(module)
         writer.write_tokenizer(source.tokenizer)
-        emitted = target.emit(module, source.weights, writer, {"device": options.device, **options.target_options})
+        with step(f"{target.name} target"):
+            emitted = target.emit(module, source.weights, writer,
+                                  {"device": options.device, **options.target_options})
+        with step("source checksums"):
+            source_files = {str(p.name): sha256_file(p) for p in source.files}
         manifest = {
             "source": {
                 "kind": source.kind,
                 "path": str(source.path),
-                "files": {str(p.name): sha256_file(p) for p in source.files},
+                "files": source_files,
             },
             "model": source.config.to_dict(),
             "target": {"name": target.name, "options": emitted.options, "files": emitted.files,
@@ -209,7 +219,16 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             "tokenizer": source.tokenizer is not None,
             **extra,
         }
-        return writer.finish(manifest)
+        with step("artifact checksums"):
+            return writer.finish(manifest)
+
+
+def read_tensors(source: ModelSource) -> None:
+    """Load (and dequantize where asked) every tensor now, one counted step, rather than on first use."""
+    with step("reading tensors", total=len(source.weights)) as progress:
+        for name in list(source.weights):
+            source.weights[name]  # a lazy weight loads on access
+            progress.advance(name)
 
 
 def _entries(module: Module) -> dict[str, Any]:

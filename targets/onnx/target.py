@@ -39,7 +39,7 @@ class OnnxTarget(Target):
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            return f"{exc.name} is not installed (pip install 'llmc[onnx]')"
+            return f"{exc.name} is not installed (pip install 'llmc-toolchain[onnx]')"
         return None
 
     def _require(self) -> None:

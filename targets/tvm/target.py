@@ -45,7 +45,7 @@ class TvmTarget(Target):
 
     def availability(self) -> str | None:
         if importlib.util.find_spec("tvm") is None:
-            return "apache-tvm is not installed (pip install 'llmc[tvm]')"
+            return "apache-tvm is not installed (pip install 'llmc-toolchain[tvm]')"
         return None
 
     def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:
