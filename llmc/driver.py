@@ -142,6 +142,9 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
     target = get_target(options.target)
     caps = target.capabilities()
     check_target_options(options, caps, target.name)
+    inputs = [Path(p) for p in (source_path, options.calib_file, options.eval_file, options.dump_ir) if p is not None]
+    writer = ArtifactWriter(out, inputs=inputs)
+    writer.check()  # an output that is not llmc's own is refused before any work
     source = load_source(source_path, native_quant=options.quant == "native")
     if options.quant == "native" and source.kind != "gguf":
         raise LlmcError(f"{source_path}: --quant native keeps GGUF quant blocks; this source is {source.kind!r}, "
@@ -174,8 +177,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
         if outcome.escalated and "quantization" in extra:
             extra["quantization"]["params"] = describe_weights(source.weights, matrices)
             extra["quantization"]["escalated"] = outcome.escalated
-    out = Path(out)
-    with ArtifactWriter(out) as writer:
+    with writer:
         if caps.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
             writer.record_weights(module, source.weights)
         else:

@@ -12,7 +12,7 @@ import click
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Folder (safetensors) or .gguf file / folder for it (gguf).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the weight matrices (norms stay float32).")
 def synth(preset: str, out: Path, fmt: str, seed: int, dtype: str) -> None:
