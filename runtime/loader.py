@@ -13,7 +13,7 @@ from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.runtime.artifact import Artifact
 from llmc.runtime.executor import Executor, KVSpec
 from llmc.runtime.registry import get_target
-from llmc.runtime.target import Capabilities
+from llmc.runtime.target import Capabilities, check_options
 
 DEFAULT_KV_BYTES = 1 << 30
 """Default KV budget: enough for ``max_running`` full-context sequences, but at most this."""
@@ -41,17 +41,24 @@ def load_model(path: str | Path | Artifact, *, verify: bool = True, device: str 
                **target_options: Any) -> LoadedModel:
     """Load (and by default verify) an artifact and its executor.
 
-    Unset options keep the artifact's own choice; ``deterministic`` is refused, before
-    anything loads, by targets without a batch-invariant mode.
+    Unset options keep the artifact's own choice. Before anything loads, these are refused with
+    a clear error: a device the target does not build for, ``threads`` below 1, ``deterministic``
+    on a target without a batch-invariant mode, and options the target does not take
+    (:attr:`~llmc.runtime.target.Target.load_options`; ``block_size`` is one of them).
     """
     artifact = path if isinstance(path, Artifact) else Artifact.load(path, verify=verify)
     target = get_target(artifact.target)
     caps = target.capabilities()
+    if device is not None:
+        caps.device_kind(device)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise LlmcError(f"threads must be a positive integer, got {threads!r}")
     if deterministic and not caps.deterministic:
         raise UnsupportedError(f"the {artifact.target} target has no deterministic (batch-invariant) mode; "
                                "use the torch target for deterministic=True")
-    options: dict[str, Any] = {"device": device, "threads": threads, "block_size": block_size,
-                               "deterministic": deterministic or None, **target_options}
+    extra = {k: v for k, v in {"block_size": block_size, **target_options}.items() if v is not None}
+    options: dict[str, Any] = {"device": device, "threads": threads, "deterministic": deterministic or None,
+                               **check_options(target, extra, "load")}
     options = {k: v for k, v in options.items() if v is not None}
     executor = target.load(artifact, **options)
     return LoadedModel(artifact, executor, artifact.tokenizer(), caps)

@@ -34,7 +34,7 @@ def _read_eval_ids(model: Any, text_file: Path | None, ids_file: Path | None) ->
 @click.option("--ids-file", type=click.Path(path_type=Path), default=None)
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Reference artifact: adds KL divergence and top-1 agreement.")
-@click.option("--window", type=int, default=None, help="Scoring window (default: the model context).")
+@click.option("--window", type=click.IntRange(2), default=None, help="Scoring window (default: the model context).")
 @click.option("--json", "as_json", is_flag=True)
 def eval_cmd(artifact: Path, text_file: Path | None, ids_file: Path | None, reference: Path | None,
              window: int | None, as_json: bool) -> None:

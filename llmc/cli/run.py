@@ -52,12 +52,13 @@ def _read_prompts_file(path: Path) -> list[str | list[int]]:
 @click.option("--temperature", default=1.0, show_default=True, type=float)
 @click.option("--top-k", default=0, type=int)
 @click.option("--top-p", default=1.0, type=float)
-@click.option("--seed", default=None, type=int)
+@click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Sampling seed (>= 0).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after EOS.")
 @click.option("--device", default=None, help="Override the artifact's device.")
-@click.option("--threads", default=None, type=int, help="CPU threads for the executor.")
-@click.option("--max-running", default=32, show_default=True, type=int, help="Sequences decoded together.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for the executor.")
+@click.option("--max-running", default=32, show_default=True, type=click.IntRange(1),
+              help="Sequences decoded together.")
 @click.option("--deterministic", is_flag=True, help="Batch-invariant kernels: results independent of batching.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (one line per prompt with --prompts-file).")
 def run(artifact: Path, prompt: str | None, prompt_ids: str | None, prompts_file: Path | None, max_tokens: int,
