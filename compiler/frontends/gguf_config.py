@@ -135,7 +135,7 @@ def fit_llama3_scaling(factors: np.ndarray, theta: float, rotary_dim: int, where
     else:
         a = 2.0 / (u_high - u_low)
         c = -0.5 - a * u_low
-    if not (a > 0 and c < 0):
+    if not (np.isfinite(a) and np.isfinite(c) and a > 0 and c < 0 and a / -c < 2**31):
         raise UnsupportedError(f"{where}: {ROPE_FREQS} does not follow Llama 3 RoPE scaling; it is not supported")
     old_ctx = max(1, round(a / -c))  # low == 1 when the line allows an integer context
     span = old_ctx / a
