@@ -195,7 +195,28 @@ class Artifact:
             raise ArtifactError(f"{ir_path}: cannot be read: {exc}") from exc
         except IRError as exc:
             raise ArtifactError(f"{ir_path}: {exc}") from exc
+        _check_against_ir(path, manifest, module)
         return cls(path, manifest, module)
+
+
+def _check_against_ir(path: Path, manifest: dict[str, Any], module: Module) -> None:
+    """The manifest's model config and param records agree with the (checksummed) IR."""
+    where = path / MANIFEST
+    try:
+        same = not module.config or ModelConfig.from_dict(module.config) == ModelConfig.from_dict(manifest["model"])
+    except InputError as exc:
+        raise ArtifactError(f"{path / IR_FILE}: its model config is invalid: {exc}") from exc
+    if not same:
+        raise ArtifactError(f"{where}: model differs from the config in {IR_FILE} (edited manifest? recompile)")
+    params = manifest["params"]
+    for name in sorted(module.referenced_params()):
+        record = params.get(name)
+        if record is None:
+            raise ArtifactError(f"{where}: params lacks {name!r}, which {IR_FILE} uses (edited manifest? recompile)")
+        info = module.params.get(name)
+        if info is not None and [int(d) for d in info.type.shape if isinstance(d, int)] != list(record["shape"]):
+            raise ArtifactError(f"{where}: params.{name}.shape {record['shape']} differs from {IR_FILE}'s "
+                                f"{list(info.type.shape)} (edited manifest? recompile)")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -225,6 +246,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
             f"({SCHEMA_VERSION}); upgrade llmc or recompile",
         )
     problem = _schema_problem(manifest, MANIFEST_SCHEMA, "")
+    for key, schema in (("quantization", QUANTIZATION_SCHEMA), ("quality", QUALITY_SCHEMA)):
+        if problem is None and manifest.get(key) is not None:
+            problem = _schema_problem(manifest[key], schema, f"{key}.")
+    calibration = (manifest.get("quantization") or {}).get("calibration") if problem is None else None
+    if calibration is not None:
+        problem = _schema_problem(calibration, CALIBRATION_SCHEMA, "quantization.calibration.")
     if problem is None:
         try:
             ModelConfig.from_dict(manifest["model"])
@@ -256,6 +283,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
     "quantization?": (dict, type(None)),
     "quality?": (dict, type(None)),
 }
+QUANTIZATION_SCHEMA: dict[str, Any] = {"mode": str, "calibration?": (dict, type(None))}
+CALIBRATION_SCHEMA: dict[str, Any] = {"method": str, "tokens": int}
+QUALITY_SCHEMA: dict[str, Any] = {
+    "eval_file": str, "tokens": int, "ppl_increase": _Number, "max_ppl_increase?": (*_Number, type(None)),
+    "reference": {"perplexity": _Number}, "quantized": {"perplexity": _Number, "kl_mean": (*_Number, type(None)),
+                                                        "top1_agreement": (*_Number, type(None))},
+}
 
 
 def _type_name(expected: Any) -> str:
@@ -273,7 +307,7 @@ def _schema_problem(value: Any, expected: Any, where: str) -> str | None:
     """What is wrong with ``value`` against ``expected`` (see :data:`MANIFEST_SCHEMA`), or None."""
     if isinstance(expected, dict):
         if not isinstance(value, dict):
-            return f"{where or 'the manifest'} must be an object"
+            return f"{where.rstrip('.') or 'the manifest'} must be an object"
         for key, sub in expected.items():
             name = key.rstrip("?")
             if name not in value:

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmc.compiler.errors import LlmcError, UnsupportedError
+from llmc.compiler.errors import ArtifactError, LlmcError, UnsupportedError
 from llmc.compiler.tokenizer import LlmcTokenizer
-from llmc.runtime.artifact import Artifact
+from llmc.runtime.artifact import MANIFEST, Artifact
 from llmc.runtime.executor import Executor, KVSpec
 from llmc.runtime.registry import get_target
-from llmc.runtime.target import Capabilities, check_options
+from llmc.runtime.target import Capabilities, Target, check_options
 
 DEFAULT_KV_BYTES = 1 << 30
 """Default KV budget: enough for ``max_running`` full-context sequences, but at most this."""
@@ -49,6 +49,7 @@ def load_model(path: str | Path | Artifact, *, verify: bool = True, device: str 
     artifact = path if isinstance(path, Artifact) else Artifact.load(path, verify=verify)
     target = get_target(artifact.target)
     caps = target.capabilities()
+    check_saved_options(artifact, target)
     if device is not None:
         caps.device_kind(device)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -62,6 +63,21 @@ def load_model(path: str | Path | Artifact, *, verify: bool = True, device: str 
     options = {k: v for k, v in options.items() if v is not None}
     executor = target.load(artifact, **options)
     return LoadedModel(artifact, executor, artifact.tokenizer(), caps)
+
+
+def check_saved_options(artifact: Artifact, target: Target) -> None:
+    """The compile options recorded in the manifest (``target.options``) have the declared types and
+    values, and its device is one the target builds for (the manifest is not checksummed)."""
+    saved = artifact.target_options
+    declared = {o.name: o for o in target.compile_options}
+    try:
+        if "device" in saved:
+            target.capabilities().device_kind(saved["device"])
+        for key, value in saved.items():
+            if key in declared:
+                declared[key].parse(value, "recorded")
+    except UnsupportedError as exc:
+        raise ArtifactError(f"{artifact.path / MANIFEST}: target.options: {exc} (edited manifest? recompile)") from exc
 
 
 def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, kv_memory: int | None = None,

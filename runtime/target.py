@@ -86,10 +86,14 @@ class TargetOption:
     choices: tuple[Any, ...] = ()
     """The allowed values (empty: any value of :attr:`kind`)."""
     minimum: float | None = None
+    optional: bool = False
+    """Whether None is a value (e.g. a setting that does not apply to some builds)."""
 
     def parse(self, value: Any, stage: str) -> Any:
         """``value`` as :attr:`kind`, checked against :attr:`choices` and :attr:`minimum`."""
         where = f"{stage} option {self.name}"
+        if value is None and self.optional:
+            return None
         converted = _convert(value, self.kind)
         if converted is None:
             raise UnsupportedError(f"{where} expects {_KIND_NAMES[self.kind]}, got {value!r}")

@@ -178,11 +178,12 @@ def _weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
+            data = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"{index}: not a valid safetensors index: {exc}") from exc
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise InputError(f"{index}: weight_map must map tensor names to file names")
+            raise InputError(f"{index}: not a valid safetensors index: weight_map must map tensor names to file names")
         root = folder.resolve()
         files = sorted({folder / f for f in weight_map.values()})
         outside = [str(f) for f in files if root not in f.resolve().parents]

@@ -39,10 +39,10 @@ class TvmTarget(Target):
     name = "tvm"
     doc = "Apache TVM Relax over TVM's paged KV cache: llvm (CPU) runs here; cuda and rocm cross-compile"
     compile_options = (
-        TargetOption("arch", str, "LLVM CPU name, CUDA tag/arch or AMD gfx arch (--arch)"),
+        TargetOption("arch", str, "LLVM CPU name, CUDA tag/arch or AMD gfx arch (--arch)", optional=True),
         TargetOption("tune", int, "meta-schedule trials, cpu builds only (--tune)", minimum=0),
         TargetOption("page_size", int, "KV cache page size in tokens (16)", minimum=1),
-        TargetOption("cpu_schedule", str, "schedule of cpu builds' matmuls", CPU_SCHEDULES),
+        TargetOption("cpu_schedule", str, "schedule of cpu builds' matmuls", CPU_SCHEDULES, optional=True),
         TargetOption("cuda_graph", bool, "capture the batch-1 decode in CUDA graphs (cuda builds; default on)"),
     )
 
