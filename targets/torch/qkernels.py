@@ -10,11 +10,14 @@ logged) and callers keep dequantizing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -80,13 +83,29 @@ def load() -> ModuleType | None:
                 name = _extension_name()
                 directory = build_dir() / name
                 directory.mkdir(parents=True, exist_ok=True)
-                _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                                             extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
+                with _builder_lock(directory):
+                    _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                                 extra_ldflags=LDFLAGS, build_directory=str(directory),
+                                                 verbose=False)
             except Exception as exc:  # no compiler, no ninja, unsupported flags: keep dequantizing
                 _failed = True
                 log.warning("llmc CPU quantized kernels unavailable (%s: %s); dequantizing per call instead",
                             type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
     return _module
+
+
+@contextlib.contextmanager
+def _builder_lock(directory: Path) -> Iterator[None]:
+    """One builder per machine, and no wait forever on a dead one: torch's own lock (a ``lock`` file)
+    stays behind when a build is killed, and every later load then waits on it forever. An flock is
+    released by the kernel when its holder dies, so whoever holds it may remove torch's stale file."""
+    with open(directory / "llmc-build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def available() -> bool:

@@ -15,6 +15,9 @@ from tests.fuzz.sandbox import Outcome, Sandbox
 
 @pytest.fixture(scope="module")
 def sandbox() -> Iterator[Sandbox]:
+    from llmc.targets.torch import qkernels
+
+    qkernels.load()  # the first build of the CPU kernels (a minute on a new machine) is not a timed case
     box = Sandbox()
     yield box
     box.close()

@@ -25,25 +25,34 @@ def json_values(depth: int = 2) -> st.SearchStrategy[Any]:
                                                                     inner, max_size=3)
 
 
-def mutate_json(draw: st.DrawFn, value: Any, depth: int = 0) -> Any:
-    """``value`` with one spot changed: a value replaced, a key dropped or added, or a type swapped."""
+def mutate_json(draw: st.DrawFn, value: Any, depth: int = 0, path: list[str] | None = None) -> Any:
+    """``value`` with one spot changed: a value replaced, a key dropped, or an item dropped. ``path``
+    (when given) receives a description of the spot, e.g. ``['target', 'options', 'block_size=None']``."""
+    path = path if path is not None else []
     if isinstance(value, dict) and value and draw(st.integers(0, 3)) and depth < 6:
         key = draw(st.sampled_from(sorted(value, key=str)))
         action = draw(st.sampled_from(["descend", "descend", "replace", "drop"]))
         out = dict(value)
         if action == "drop":
             del out[key]
+            path.append(f"drop {key}")
         elif action == "replace":
             out[key] = draw(json_values())
+            path.append(f"{key}={str(out[key])[:80]}")
         else:
-            out[key] = mutate_json(draw, value[key], depth + 1)
+            path.append(str(key))
+            out[key] = mutate_json(draw, value[key], depth + 1, path)
         return out
     if isinstance(value, list) and value and draw(st.integers(0, 3)) and depth < 6:
         i = draw(st.integers(0, len(value) - 1))
         out_list = list(value)
         if draw(st.booleans()):
-            out_list[i] = mutate_json(draw, value[i], depth + 1)
+            path.append(f"[{i}]")
+            out_list[i] = mutate_json(draw, value[i], depth + 1, path)
         else:
             del out_list[i]
+            path.append(f"drop [{i}]")
         return out_list
-    return draw(json_values())
+    replacement = draw(json_values())
+    path.append(f"= {str(replacement)[:80]}")
+    return replacement

@@ -48,8 +48,9 @@ class Case:
 def manifest_case(draw: st.DrawFn, art: Path) -> Case:
     base = json.loads((art / "manifest.json").read_text())
     kind = draw(st.sampled_from(["deep", "deep", "deep", "target", "files", "whole"]))
+    spot: list[str] = []
     if kind == "deep":
-        mutated = mutate_json(draw, base)
+        mutated = mutate_json(draw, base, path=spot)
     elif kind == "target":
         key = draw(st.sampled_from(["device", "block_size", "activation_dtype", "quant_kernels", "accuracy_level"]))
         mutated = {**base, "target": {**base["target"], "options": {**base["target"]["options"],
@@ -74,7 +75,7 @@ def manifest_case(draw: st.DrawFn, art: Path) -> Case:
     def apply(art: Path) -> None:
         (art / "manifest.json").write_text(text)
 
-    return Case(f"manifest {kind}: {text[:300]}", apply)
+    return Case(f"manifest {kind}: {'.'.join(spot) or text[:300]}", apply)
 
 
 @st.composite
