@@ -16,7 +16,8 @@ from llmc.runtime.registry import get_target
 from llmc.runtime.target import Capabilities, Target, check_options
 
 DEFAULT_KV_BYTES = 1 << 30
-"""Default KV budget: enough for ``max_running`` full-context sequences, but at most this."""
+"""Default KV budget: enough for ``max_running`` full-context sequences, but at most this (even when
+one full-context sequence needs more: the cache is then shorter than the context)."""
 
 
 @dataclass
@@ -83,7 +84,14 @@ def check_saved_options(artifact: Artifact, target: Target) -> None:
 def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, kv_memory: int | None = None,
               budget: int = DEFAULT_KV_BYTES) -> int:
     """Blocks (or slots) to allocate: ``num_blocks`` if given, else what ``kv_memory`` bytes hold, else
-    ``max_running`` full-context sequences capped at ``budget`` bytes (at least one full sequence)."""
+    ``max_running`` full-context sequences capped at ``budget`` bytes.
+
+    The cap holds even when one full-context sequence does not fit (a long-context model): the cache is
+    then smaller than the context, and a request that needs more than the whole cache is refused at
+    submission with the numbers (pass ``kv_memory`` or ``num_blocks`` for a larger cache)."""
+    for name, value in (("num_blocks", num_blocks), ("kv_memory", kv_memory)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LlmcError(f"{name} must be a positive integer, got {value!r}")
     if spec.layout == "slots":
         return min(max_running, num_blocks or max_running)
     if num_blocks:
@@ -91,8 +99,7 @@ def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, 
     elif kv_memory:
         blocks = int(kv_memory) // spec.bytes_per_block
     else:
-        blocks = min(max_running * spec.max_blocks_per_seq,
-                     max(spec.max_blocks_per_seq, budget // spec.bytes_per_block))
+        blocks = min(max_running * spec.max_blocks_per_seq, max(1, budget // spec.bytes_per_block))
     if blocks < 1:
         raise LlmcError(f"kv_memory {kv_memory} is less than one cache block ({spec.bytes_per_block} bytes)")
     return blocks
