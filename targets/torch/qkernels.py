@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -59,7 +60,10 @@ def build_dir() -> Path:
 
 
 def _extension_name() -> str:
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_fingerprint().encode() + torch.__version__.encode()
+    """A build directory per source, flags, CPU, torch and checkout: the source's path is in ninja's
+    build command, so two checkouts sharing one directory would rebuild it in turn (under torch's lock)."""
+    key = (SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_fingerprint().encode() + torch.__version__.encode()
+           + str(SOURCE.resolve()).encode())
     return "llmc_qgemv_" + hashlib.sha256(key).hexdigest()[:12]
 
 
@@ -94,15 +98,31 @@ def load() -> ModuleType | None:
     return _module
 
 
+STALE_LOCK_SECONDS = 600.0
+"""torch's build lock older than this is a dead builder's (a build of the kernel takes well under a minute)."""
+
+
 @contextlib.contextmanager
 def _builder_lock(directory: Path) -> Iterator[None]:
-    """One builder per machine, and no wait forever on a dead one: torch's own lock (a ``lock`` file)
-    stays behind when a build is killed, and every later load then waits on it forever. An flock is
-    released by the kernel when its holder dies, so whoever holds it may remove torch's stale file."""
+    """One builder at a time, and no wait forever on a dead one. torch's own lock (a ``lock`` file)
+    stays behind when a build is killed, and every later load then waits on it forever. llmc's
+    builders take turns on an flock (released by the kernel when its holder dies); the holder then
+    waits for torch's file to go (a builder that does not take the flock, e.g. an older llmc) and
+    removes it once it is older than :data:`STALE_LOCK_SECONDS`."""
+    torch_lock = directory / "lock"
     with open(directory / "llmc-build.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            (directory / "lock").unlink(missing_ok=True)
+            while True:
+                try:
+                    age = time.time() - torch_lock.stat().st_mtime
+                except FileNotFoundError:
+                    break
+                if age > STALE_LOCK_SECONDS:
+                    log.warning("removing %s, left by a build that did not finish", torch_lock)
+                    torch_lock.unlink(missing_ok=True)
+                    break
+                time.sleep(0.5)
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
