@@ -5,6 +5,13 @@ The runtime owns this contract (with the artifact format and the executor contra
 target package (``llmc.targets.<name>``) implements it in ``target.py`` and is found by name
 through :mod:`llmc.runtime.registry`. Callers read :meth:`Target.capabilities` instead of
 branching on a target's name.
+
+Adding a target is one folder and one registry line (docs/targets.md): ``targets/<name>/``
+with ``target.py`` (this contract), ``lower.py`` (a
+:class:`~llmc.targets.lowering.LoweringTable` giving every IR op a handler or a refusal; its
+handled ops are :attr:`Capabilities.ops`) and ``executor.py`` (the
+:class:`~llmc.runtime.executor.Executor`), plus ``<name> = "llmc.targets.<name>.target:<Class>"``
+under ``[project.entry-points."llmc.targets"]`` in ``pyproject.toml``.
 """
 
 from __future__ import annotations
