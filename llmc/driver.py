@@ -112,19 +112,22 @@ def quantize_pass(options: CompileOptions, tokenizer: LlmcTokenizer | None, keep
 
 
 def pipeline_passes(options: CompileOptions, target_ops: frozenset[str], preferred: list[str] | None = None,
-                    quantize: Pass | None = None) -> list[Pass]:
+                    quantize: Pass | None = None, rewrites: list[str] | None = None) -> list[Pass]:
     """``--passes`` or the ``O<n>`` pipeline (``preferred``: the target's own list for that level),
+    then the target's ``rewrites`` (:meth:`Target.rewrites <llmc.runtime.target.Target.rewrites>`),
     then ``quantize`` last, so fused weights are quantized as one matrix."""
     passes = (parse_pipeline(options.passes) if options.passes
               else pipeline_for(options.opt_level, target_ops, preferred))
+    if rewrites:
+        passes += parse_pipeline(",".join(rewrites))
     return passes + ([quantize] if quantize is not None else [])
 
 
 def optimize(module: Module, weights: WeightStore, options: CompileOptions, target_ops: frozenset[str],
              target_name: str, preferred: list[str] | None = None,
-             quantize: Pass | None = None) -> tuple[Module, PassManager]:
+             quantize: Pass | None = None, rewrites: list[str] | None = None) -> tuple[Module, PassManager]:
     """Run the pipeline of :func:`pipeline_passes` with verification after every pass."""
-    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize), verify=True,
+    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize, rewrites), verify=True,
                           dump_dir=options.dump_ir)
     ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name, options=options.target_options)
     return manager.run(module, ctx), manager
@@ -155,8 +158,9 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
                                      source.tokenizer)
     quantize = quantize_pass(options, source.tokenizer, keep_inputs=gate is not None)
     module = frontend_module(source, options.dtype)
+    rewrites = target.rewrites(options.opt_level)
     module, manager = optimize(module, source.weights, options, caps.fused_ops, target.name,
-                               target.preferred_passes(options.opt_level), quantize)
+                               target.preferred_passes(options.opt_level), quantize, rewrites)
     extra: dict[str, Any] = {}
     matrices = [n for n in sorted(module.referenced_params()) if module.params[n].type.rank == 2]
     if quantize is not None:
@@ -206,6 +210,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             "pipeline": {
                 "opt_level": options.opt_level,
                 "custom": options.passes,
+                "target_rewrites": rewrites,
                 "passes": [r.to_dict() for r in manager.records],
             },
             "entries": _entries(module),
