@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.targets.int8_sim import quantize_activations
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc-toolchain[onnx]')")
+onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc-toolchain[onnx]')")
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc[onnx]')")
-onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc[onnx]')")
+from tests.targets.int8_sim import quantize_activations  # noqa: E402  (after the skips)
 
 
 def _matmulnbits(k: int, n: int, block: int, bits: int, zero_points: bool, rng: np.random.Generator):
