@@ -11,7 +11,6 @@ logged) and callers keep dequantizing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -24,6 +23,7 @@ from types import ModuleType
 
 import torch
 
+from llmc.compiler.locks import file_lock
 from llmc.compiler.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -110,22 +110,18 @@ def _builder_lock(directory: Path) -> Iterator[None]:
     waits for torch's file to go (a builder that does not take the flock, e.g. an older llmc) and
     removes it once it is older than :data:`STALE_LOCK_SECONDS`."""
     torch_lock = directory / "lock"
-    with open(directory / "llmc-build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            while True:
-                try:
-                    age = time.time() - torch_lock.stat().st_mtime
-                except FileNotFoundError:
-                    break
-                if age > STALE_LOCK_SECONDS:
-                    log.warning("removing %s, left by a build that did not finish", torch_lock)
-                    torch_lock.unlink(missing_ok=True)
-                    break
-                time.sleep(0.5)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(directory / "llmc-build.lock", waiting="waiting for another llmc process building the CPU kernels"):
+        while True:
+            try:
+                age = time.time() - torch_lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            if age > STALE_LOCK_SECONDS:
+                log.warning("removing %s, left by a build that did not finish", torch_lock)
+                torch_lock.unlink(missing_ok=True)
+                break
+            time.sleep(0.5)
+        yield
 
 
 def available() -> bool:
