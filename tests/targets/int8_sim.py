@@ -72,12 +72,12 @@ def _int8_linear(accuracy_level: int, rng: np.random.Generator | None):  # type:
 
 @contextmanager
 def _linear_kernel(kernel) -> Iterator[None]:  # type: ignore[no-untyped-def]
-    saved = interp_module._KERNELS["linear"]
-    interp_module._KERNELS["linear"] = kernel
+    saved = interp_module.KERNELS["linear"]
+    interp_module.KERNELS["linear"] = kernel
     try:
         yield
     finally:
-        interp_module._KERNELS["linear"] = saved
+        interp_module.KERNELS["linear"] = saved
 
 
 def _scored(artifact: Artifact, ids: list[int], kernel, reference: np.ndarray | None) -> EvalResult:  # type: ignore[no-untyped-def]
