@@ -6,7 +6,7 @@ The top layer: it may use every package, and only the CLI and the public API imp
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from llmc.passes.quant_plan import QuantPlan
 from llmc.passes.quantize import QuantizePass
 from llmc.runtime.artifact import ArtifactWriter, sha256_file
 from llmc.runtime.registry import get_target
-from llmc.runtime.target import Capabilities
+from llmc.runtime.target import Target, check_options
 
 log = logging.getLogger(__name__)
 
@@ -112,30 +112,36 @@ def quantize_pass(options: CompileOptions, tokenizer: LlmcTokenizer | None, keep
 
 
 def pipeline_passes(options: CompileOptions, target_ops: frozenset[str], preferred: list[str] | None = None,
-                    quantize: Pass | None = None) -> list[Pass]:
+                    quantize: Pass | None = None, rewrites: list[str] | None = None) -> list[Pass]:
     """``--passes`` or the ``O<n>`` pipeline (``preferred``: the target's own list for that level),
+    then the target's ``rewrites`` (:meth:`Target.rewrites <llmc.runtime.target.Target.rewrites>`),
     then ``quantize`` last, so fused weights are quantized as one matrix."""
     passes = (parse_pipeline(options.passes) if options.passes
               else pipeline_for(options.opt_level, target_ops, preferred))
+    if rewrites:
+        passes += parse_pipeline(",".join(rewrites))
     return passes + ([quantize] if quantize is not None else [])
 
 
 def optimize(module: Module, weights: WeightStore, options: CompileOptions, target_ops: frozenset[str],
              target_name: str, preferred: list[str] | None = None,
-             quantize: Pass | None = None) -> tuple[Module, PassManager]:
+             quantize: Pass | None = None, rewrites: list[str] | None = None) -> tuple[Module, PassManager]:
     """Run the pipeline of :func:`pipeline_passes` with verification after every pass."""
-    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize), verify=True,
+    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize, rewrites), verify=True,
                           dump_dir=options.dump_ir)
     ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name, options=options.target_options)
     return manager.run(module, ctx), manager
 
 
-def check_target_options(options: CompileOptions, caps: Capabilities, target: str) -> None:
-    """Refuse a device or quantization mode the target does not build for, before any work."""
+def check_target_options(options: CompileOptions, target: Target) -> dict[str, Any]:
+    """Refuse a device, quantization mode or target option the target does not take, before any work;
+    returns the target options converted to their declared types (:attr:`Target.compile_options`)."""
+    caps = target.capabilities()
     caps.device_kind(options.device)
     if options.quant not in caps.quant_modes:
-        raise UnsupportedError(f"target {target!r} does not lower --quant {options.quant} weights; it takes "
+        raise UnsupportedError(f"target {target.name!r} does not lower --quant {options.quant} weights; it takes "
                                f"{', '.join(sorted(caps.quant_modes))}")
+    return check_options(target, options.target_options, "compile")
 
 
 def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions | None = None) -> Path:
@@ -144,7 +150,10 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
     options = options or CompileOptions()
     target = get_target(options.target)
     caps = target.capabilities()
-    check_target_options(options, caps, target.name)
+    options = replace(options, target_options=check_target_options(options, target))
+    inputs = [Path(p) for p in (source_path, options.calib_file, options.eval_file, options.dump_ir) if p is not None]
+    writer = ArtifactWriter(out, inputs=inputs)
+    writer.check()  # an output that is not llmc's own is refused before any work
     with step(f"reading {Path(source_path).name}"):
         source = load_source(source_path, native_quant=options.quant == "native")
     read_tensors(source)
@@ -155,8 +164,9 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
                                      source.tokenizer)
     quantize = quantize_pass(options, source.tokenizer, keep_inputs=gate is not None)
     module = frontend_module(source, options.dtype)
+    rewrites = target.rewrites(options.opt_level)
     module, manager = optimize(module, source.weights, options, caps.fused_ops, target.name,
-                               target.preferred_passes(options.opt_level), quantize)
+                               target.preferred_passes(options.opt_level), quantize, rewrites)
     extra: dict[str, Any] = {}
     matrices = [n for n in sorted(module.referenced_params()) if module.params[n].type.rank == 2]
     if quantize is not None:
@@ -179,8 +189,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
         if outcome.escalated and "quantization" in extra:
             extra["quantization"]["params"] = describe_weights(source.weights, matrices)
             extra["quantization"]["escalated"] = outcome.escalated
-    out = Path(out)
-    with ArtifactWriter(out) as writer:
+    with writer:
         if caps.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
             writer.record_weights(module, source.weights)
         else:
@@ -206,6 +215,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             "pipeline": {
                 "opt_level": options.opt_level,
                 "custom": options.passes,
+                "target_rewrites": rewrites,
                 "passes": [r.to_dict() for r in manager.records],
             },
             "entries": _entries(module),

@@ -19,7 +19,8 @@ def passes_cmd(target: str | None, as_json: bool) -> None:
         data = describe_passes()
     else:
         chosen = get_target(target)
-        data = describe_passes(chosen.name, chosen.capabilities().fused_ops, chosen.preferred_passes)
+        data = describe_passes(chosen.name, chosen.capabilities().fused_ops, chosen.preferred_passes,
+                               chosen.rewrites)
     if as_json:
         emit_json(data)
     else:

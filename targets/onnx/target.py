@@ -14,7 +14,8 @@ from llmc.compiler.errors import LlmcError, TargetUnavailableError, UnsupportedE
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
-from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
+from llmc.runtime.target import Capabilities, EmitResult, Target, TargetOption, lowered_ops
+from llmc.targets.onnx.session import OPT_LEVELS
 
 if TYPE_CHECKING:
     from llmc.runtime.artifact import Artifact, ArtifactWriter
@@ -23,16 +24,35 @@ MODEL = "target/model.onnx"
 DATA = "target/model.onnx.data"
 META = "target/onnx.json"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+GQA_ROTARY_HEAD_MULTIPLE = 16
+GQA_ROTARY_PAIRS_MULTIPLE = 8
+"""GroupQueryAttention applies RoPE itself when ``head_dim`` and ``rotary_dim / 2`` are multiples of these
+(its rotary kernel's vector widths); otherwise RoPE is applied with standard ops before it."""
 
 
 class OnnxTarget(Target):
     name = "onnx"
     doc = ("ONNX Runtime: one ONNX graph with MatMulNBits, GroupQueryAttention and "
            "SkipSimplifiedLayerNormalization over a slot KV cache (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)")
+    compile_options = (
+        TargetOption("accuracy_level", int, "MatMulNBits accuracy_level (4: int8 activations)", ACCURACY_LEVELS),
+    )
+    load_options = (
+        TargetOption("inter_op_threads", int, "ONNX Runtime inter-op threads", minimum=1),
+        TargetOption("kv_capacity", int, "tokens per KV slot (default: the model context)", minimum=1),
+        TargetOption("optimization", str, "ONNX Runtime graph optimization level", OPT_LEVELS),
+        TargetOption("tensorrt", bool, "use the TensorRT execution provider where onnxruntime-gpu has it"),
+    )
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cpu", "cuda"),
-                            kv_layout="slots", stores_weights=True)
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", "packed_rope_attention"),
+                            devices=("cpu", "cuda"), kv_layout="slots", stores_weights=True)
+
+    def rewrites(self, opt_level: int) -> list[str]:
+        """GroupQueryAttention reads a fused qkv projection as its packed query (no split, no copies)
+        where it applies RoPE itself."""
+        return [f"pack-qkv-attention(head_dim_multiple={GQA_ROTARY_HEAD_MULTIPLE},"
+                f"rotary_pairs_multiple={GQA_ROTARY_PAIRS_MULTIPLE})"]
 
     def availability(self) -> str | None:
         try:

@@ -10,16 +10,20 @@ logged) and callers keep dequantizing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from llmc.compiler.locks import file_lock
 from llmc.compiler.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,10 @@ def build_dir() -> Path:
 
 
 def _extension_name() -> str:
-    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_fingerprint().encode() + torch.__version__.encode()
+    """A build directory per source, flags, CPU, torch and checkout: the source's path is in ninja's
+    build command, so two checkouts sharing one directory would rebuild it in turn (under torch's lock)."""
+    key = (SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_fingerprint().encode() + torch.__version__.encode()
+           + str(SOURCE.resolve()).encode())
     return "llmc_qgemv_" + hashlib.sha256(key).hexdigest()[:12]
 
 
@@ -80,13 +87,41 @@ def load() -> ModuleType | None:
                 name = _extension_name()
                 directory = build_dir() / name
                 directory.mkdir(parents=True, exist_ok=True)
-                _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                                             extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
+                with _builder_lock(directory):
+                    _module = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                                 extra_ldflags=LDFLAGS, build_directory=str(directory),
+                                                 verbose=False)
             except Exception as exc:  # no compiler, no ninja, unsupported flags: keep dequantizing
                 _failed = True
                 log.warning("llmc CPU quantized kernels unavailable (%s: %s); dequantizing per call instead",
                             type(exc).__name__, str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
     return _module
+
+
+STALE_LOCK_SECONDS = 600.0
+"""torch's build lock older than this is a dead builder's (a build of the kernel takes well under a minute)."""
+
+
+@contextlib.contextmanager
+def _builder_lock(directory: Path) -> Iterator[None]:
+    """One builder at a time, and no wait forever on a dead one. torch's own lock (a ``lock`` file)
+    stays behind when a build is killed, and every later load then waits on it forever. llmc's
+    builders take turns on an flock (released by the kernel when its holder dies); the holder then
+    waits for torch's file to go (a builder that does not take the flock, e.g. an older llmc) and
+    removes it once it is older than :data:`STALE_LOCK_SECONDS`."""
+    torch_lock = directory / "lock"
+    with file_lock(directory / "llmc-build.lock", waiting="waiting for another llmc process building the CPU kernels"):
+        while True:
+            try:
+                age = time.time() - torch_lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            if age > STALE_LOCK_SECONDS:
+                log.warning("removing %s, left by a build that did not finish", torch_lock)
+                torch_lock.unlink(missing_ok=True)
+                break
+            time.sleep(0.5)
+        yield
 
 
 def available() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from llmc.compiler.packing import unpack_codes
 from llmc.compiler.weights import QuantizedTensor, Weight
 from llmc.targets.torch import qkernels
 
@@ -70,6 +71,7 @@ class PackedWeight:
     def __init__(self, qt: QuantizedTensor, device: torch.device) -> None:
         self.spec = qt.spec
         self.shape = qt.shape
+        self.zero_point = float(qt.layout.zero_point)
         self.qdata = numpy_to_torch(qt.qdata).to(device)
         self.scales = numpy_to_torch(qt.scales).to(device)
         self.offsets = None if qt.offsets is None else numpy_to_torch(qt.offsets).to(device)
@@ -87,10 +89,7 @@ class PackedWeight:
         return self.qdata.numel() + self.scales.numel() * self.scales.element_size() + extra
 
     def _codes(self, qdata: torch.Tensor) -> torch.Tensor:
-        if self.spec.bits == 8:
-            return qdata
-        low, high = qdata & 0x0F, qdata >> 4
-        return torch.stack((low, high), dim=-1).reshape(*qdata.shape[:-1], qdata.shape[-1] * 2)
+        return unpack_codes(qdata, self.spec.bits, torch.stack)
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight (or only ``rows`` of it), computed in float32 then cast."""
@@ -109,13 +108,13 @@ class PackedWeight:
             g = codes.reshape(*codes.shape[:-1], inp // group, group)
             s3 = scales.to(torch.float32).unsqueeze(-1)
             if offsets is None:
-                w = g.sub_(float(2 ** (self.spec.bits - 1))).mul_(s3)
+                w = g.sub_(self.zero_point).mul_(s3)
             else:
                 w = g.mul_(s3).add_(offsets.to(torch.float32).unsqueeze(-1))
             return w.reshape(codes.shape).to(dtype)
         s = scales.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
         if offsets is None:
-            w = s * (codes - float(2 ** (self.spec.bits - 1)))
+            w = s * (codes - self.zero_point)
         else:
             w = s * codes + offsets.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
         return w.to(dtype)
@@ -150,7 +149,7 @@ class PackedWeight:
         elif kind == "int4pack" and self._int4 is None:
             codes = self._codes(self.qdata).to(torch.int32)
             s = self.scales.to(torch.float32)
-            zero = torch.zeros_like(s) if self.offsets is None else self.offsets.to(torch.float32) + 8.0 * s
+            zero = torch.zeros_like(s) if self.offsets is None else self.offsets.to(torch.float32) + self.zero_point * s
             self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
             self._scale_zeros = torch.stack((s.T, zero.T), dim=-1).contiguous()  # [groups, out, 2]
             self._drop_raw()

@@ -57,6 +57,34 @@ class Terminal:
     def send(self, data: str | bytes) -> None:
         os.write(self.fd, data.encode() if isinstance(data, str) else data)
 
+    def send_until(self, data: bytes, pattern: str | None = None, start: int = 0, attempts: int = 10,
+                   every: float = 1.5) -> int:
+        """Send a control key until ``pattern`` appears after ``start`` (or, without one, until llmc exits);
+        returns the match's end (or the exit status).
+
+        A key typed while the program is between two reads of the terminal (readline not yet
+        waiting, loaded machine) can be swallowed when readline switches the terminal's mode; a
+        person would press it again, and so does this.
+        """
+        for _ in range(attempts):
+            self.send(data)
+            if pattern is None:
+                deadline = time.monotonic() + every
+                while time.monotonic() < deadline:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid:
+                        self.status = os.waitstatus_to_exitcode(status)
+                        return self.status
+                    self._read_some(0.1)
+            else:
+                try:
+                    return self.expect(pattern, timeout=every, start=start).end()
+                except AssertionError:
+                    pass
+        target = "llmc to exit" if pattern is None else repr(pattern)
+        raise AssertionError(f"{data!r} sent {attempts} times, no {target}; the terminal shows:\n"
+                             f"{self.output[start:].decode(errors='replace')}")
+
     def wait(self, timeout: float = 60.0) -> int:
         """The exit status, reading the output until the child is gone."""
         deadline = time.monotonic() + timeout
