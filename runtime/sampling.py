@@ -52,9 +52,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
-        for name in ("max_tokens", "top_k"):
-            if not _is_int(getattr(self, name)):
-                raise RequestError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.max_tokens is not None and not _is_int(self.max_tokens):  # None: the rest of the context
+            raise RequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if not _is_int(self.top_k):
+            raise RequestError(f"top_k must be an integer, got {self.top_k!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
             raise RequestError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.logprobs is not None and not _is_int(self.logprobs):
