@@ -22,6 +22,13 @@ class TokenIdError(RequestError):
         self.vocab_size = vocab_size
         super().__init__(f"token ids {self.token_ids} are outside the vocabulary of {vocab_size}")
 
+    @classmethod
+    def check(cls, ids: list[int], vocab_size: int) -> None:
+        """Raise one naming the ids of ``ids`` outside ``[0, vocab_size)``, if there are any."""
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise cls(bad, vocab_size)
+
 
 class ContextLengthError(RequestError):
     """The prompt plus ``max_tokens`` does not fit the model's context.

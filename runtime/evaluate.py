@@ -9,10 +9,10 @@ import numpy as np
 
 from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
+from llmc.runtime.errors import TokenIdError
 from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import BlockAllocator
 from llmc.runtime.loader import kv_blocks_for
-from llmc.runtime.requests import check_token_ids
 from llmc.runtime.sampling import log_softmax
 
 __all__ = ["EvalResult", "evaluate", "log_softmax", "reference_logits", "score", "scored_logits"]
@@ -87,7 +87,7 @@ def evaluate(executor: Executor, ids: list[int], reference: Executor | list[tupl
             f"the reference model has a vocabulary of {reference.config.vocab_size} tokens, this one {vocab}: "
             "KL divergence needs the same tokenizer"
         )
-    check_token_ids(ids, vocab)
+    TokenIdError.check(ids, vocab)
     ref_iter: Iterator[tuple[int, np.ndarray]] | None = None
     if isinstance(reference, Executor):
         ref_iter = scored_logits(reference, ids, window)

@@ -22,20 +22,13 @@ Sink = Callable[[StreamChunk | RequestOutput | BaseException], None]
 its RequestOutput, or the exception that failed it."""
 
 
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    """Raise :class:`TokenIdError` naming the ids outside ``[0, vocab_size)``."""
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise TokenIdError(bad, vocab_size)
-
-
 def check_request(ids: list[int], params: SamplingParams, context_length: int, vocab_size: int,
                   kv: KVCacheManager) -> int:
     """The number of tokens the request may generate; raises the typed
     :class:`~llmc.compiler.errors.RequestError` that says why it cannot run."""
     if not ids:
         raise EmptyPromptError
-    check_token_ids(ids, vocab_size)
+    TokenIdError.check(ids, vocab_size)
     max_tokens = params.max_new_tokens(len(ids), context_length)
     if max_tokens < 1 or len(ids) + max_tokens > context_length:
         raise ContextLengthError(len(ids), params.max_tokens, context_length)
