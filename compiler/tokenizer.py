@@ -14,6 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from llmc.compiler.errors import InputError, LlmcError
+from llmc.compiler.text import check_unicode
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "llmc_tokenizer.json"
@@ -42,9 +43,13 @@ class LlmcTokenizer:
         return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; a :class:`RequestError` when it is not valid Unicode (a lone surrogate)."""
+        check_unicode(text, "the text")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        for i, text in enumerate(texts):
+            check_unicode(text, f"text {i}" if len(texts) > 1 else "the text")
         encoded = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [list(e.ids) for e in encoded]
 

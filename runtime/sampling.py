@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmc.compiler.errors import RequestError
+from llmc.compiler.text import check_unicode
 
 
 def _is_int(value: object) -> bool:
@@ -88,6 +89,8 @@ class SamplingParams:
             raise RequestError("stop must be a string or a list of strings")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
+        for i, s in enumerate(self.stop):
+            check_unicode(s, f"stop string {i}")
 
     def max_new_tokens(self, prompt_tokens: int, context_length: int) -> int:
         """The most tokens to generate after a prompt of ``prompt_tokens``: ``max_tokens``, or for

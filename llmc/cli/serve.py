@@ -21,12 +21,23 @@ from llmc.cli.common import MODEL_HELP, compile_on_first_use, resolve_model
 @click.option("--max-queue", default=256, show_default=True, type=click.IntRange(1),
               help="Sequences held (running + waiting) before requests get 429.")
 @click.option("--max-num-tokens", default=512, show_default=True, type=click.IntRange(1), help="Token budget per step.")
+@click.option("--max-request-bytes", default=8 * 2**20, show_default=True, type=click.IntRange(1),
+              help="Largest request body; a larger one gets 413 before it is parsed.")
+@click.option("--max-pending", default=64, show_default=True, type=click.IntRange(1),
+              help="Requests read, parsed and tokenized at once; more wait (up to --body-timeout, then 503).")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a connection has to send a request's headers (after opening or its last response).")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds a client has to send a request's body (408 after).")
+@click.option("--keep-alive-timeout", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds an idle keep-alive connection stays open between requests.")
 @click.option("--device", default=None, help="Override the artifact's device.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log detail.")
 @compile_on_first_use
 def serve(artifact: Path, host: str, port: int, api_key: str | None, served_model_name: str | None, max_running: int,
-          max_queue: int, max_num_tokens: int, device: str | None, log_level: str, compile_target: str,
+          max_queue: int, max_num_tokens: int, max_request_bytes: int, max_pending: int, header_timeout: float,
+          body_timeout: float, keep_alive_timeout: float, device: str | None, log_level: str, compile_target: str,
           quant: str | None) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics).
 
@@ -36,12 +47,16 @@ def serve(artifact: Path, host: str, port: int, api_key: str | None, served_mode
     from llmc.runtime.server.serve import serve as run_server
 
     check_dependencies()  # before any compile
+    from llmc.runtime.server.limits import ServerLimits
+
+    limits = ServerLimits(max_request_bytes=max_request_bytes, max_pending=max_pending, header_timeout=header_timeout,
+                          body_timeout=body_timeout, keep_alive_timeout=keep_alive_timeout)
     name = served_model_name or (artifact.name[: -len(".gguf")] if artifact.name.endswith(".gguf") else
                                  artifact.resolve().name)
     path = resolve_model(artifact, compile_target, quant, device)
     run_server(path, host=host, port=port, api_key=api_key, served_model_name=name,
-               log_level=log_level, max_running=max_running, max_queue=max_queue, max_num_tokens=max_num_tokens,
-               device=device)
+               log_level=log_level, limits=limits, max_running=max_running, max_queue=max_queue,
+               max_num_tokens=max_num_tokens, device=device)
 
 
 serve.help = (serve.help or "").replace("MODEL_HELP", MODEL_HELP)

@@ -10,11 +10,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from llmc.compiler.errors import LlmcError, RequestError
@@ -24,8 +24,10 @@ from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.server.errors import APIError, error_body, install_error_handlers, refusal
 from llmc.runtime.server.formatting import DONE, Formatter, sse
 from llmc.runtime.server.generation import ChoiceResult, Delta, Job, RequestRun
+from llmc.runtime.server.limits import AdmissionGate, ServerLimits, admitted
 from llmc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
-from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
+from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestLimitMiddleware, RequestMetricsMiddleware
+from llmc.runtime.server.prompts import PromptChecks
 from llmc.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
 from llmc.runtime.server.tokens import TokenBytes
 
@@ -44,7 +46,7 @@ class ClientDisconnected(Exception):
 class ServerState:
     """What the routes share: the engine (through its public API only), metrics and names."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
+    def __init__(self, engine: Any, model_name: str, limits: ServerLimits | None = None) -> None:
         if engine.tokenizer is None:
             raise LlmcError("the artifact has no tokenizer; llmc serve needs one (compile a model that ships "
                             "tokenizer.json or a GGUF with its vocabulary)")
@@ -54,6 +56,9 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.engine_stats)
         self.token_bytes = TokenBytes(self.tokenizer)
+        self.limits = limits or ServerLimits()
+        self.gate = AdmissionGate(self.limits.max_pending)
+        self.prompts = PromptChecks(self.tokenizer, int(engine.config.max_position), self.limits.max_tokenizing)
 
     def engine_stats(self) -> dict[str, Any]:
         return self.engine.stats()
@@ -148,6 +153,8 @@ async def _respond(request: Request, run: RequestRun, what: str, build: Callable
         run.start()
     except (RequestError, EngineClosedError) as exc:
         raise refusal(exc, what) from exc
+    finally:
+        admitted(request.scope)  # the request no longer counts against max_pending
     if events is not None:
         return EventStreamResponse(_guarded(events(), run))
     try:
@@ -175,10 +182,12 @@ async def _guarded(events: AsyncIterator[bytes], run: RequestRun) -> AsyncIterat
         await run.close()
 
 
-def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Any, *, model_name: str, api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
     """An OpenAI-compatible app over ``engine`` (an :class:`llmc.runtime.engine.Engine`, or any
-    object with its public API: ``tokenizer``, ``config``, ``open_stream``, ``stats``, ``is_alive``)."""
-    state = ServerState(engine, model_name)
+    object with its public API: ``tokenizer``, ``config``, ``open_stream``, ``stats``, ``is_alive``);
+    ``limits`` bound what one request may hold (the defaults of :class:`ServerLimits` otherwise)."""
+    state = ServerState(engine, model_name, limits)
     app = FastAPI(title="llmc", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llmc = state
     install_error_handlers(app)
@@ -211,6 +220,7 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> F
         return await _chat(state, body, request)
 
     known = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"})
+    app.add_middleware(RequestLimitMiddleware, limits=state.limits, gate=state.gate)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestMetricsMiddleware, metrics=state.metrics, known_paths=known)
@@ -222,13 +232,15 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     state.check_model(body.model)
     tokenizer = state.tokenizer
     raw = body.prompts()
+    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     if isinstance(raw[0], str):
         texts: list[str] = raw  # type: ignore[assignment]
-        prompts = await run_in_threadpool(tokenizer.encode_batch, texts)
+        prompts = await state.prompts.encode(texts, max_tokens)
     else:
         prompts = raw  # type: ignore[assignment]
+        for ids in prompts:
+            state.prompts.check_ids(ids, max_tokens, "prompt")
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
-    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
     run = RequestRun(state.engine, _jobs(body, prompts, max_tokens, body.logprobs), f"cmpl-{uuid.uuid4().hex}",
                      state.metrics, arrival)
     fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
@@ -262,14 +274,12 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
     state.check_model(body.model)
     tokenizer = state.tokenizer
 
-    def render() -> list[int]:
-        text = tokenizer.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-
     try:
-        prompt = await run_in_threadpool(render)
+        text = await state.prompts.run(tokenizer.apply_chat_template, body.chat_messages())
     except LlmcError as exc:
         raise APIError(400, str(exc), param="messages") from exc
+    state.prompts.check_text(text, body.completion_limit(), "messages")
+    prompt = await state.prompts.run(partial(tokenizer.encode, add_special_tokens=False), text)
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     # without max_tokens the completion may fill the rest of the context (SamplingParams(max_tokens=None))
     run = RequestRun(state.engine, _jobs(body, [prompt], body.completion_limit(), top_n),

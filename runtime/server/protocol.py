@@ -12,7 +12,29 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from llmc.compiler.text import first_surrogate, not_unicode_message
 from llmc.runtime.server.errors import APIError
+
+
+def refuse_invalid_unicode(body: Any) -> None:
+    """A 400 naming the first string of a JSON ``body`` (keys included) that is not valid Unicode:
+    JSON may spell lone surrogates (``"\\ud800"``), which no tokenizer or UTF-8 encoder accepts."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            index = first_surrogate(value)
+            if index is not None:
+                raise APIError(400, not_unicode_message(value, index, repr(path) if path else "the request body"),
+                               param=path or None, code="invalid_unicode")
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                index = first_surrogate(key) if isinstance(key, str) else None
+                if index is not None:
+                    raise APIError(400, not_unicode_message(key, index, "a field name"), code="invalid_unicode")
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}") for i, item in reversed(list(enumerate(value))))
 
 
 class StreamOptions(BaseModel):
@@ -45,6 +67,12 @@ class _GenerationRequest(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        refuse_invalid_unicode(data)
+        return data
 
     @field_validator("stop")
     @classmethod

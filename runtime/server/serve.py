@@ -24,22 +24,30 @@ def check_dependencies() -> None:
 
 
 def serve(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          served_model_name: str | None = None, log_level: str = "info", **engine_config: Any) -> None:
-    """Serve ``artifact`` until interrupted (SIGINT/SIGTERM); ``engine_config`` goes to ``Engine.load``."""
+          served_model_name: str | None = None, log_level: str = "info", limits: Any = None,
+          **engine_config: Any) -> None:
+    """Serve ``artifact`` until interrupted (SIGINT/SIGTERM); ``limits`` (a
+    :class:`~llmc.runtime.server.limits.ServerLimits`, its defaults otherwise) bound what a client may
+    hold; ``engine_config`` goes to ``Engine.load``."""
     check_dependencies()
     import uvicorn
 
     from llmc.runtime.engine import Engine
     from llmc.runtime.server.app import create_app
+    from llmc.runtime.server.connections import timed_h11_protocol
+    from llmc.runtime.server.limits import ServerLimits
+
+    limits = limits or ServerLimits()
 
     path = Path(artifact)
     name = served_model_name or path.resolve().name
     engine = Engine.load(str(path), **engine_config)
     try:
-        app = create_app(engine, model_name=name, api_key=api_key)
+        app = create_app(engine, model_name=name, api_key=api_key, limits=limits)
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
         logger.info("serving %s as model %r on http://%s:%d (max_running=%s)", path, name, host, port,
                     engine.engine_config.max_running)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                    http=timed_h11_protocol(limits.header_timeout), timeout_keep_alive=limits.keep_alive_timeout)
     finally:
         engine.close()
