@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmc.compiler.errors import LlmcError, RequestError
+from llmc.compiler.text import check_unicode
 from llmc.runtime.engine import Engine
 from llmc.runtime.outputs import RequestOutput, StreamChunk
 from llmc.runtime.sampling import SamplingParams
@@ -71,6 +72,8 @@ class ChatSession:
             what = "no tokenizer" if tokenizer is None else "no chat template"
             raise LlmcError(f"this model has {what}, so it cannot chat; generate from a plain prompt with "
                             "`llmc run MODEL --prompt TEXT`")
+        if system is not None:
+            check_unicode(system, "the system prompt")
         self.engine = engine
         self.tokenizer = tokenizer
         self.system = system
@@ -93,6 +96,7 @@ class ChatSession:
     def prepare(self, user: str) -> Turn:
         """The next prompt: the oldest turns are dropped until the prompt and ``max_tokens`` fit the
         context; with no history left, ``max_tokens`` shrinks to what remains."""
+        check_unicode(user, "the message")
         history = list(self.history)
         while True:
             ids = self.tokenizer.encode_chat(self._messages(history, user))

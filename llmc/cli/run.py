@@ -11,6 +11,7 @@ import click
 
 from llmc.cli.common import MODEL_HELP, compile_on_first_use, emit_json, resolve_model
 from llmc.compiler.errors import LlmcError
+from llmc.compiler.text import check_unicode
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -23,9 +24,15 @@ def _parse_ids(text: str) -> list[int]:
 def _read_prompts_file(path: Path) -> list[str | list[int]]:
     """One prompt per line, or JSONL objects with "prompt" (text or a list of token ids)."""
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        data = path.read_bytes()
     except OSError as exc:
         raise LlmcError(f"{path}: {exc}") from exc
+    try:
+        lines = [line for line in data.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        line_number = data.count(b"\n", 0, exc.start) + 1
+        raise LlmcError(f"{path}:{line_number}: not UTF-8 text (the byte 0x{data[exc.start]:02X} at offset "
+                        f"{exc.start})") from exc
     prompts: list[str | list[int]] = []
     for number, line in enumerate(lines, 1):
         if line.lstrip().startswith("{"):
@@ -36,6 +43,8 @@ def _read_prompts_file(path: Path) -> list[str | list[int]]:
             is_ids = isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
             if not isinstance(prompt, str) and not is_ids:
                 raise LlmcError(f"{path}:{number}: \"prompt\" must be a string or a list of token ids")
+            if isinstance(prompt, str):
+                check_unicode(prompt, f"{path}:{number}: \"prompt\"")  # JSON may spell lone surrogates
             prompts.append(prompt)
         else:
             prompts.append(line)
@@ -85,11 +94,14 @@ def run(artifact: Path, prompt: str | None, prompt_ids: str | None, prompts_file
         raise LlmcError("give exactly one of --prompt, --prompt-ids or --prompts-file")
     if system is not None and not use_chat:
         raise LlmcError("--system needs --chat (it is part of the chat template)")
+    if system is not None:
+        check_unicode(system, "--system")
     prompts: list[str | list[int]]
     if prompts_file is not None:
         prompts = _read_prompts_file(prompts_file)
     elif prompt is not None:
         prompts = [_read_stdin_prompt() if prompt == "-" else prompt]
+        check_unicode(prompts[0], "the prompt read from stdin" if prompt == "-" else "--prompt")
     else:
         prompts = [_parse_ids(prompt_ids or "")]
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -8,6 +8,7 @@ import click
 
 from llmc.cli.common import emit_json
 from llmc.compiler.errors import LlmcError
+from llmc.compiler.text import check_unicode
 
 
 @click.command()
@@ -27,6 +28,7 @@ def tokenize(source: Path, text: str, no_special: bool, as_json: bool) -> None:
         tokenizer = load_source(source).tokenizer
     if tokenizer is None:
         raise LlmcError(f"{source} has no tokenizer")
+    check_unicode(text, "--text")
     ids = tokenizer.encode(text, add_special_tokens=not no_special)
     if as_json:
         emit_json({"ids": ids, "tokens": [tokenizer.id_to_token(i) for i in ids]})

@@ -13,7 +13,7 @@ import anyio.to_thread
 from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.runtime.errors import ContextLengthError
 from llmc.runtime.server.errors import APIError, refusal
-from llmc.runtime.server.prompt_length import UTF8_MAX, max_bytes_per_token, min_tokens, utf8_length
+from llmc.runtime.server.prompt_length import UTF8_MAX, length_bound, utf8_length
 
 T = TypeVar("T")
 
@@ -24,7 +24,7 @@ class PromptChecks:
     def __init__(self, tokenizer: LlmcTokenizer, context_length: int, max_tokenizing: int) -> None:
         self.tokenizer = tokenizer
         self.context_length = context_length
-        self.bytes_per_token = max_bytes_per_token(tokenizer)
+        self.bound = length_bound(tokenizer)
         self.limiter = anyio.CapacityLimiter(max_tokenizing)
 
     def _room(self, max_tokens: int | None) -> int:
@@ -33,18 +33,19 @@ class PromptChecks:
 
     def check_text(self, text: str, max_tokens: int | None, what: str) -> None:
         """A 400 when ``text`` has more tokens than the context leaves, proved without tokenizing it."""
-        if self.bytes_per_token is None:
+        bound = self.bound
+        if bound is None:
             return
         room = self._room(max_tokens)
-        if len(text) * UTF8_MAX <= room * self.bytes_per_token:  # short enough, whatever its characters
+        if len(text) * UTF8_MAX <= room * bound.bytes_per_token:  # short enough, whatever its characters
             return
-        least = min_tokens(text, self.bytes_per_token)
+        least = bound.min_tokens(text)
         if least <= room:
             return
         wanted = "" if max_tokens is None else f", and max_tokens asks for {max_tokens} more"
         raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, your "
                        f"{what} is {utf8_length(text)} bytes long, at least {least} tokens (no token of this model "
-                       f"spans more than {self.bytes_per_token} bytes){wanted}. "
+                       f"spans more than {bound.bytes_per_token} bytes){wanted}. "
                        f"Please reduce the length of the {what}.", param=what, code="context_length_exceeded")
 
     def check_ids(self, ids: list[int], max_tokens: int | None, what: str) -> None:
