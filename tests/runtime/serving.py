@@ -42,8 +42,11 @@ class ServerProcess:
     """``llmc serve`` in a subprocess on 127.0.0.1 and a free port; a context manager that always
     stops it."""
 
-    def __init__(self, artifact: Path, *args: str, log: Path, startup_timeout: float = 120.0) -> None:
+    def __init__(self, artifact: Path, *args: str, log: Path, startup_timeout: float = 120.0,
+                 address_space: int | None = None) -> None:
+        """``address_space``: the server's RLIMIT_AS in bytes (None: no limit)."""
         self.artifact = artifact
+        self.address_space = address_space
         self.args = list(args)
         self.log = log
         self.startup_timeout = startup_timeout
@@ -60,12 +63,18 @@ class ServerProcess:
             cmd = [sys.executable, "-m", "llmc.cli", "serve", str(self.artifact), "--host", "127.0.0.1",
                    "--port", str(self.port), "--log-level", "warning", *self.args]
             with self.log.open("ab") as out:
-                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=self._limits,
                                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if self._wait_healthy():
                 return self
             self.stop()
         raise RuntimeError(f"llmc serve did not start; log:\n{self.log.read_text()[-4000:]}")
+
+    def _limits(self) -> None:
+        if self.address_space is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
 
     def _wait_healthy(self) -> bool:
         assert self.proc is not None
