@@ -1,6 +1,9 @@
-"""The FastAPI application: OpenAI-compatible routes over one engine.
+"""The FastAPI application: OpenAI-compatible routes over a serving backend.
 
-``create_app(engine, model_name=...)`` builds it; ``llmc serve`` runs it with uvicorn.
+``create_app(engine, model_name=...)`` builds it over one engine in this process; ``llmc serve``
+runs it with uvicorn. :func:`create_backend_app` builds the same routes over any
+:class:`~llmc.runtime.server.backend.ServingBackend` (the scale-out deployment passes engine
+replicas reached through Ray Serve), so both deployments share every route.
 """
 
 from __future__ import annotations
@@ -18,16 +21,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from llmc.compiler.errors import LlmcError, RequestError
-from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.runtime.errors import EngineClosedError
 from llmc.runtime.sampling import SamplingParams
+from llmc.runtime.server.backend import LocalBackend, Run, ServedModel, ServingBackend, model_card, unknown_model
 from llmc.runtime.server.errors import APIError, error_body, install_error_handlers, refusal
 from llmc.runtime.server.formatting import DONE, Formatter, sse
-from llmc.runtime.server.generation import ChoiceResult, Delta, Job, RequestRun
-from llmc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
+from llmc.runtime.server.generation import ChoiceResult, Delta, Job
+from llmc.runtime.server.metrics import CONTENT_TYPE
 from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from llmc.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
-from llmc.runtime.server.tokens import TokenBytes
 
 logger = logging.getLogger("llmc.server")
 
@@ -42,30 +44,24 @@ class ClientDisconnected(Exception):
 
 
 class ServerState:
-    """What the routes share: the engine (through its public API only), metrics and names."""
+    """What the routes share: the backend's models (each through its public API only) and metrics."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
-        if engine.tokenizer is None:
-            raise LlmcError("the artifact has no tokenizer; llmc serve needs one (compile a model that ships "
-                            "tokenizer.json or a GGUF with its vocabulary)")
-        self.engine = engine
-        self.tokenizer: LlmcTokenizer = engine.tokenizer
-        self.model_name = model_name
-        self.created = int(time.time())
-        self.metrics = ServerMetrics(self.engine_stats)
-        self.token_bytes = TokenBytes(self.tokenizer)
+    def __init__(self, backend: ServingBackend) -> None:
+        if not backend.models:
+            raise LlmcError("a server needs at least one model")
+        self.backend = backend
+        self.models = backend.models
+        self.default_model = next(iter(self.models.values()))
+        self.metrics = backend.metrics
 
-    def engine_stats(self) -> dict[str, Any]:
-        return self.engine.stats()
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
-
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc",
-                "max_model_len": int(self.engine.config.max_position)}
+    def check_model(self, model: str | None) -> ServedModel:
+        """The model a request names (without ``model``: the first one served); 404 if unknown."""
+        if model is None:
+            return self.default_model
+        served = self.models.get(model)
+        if served is None:
+            raise unknown_model(model, list(self.models))
+        return served
 
 
 class EventStreamResponse(StreamingResponse):
@@ -74,8 +70,8 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
         self._events = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -140,26 +136,28 @@ def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: int | N
     return jobs
 
 
-async def _respond(request: Request, run: RequestRun, what: str, build: Callable[[list[ChoiceResult]], dict[str, Any]],
+async def _respond(request: Request, run: Run, what: str, build: Callable[[list[ChoiceResult]], dict[str, Any]],
                    events: Callable[[], AsyncIterator[bytes]] | None) -> Response:
     """Start the run (the engine's refusals become errors in OpenAI's format; ``what`` names the
     prompt's field); then stream ``events()`` (when given) or answer ``build(results)`` as JSON."""
     try:
-        run.start()
+        await run.start()
     except (RequestError, EngineClosedError) as exc:
-        raise refusal(exc, what) from exc
+        error = refusal(exc, what)
+        error.headers = {**(error.headers or {}), **run.headers}
+        raise error from exc
     if events is not None:
-        return EventStreamResponse(_guarded(events(), run))
+        return EventStreamResponse(_guarded(events(), run), run.headers)
     try:
         results = await _unless_disconnected(request, run.collect())
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     finally:
         await run.close()
-    return JSONResponse(build(results))
+    return JSONResponse(build(results), headers=run.headers)
 
 
-async def _guarded(events: AsyncIterator[bytes], run: RequestRun) -> AsyncIterator[bytes]:
+async def _guarded(events: AsyncIterator[bytes], run: Run) -> AsyncIterator[bytes]:
     """Stream events; errors after the headers go in-band as an error event; always close the run."""
     try:
         async for event in events:
@@ -178,29 +176,33 @@ async def _guarded(events: AsyncIterator[bytes], run: RequestRun) -> AsyncIterat
 def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> FastAPI:
     """An OpenAI-compatible app over ``engine`` (an :class:`llmc.runtime.engine.Engine`, or any
     object with its public API: ``tokenizer``, ``config``, ``open_stream``, ``stats``, ``is_alive``)."""
-    state = ServerState(engine, model_name)
+    return create_backend_app(LocalBackend(engine, model_name), api_key=api_key)
+
+
+def create_backend_app(backend: ServingBackend, *, api_key: str | None = None) -> FastAPI:
+    """The same OpenAI-compatible app over any :class:`~llmc.runtime.server.backend.ServingBackend`
+    (several models, routed by the request's ``model``)."""
+    state = ServerState(backend)
     app = FastAPI(title="llmc", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llmc = state
     install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not state.engine.is_alive():
-            return JSONResponse({"status": "engine stopped", "model": state.model_name}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.model_name})
+        ok, body = await backend.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await backend.render_metrics(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [state.model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in state.models.values()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        state.check_model(model_id)
-        return state.model_card()
+        return model_card(state.check_model(model_id))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -219,8 +221,8 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> F
 
 async def _completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
-    state.check_model(body.model)
-    tokenizer = state.tokenizer
+    model = state.check_model(body.model)
+    tokenizer = model.tokenizer
     raw = body.prompts()
     if isinstance(raw[0], str):
         texts: list[str] = raw  # type: ignore[assignment]
@@ -229,9 +231,8 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
         prompts = raw  # type: ignore[assignment]
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    run = RequestRun(state.engine, _jobs(body, prompts, max_tokens, body.logprobs), f"cmpl-{uuid.uuid4().hex}",
-                     state.metrics, arrival)
-    fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
+    run = model.new_run(_jobs(body, prompts, max_tokens, body.logprobs), f"cmpl-{uuid.uuid4().hex}", arrival)
+    fmt = Formatter(run.request_id, model.name, model.token_bytes)
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [texts[j.index // body.n] for j in run.jobs] if body.echo else None
 
@@ -249,7 +250,7 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
             if delta.text or delta.finish_reason is not None or body.logprobs is not None:
                 yield sse(fmt.completion_chunk(index, delta, body.logprobs, offsets[index],
                                                include_usage=body.include_usage))
-            offsets[index] += sum(len(state.token_bytes.text_of(t)) for t in delta.token_ids)
+            offsets[index] += sum(len(model.token_bytes.text_of(t)) for t in delta.token_ids)
         if body.include_usage:
             yield sse(fmt.usage_chunk("text_completion", prompt_tokens, generated))
         yield DONE
@@ -259,8 +260,8 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
-    state.check_model(body.model)
-    tokenizer = state.tokenizer
+    model = state.check_model(body.model)
+    tokenizer = model.tokenizer
 
     def render() -> list[int]:
         text = tokenizer.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
@@ -272,9 +273,9 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
         raise APIError(400, str(exc), param="messages") from exc
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     # without max_tokens the completion may fill the rest of the context (SamplingParams(max_tokens=None))
-    run = RequestRun(state.engine, _jobs(body, [prompt], body.completion_limit(), top_n),
-                     f"chatcmpl-{uuid.uuid4().hex}", state.metrics, arrival)
-    fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
+    run = model.new_run(_jobs(body, [prompt], body.completion_limit(), top_n), f"chatcmpl-{uuid.uuid4().hex}",
+                        arrival)
+    fmt = Formatter(run.request_id, model.name, model.token_bytes)
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
         return fmt.chat(results, len(prompt), top_n)

@@ -106,8 +106,9 @@ class RequestRun:
         self._queue: asyncio.Queue[tuple[int, Delta | BaseException | object]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._open: list[RequestStream] = []
+        self.headers: dict[str, str] = {}  # extra response headers (none for a local engine)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Submit every sequence; a refusal (a full queue, an invalid request) raises here,
         before any response header is sent, after cancelling the sequences already submitted."""
         try:
