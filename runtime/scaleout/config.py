@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmc.compiler.errors import LlmcError
-from llmc.runtime.scaleout.router import DEFAULT_IMBALANCE, DEFAULT_MIN_PREFIX_TOKENS
+from llmc.runtime.scaleout.wire import DEFAULT_IMBALANCE, DEFAULT_MIN_PREFIX_TOKENS
 
 
 @dataclass

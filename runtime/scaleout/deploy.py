@@ -82,11 +82,9 @@ def serve_scaleout(models: list[tuple[str, str | Path]], config: Any, *, host: s
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        try:
-            if local:
-                serve.shutdown()
-            else:
+        if not local:  # a local instance goes down whole with ray.shutdown(), replicas and all
+            try:
                 serve.delete(APP_NAME)
-        except Exception as exc:
-            logger.warning("could not take the application down cleanly: %s", exc)
+            except Exception as exc:
+                logger.warning("could not delete the application %r from the cluster: %s", APP_NAME, exc)
         ray.shutdown()

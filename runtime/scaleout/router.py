@@ -28,11 +28,13 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from llmc.runtime.scaleout.wire import PREFIX_BLOCK_TOKENS, RoutingInfo
-
-DEFAULT_MIN_PREFIX_TOKENS = 64
-DEFAULT_IMBALANCE = 8
-DEFAULT_MAX_ENTRIES = 1 << 18
+from llmc.runtime.scaleout.wire import (
+    DEFAULT_IMBALANCE,
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MIN_PREFIX_TOKENS,
+    PREFIX_BLOCK_TOKENS,
+    RoutingInfo,
+)
 
 
 def _routing(pending: PendingRequest | None) -> RoutingInfo | None:

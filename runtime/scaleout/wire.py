@@ -31,6 +31,13 @@ MAX_PREFIX_BLOCKS = 512
 
 REPLICA_HEADER = "x-llmc-replica"
 
+DEFAULT_MIN_PREFIX_TOKENS = 64
+"""Prefix affinity applies to prompts sharing at least this many leading tokens with an earlier one."""
+DEFAULT_IMBALANCE = 8
+"""The replica holding a prefix is overloaded when it has more ongoing requests than the least loaded by this."""
+DEFAULT_MAX_ENTRIES = 1 << 18
+"""Prefix hashes the router remembers (least recently routed forgotten first)."""
+
 
 @dataclass
 class Admitted:
