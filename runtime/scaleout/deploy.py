@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.compiler.errors import LlmcError
+from llmc.compiler.version import install_hint
 
 logger = logging.getLogger("llmc.scaleout")
 
@@ -29,7 +30,7 @@ def check_dependencies() -> None:
         from ray import serve  # noqa: F401
     except ImportError as exc:
         raise LlmcError(f"llmc serve --replicas runs on Ray Serve, which is not installed ({exc})",
-                        hint="pip install 'llmc-toolchain[ray]'") from exc
+                        hint=install_hint("ray")) from exc
 
 
 def _check_resources(config: Any, models: int) -> None:
