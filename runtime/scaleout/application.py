@@ -71,3 +71,28 @@ def build_application(specs: list[ModelSpec], config: ScaleOutConfig, api_key: s
     ingress = serve.deployment(Ingress, name="ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=100_000)
     return ingress.bind(specs, engines, hub, api_key, config.admission_timeout_s)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """The application from a Serve config file (``import_path:
+    llmc.runtime.scaleout.application:app_builder``, e.g. in a KubeRay RayService): ``args`` holds
+    ``models`` (a list of ``{"name", "artifact"}``), ``api_key`` (else ``$LLMC_API_KEY``) and any
+    :class:`ScaleOutConfig` field but ``ray_address`` (``replicas``, ``gpus_per_replica``,
+    ``engine_options``, ...). The artifacts must be readable where the application is built and
+    where each replica runs (a shared volume)."""
+    import os
+    from dataclasses import fields
+
+    args = dict(args)
+    models = args.pop("models", None)
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) and {"name", "artifact"} <= set(m)
+                                                             for m in models):
+        raise LlmcError("app_builder args: 'models' must be a non-empty list of {name, artifact}")
+    api_key = args.pop("api_key", None) or os.environ.get("LLMC_API_KEY")
+    known = {f.name for f in fields(ScaleOutConfig)} - {"ray_address"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise LlmcError(f"app_builder args: unknown key(s) {', '.join(unknown)}; valid: models, api_key, "
+                        f"{', '.join(sorted(known))}")
+    specs = [model_spec(str(m["name"]), str(m["artifact"])) for m in models]
+    return build_application(specs, ScaleOutConfig(**args), api_key)

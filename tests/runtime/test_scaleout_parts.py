@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -293,3 +294,18 @@ def test_deployment_options() -> None:
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 2,
                                           "target_ongoing_requests": 16}
     assert "num_replicas" not in auto
+
+
+def test_the_config_file_builder_makes_the_application(chat_model: tuple[Path, Path]) -> None:
+    from ray.serve import Application
+
+    from llmc.runtime.scaleout.application import app_builder
+
+    args = {"models": [{"name": "a", "artifact": str(chat_model[1])}], "replicas": 2, "cpus_per_replica": 0.5}
+    assert isinstance(app_builder(args), Application)
+    with pytest.raises(LlmcError, match="unknown key"):
+        app_builder({**args, "replica": 2})
+    with pytest.raises(LlmcError, match="'models' must be"):
+        app_builder({"replicas": 2})
+    with pytest.raises(LlmcError, match="must be unique"):
+        app_builder({"models": [{"name": "a", "artifact": str(chat_model[1])}] * 2})
