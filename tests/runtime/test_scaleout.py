@@ -188,6 +188,26 @@ def test_bad_requests_get_openai_4xx(server: ServerProcess) -> None:
     assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_a_client_that_disconnects_mid_stream_cancels_its_generation_on_the_replica(server: ServerProcess) -> None:
+    replicas = _wait_replicas(server, {MODEL: 2})[MODEL]
+    before = server.metrics()
+    body = {"model": MODEL, "prompt": "Tell me everything.", "max_tokens": 3000, "stream": True, **NO_EOS}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60,
+                      headers={"authorization": f"Bearer {API_KEY}"}) as r:
+        assert r.status_code == 200 and r.headers[HEADER] in replicas
+        next(r.iter_lines())  # the first event, then hang up
+    deadline = time.monotonic() + 20
+    while True:
+        after = server.metrics()
+        aborted = (_sum(after, "llmc_sequences_aborted_total", MODEL, replicas)
+                   - _sum(before, "llmc_sequences_aborted_total", MODEL, replicas))
+        running = _sum(after, "llmc_num_requests_running", MODEL, replicas)
+        if (aborted, running) == (1, 0):
+            break
+        assert time.monotonic() < deadline, f"the generation was not cancelled: aborted {aborted}, running {running}"
+        time.sleep(0.5)
+
+
 def _replica_pids() -> list[int]:
     """Worker processes of this module's engine replicas for MODEL (Ray names them after the deployment)."""
     pids = []
