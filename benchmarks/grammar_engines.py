@@ -20,17 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from llmc.compiler.tokenizer import LlmcTokenizer  # noqa: E402
+from llmc.compiler.tokenizer import LlmcTokenizer
 
 SCHEMA = {
     "type": "object",
@@ -320,8 +316,9 @@ def main() -> None:
         print(f"== {cls.name} (tokenizer set-up {init_s:.2f} s)")
         for wname, r in res["workloads"].items():
             if "mask_us_mean" in r:
-                print(f"  {wname:12s} compile {r['compile_ms']:8.1f} ms  mask+advance/token mean {r['mask_us_mean']:7.1f} "
-                      f"us  p50 {r['mask_us_p50']:7.1f}  p99 {r['mask_us_p99']:7.1f}  ({r['tokens']} tokens)")
+                print(f"  {wname:12s} compile {r['compile_ms']:8.1f} ms  mask+advance/token mean "
+                      f"{r['mask_us_mean']:7.1f} us  p50 {r['mask_us_p50']:7.1f}  p99 {r['mask_us_p99']:7.1f}  "
+                      f"({r['tokens']} tokens)")
             else:
                 print(f"  {wname:12s} {r}")
         for feat, verdict in res["json_schema_coverage"].items():
