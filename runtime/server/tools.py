@@ -52,9 +52,10 @@ def _tool_dicts(tools: list[Tool]) -> list[dict[str, Any]]:
     """Tools as the plain dicts chat templates expect."""
     out = []
     for t in tools:
-        fn: dict[str, Any] = {"name": t.function.name, "parameters": t.function.parameters or {"type": "object"}}
+        fn: dict[str, Any] = {"name": t.function.name}
         if t.function.description:
             fn["description"] = t.function.description
+        fn["parameters"] = t.function.parameters or {"type": "object"}
         out.append({"type": "function", "function": fn})
     return out
 
