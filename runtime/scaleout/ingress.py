@@ -43,6 +43,7 @@ from llmc.runtime.server.errors import APIError
 from llmc.runtime.server.generation import ChoiceResult, Delta, Job
 from llmc.runtime.server.metrics import ServerMetrics
 from llmc.runtime.server.tokens import TokenBytes
+from llmc.runtime.structured import Constraint
 
 logger = logging.getLogger("llmc.scaleout")
 
@@ -89,6 +90,10 @@ class RemoteModel:
 
     def new_run(self, jobs: list[Job], request_id: str, arrival: float) -> RemoteRun:
         return RemoteRun(self, jobs, request_id)
+
+    async def check_constraint(self, constraint: Constraint) -> None:
+        """Nothing here: the replica compiles the constraint when it admits the run and refuses a
+        bad one with the same :class:`~llmc.runtime.structured.GrammarError` (across the wire)."""
 
 
 class RemoteRun:

@@ -22,6 +22,7 @@ from llmc.runtime.errors import (
     QueueFullError,
     TokenIdError,
 )
+from llmc.runtime.structured import GrammarError
 
 PREFIX_BLOCK_TOKENS = 16
 """Prompt tokens per prefix hash: requests whose prompts share ``k`` whole blocks share ``k`` hashes."""
@@ -75,7 +76,8 @@ class RoutingInfo:
 
 
 _REFUSALS: dict[str, type[LlmcError]] = {cls.__name__: cls for cls in (
-    EmptyPromptError, TokenIdError, ContextLengthError, KVCacheTooSmallError, QueueFullError, EngineClosedError)}
+    EmptyPromptError, TokenIdError, ContextLengthError, KVCacheTooSmallError, QueueFullError, EngineClosedError,
+    GrammarError)}
 
 
 def refused(replica: str, exc: LlmcError) -> Refused:

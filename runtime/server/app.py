@@ -30,6 +30,9 @@ from llmc.runtime.server.generation import ChoiceResult, Delta, Job
 from llmc.runtime.server.metrics import CONTENT_TYPE
 from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from llmc.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
+from llmc.runtime.server.structured import check_constraint, request_constraint
+from llmc.runtime.server.tools import ToolStreamParser, tool_format_for
+from llmc.runtime.structured import Constraint
 
 logger = logging.getLogger("llmc.server")
 
@@ -103,8 +106,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None,
-              logprobs: int | None) -> SamplingParams:
+def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None, logprobs: int | None,
+              prompt_logprobs: int | None = None, constraint: Constraint | None = None) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -120,19 +123,22 @@ def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
     except LlmcError as exc:
         raise APIError(400, str(exc)) from exc
 
 
-def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: int | None,
-          logprobs: int | None) -> list[Job]:
+def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+          prompt_logprobs: int | None = None, constraint: Constraint | None = None) -> list[Job]:
     """``req.n`` sequences per prompt; ``max_tokens=None`` generates up to the end of the context."""
     jobs = []
     for p, ids in enumerate(prompts):
         for i in range(req.n):
             seed = None if req.seed is None else (req.seed + i) % 2**64  # OpenAI seeds may be negative
-            jobs.append(Job(p * req.n + i, ids, _sampling(req, max_tokens, seed, logprobs)))
+            params = _sampling(req, max_tokens, seed, logprobs, prompt_logprobs, constraint)
+            jobs.append(Job(p * req.n + i, ids, params))
     return jobs
 
 
@@ -223,6 +229,8 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     arrival = time.perf_counter()
     model = state.check_model(body.model)
     tokenizer = model.tokenizer
+    constraint = request_constraint(body)
+    await check_constraint(model, constraint)
     raw = body.prompts()
     if isinstance(raw[0], str):
         texts: list[str] = raw  # type: ignore[assignment]
@@ -231,26 +239,37 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
         prompts = raw  # type: ignore[assignment]
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    run = model.new_run(_jobs(body, prompts, max_tokens, body.logprobs), f"cmpl-{uuid.uuid4().hex}", arrival)
+    # echo with logprobs scores the prompt in its prefill; max_tokens 0 only scores it
+    score_prompt = body.echo and body.logprobs is not None
+    prompt_logprobs = body.logprobs if score_prompt else (0 if max_tokens == 0 else None)
+    jobs = _jobs(body, prompts, max_tokens, body.logprobs, prompt_logprobs, constraint)
+    run = model.new_run(jobs, f"cmpl-{uuid.uuid4().hex}", arrival)
     fmt = Formatter(run.request_id, model.name, model.token_bytes)
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [texts[j.index // body.n] for j in run.jobs] if body.echo else None
+    scored_ids = [j.prompt_ids for j in run.jobs] if score_prompt else None
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
-        return fmt.completion(results, prompt_tokens, body.logprobs, echo)
+        return fmt.completion(results, prompt_tokens, body.logprobs, echo, scored_ids)
 
     async def events() -> AsyncIterator[bytes]:
         offsets = {j.index: 0 for j in run.jobs}
         generated = 0
-        for j in run.jobs if echo else ():
+        for j in run.jobs if echo and not score_prompt else ():
             yield sse(fmt.completion_chunk(j.index, Delta("", []), None, 0, text=echo[j.index],
                                            include_usage=body.include_usage))
         async for index, delta in run.deltas():
             generated += len(delta.token_ids)
-            if delta.text or delta.finish_reason is not None or body.logprobs is not None:
+            if echo and scored_ids is not None and delta.prompt_logprobs is not None:  # the echo leads, scored
+                assert body.logprobs is not None
+                head = fmt.prompt_logprobs(scored_ids[index], delta.prompt_logprobs, body.logprobs)
+                yield sse(fmt.completion_chunk(index, Delta("", []), body.logprobs, 0, text=echo[index],
+                                               include_usage=body.include_usage, logprobs=head))
+                offsets[index] = fmt.text_length(scored_ids[index])
+            if delta.text or delta.finish_reason is not None or (body.logprobs is not None and delta.token_ids):
                 yield sse(fmt.completion_chunk(index, delta, body.logprobs, offsets[index],
                                                include_usage=body.include_usage))
-            offsets[index] += sum(len(model.token_bytes.text_of(t)) for t in delta.token_ids)
+            offsets[index] += fmt.text_length(delta.token_ids)
         if body.include_usage:
             yield sse(fmt.usage_chunk("text_completion", prompt_tokens, generated))
         yield DONE
@@ -261,37 +280,58 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
     model = state.check_model(body.model)
-    tokenizer = model.tokenizer
-
-    def render() -> list[int]:
-        text = tokenizer.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-
+    tools = tool_format_for(model.tokenizer)
     try:
-        prompt = await run_in_threadpool(render)
+        prompt = await run_in_threadpool(tools.render, body)
     except LlmcError as exc:
         raise APIError(400, str(exc), param="messages") from exc
+    constraint = request_constraint(body)
+    if body.forces_tool_call:
+        assert body.tools is not None
+        name = body.tool_choice_name
+        called = body.tools if name == "required" else [t for t in body.tools if t.function.name == name]
+        constraint = tools.constraint(called, body.parallel_tool_calls)
+    await check_constraint(model, constraint)
+    tools_on = bool(body.tools) and body.tool_choice_name != "none"
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     # without max_tokens the completion may fill the rest of the context (SamplingParams(max_tokens=None))
-    run = model.new_run(_jobs(body, [prompt], body.completion_limit(), top_n), f"chatcmpl-{uuid.uuid4().hex}",
-                        arrival)
+    run = model.new_run(_jobs(body, [prompt], body.completion_limit(), top_n, None, constraint),
+                        f"chatcmpl-{uuid.uuid4().hex}", arrival)
     fmt = Formatter(run.request_id, model.name, model.token_bytes)
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
-        return fmt.chat(results, len(prompt), top_n)
+        return fmt.chat(results, len(prompt), top_n, tools.parse if tools_on else None)
 
     async def events() -> AsyncIterator[bytes]:
         usage_null = body.include_usage  # with include_usage, every chunk but the last has "usage": null
+        parsers: dict[int, ToolStreamParser] = {j.index: tools.stream_parser() for j in run.jobs} if tools_on else {}
+        num_calls = {j.index: 0 for j in run.jobs}
         for j in run.jobs:
             yield sse(fmt.chat_chunk(j.index, {"role": "assistant", "content": ""}, include_usage=usage_null))
         generated = 0
         async for index, delta in run.deltas():
             generated += len(delta.token_ids)
-            if delta.text or (delta.token_ids and top_n is not None):
+            text, calls = delta.text, []
+            if index in parsers:
+                found = parsers[index].feed(delta.text)
+                if delta.finish_reason is not None:
+                    rest = parsers[index].finish()
+                    found.content += rest.content
+                    found.calls += rest.calls
+                text, calls = found.content, found.calls
+            if text or (delta.token_ids and top_n is not None):
                 lp = fmt.chat_logprobs(delta.logprobs or [], top_n) if top_n is not None else None
-                yield sse(fmt.chat_chunk(index, {"content": delta.text}, logprobs=lp, include_usage=usage_null))
+                yield sse(fmt.chat_chunk(index, {"content": text}, logprobs=lp, include_usage=usage_null))
+            for call in calls:  # a call's header, then its arguments
+                k = num_calls[index]
+                num_calls[index] += 1
+                head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                yield sse(fmt.chat_chunk(index, {"tool_calls": [head]}, include_usage=usage_null))
+                args = {"index": k, "function": {"arguments": call.arguments}}
+                yield sse(fmt.chat_chunk(index, {"tool_calls": [args]}, include_usage=usage_null))
             if delta.finish_reason is not None:
-                yield sse(fmt.chat_chunk(index, {}, finish_reason=delta.finish_reason, include_usage=usage_null))
+                finish = "tool_calls" if num_calls[index] else delta.finish_reason
+                yield sse(fmt.chat_chunk(index, {}, finish_reason=finish, include_usage=usage_null))
         if body.include_usage:
             yield sse(fmt.usage_chunk("chat.completion.chunk", len(prompt), generated))
         yield DONE

@@ -22,12 +22,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from starlette.concurrency import run_in_threadpool
+
 from llmc.compiler.errors import LlmcError
 from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.runtime.server.errors import APIError
 from llmc.runtime.server.generation import ChoiceResult, Delta, Job, RequestRun
 from llmc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from llmc.runtime.server.tokens import TokenBytes
+from llmc.runtime.structured import Constraint
 
 __all__ = ["CONTENT_TYPE", "LocalBackend", "LocalModel", "Run", "ServedModel", "ServingBackend", "model_card"]
 
@@ -59,6 +62,12 @@ class ServedModel(Protocol):
 
     def new_run(self, jobs: list[Job], request_id: str, arrival: float) -> Run:
         """A run of ``jobs`` (not started); ``arrival`` is the request's ``time.perf_counter()``."""
+        ...
+
+    async def check_constraint(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` before the request starts, where the model can (raises
+        :class:`~llmc.runtime.structured.GrammarError`); a model that cannot check it here refuses
+        a bad one when the run starts, as the same error."""
         ...
 
 
@@ -104,6 +113,9 @@ class LocalModel:
 
     def new_run(self, jobs: list[Job], request_id: str, arrival: float) -> RequestRun:
         return RequestRun(self.engine, jobs, request_id, self.metrics, arrival)
+
+    async def check_constraint(self, constraint: Constraint) -> None:
+        await run_in_threadpool(self.engine.check_constraint, constraint)
 
 
 class LocalBackend:

@@ -179,6 +179,12 @@ def test_bad_requests_get_openai_4xx(server: ServerProcess) -> None:
         client.completions.create(model=OTHER, prompt="x" * 100, max_tokens=5000)
     assert too_long.value.code == "context_length_exceeded"
     assert too_long.value.response.headers[HEADER] in _health(server)["models"][OTHER]["replicas"]
+    with pytest.raises(openai.BadRequestError) as bad_regex:  # compiled on the replica, refused the same way
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"guided_regex": "(unclosed"})
+    assert (bad_regex.value.code, bad_regex.value.body["param"]) == ("invalid_constraint", "guided_regex")
+    choice = client.completions.create(model=MODEL, prompt="x", max_tokens=8,
+                                       extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].text in ("yes", "no")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x")
     with pytest.raises(openai.AuthenticationError):

@@ -37,12 +37,14 @@ from llmc.runtime.scaleout.wire import (
 from llmc.runtime.server.errors import APIError, refusal
 from llmc.runtime.server.generation import Delta, Job
 from llmc.runtime.server.metrics import ServerMetrics
+from llmc.runtime.structured import GrammarError
 from tests.models import CHATML_TEMPLATE, byte_level_tokenizer
 
 
 # -- wire ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("exc", [ContextLengthError(4000, 200, 4096), ContextLengthError(4096, None, 4096),
-                                 QueueFullError(8), TokenIdError([120, 130], 99)])
+                                 QueueFullError(8), TokenIdError([120, 130], 99),
+                                 GrammarError("the regex must be a non-empty string", "guided_regex")])
 def test_a_refusal_crosses_the_wire_and_maps_like_the_original(exc: LlmcError) -> None:
     item = pickle.loads(pickle.dumps(refused("r1", exc)))
     rebuilt = refusal_error(item)
@@ -50,6 +52,8 @@ def test_a_refusal_crosses_the_wire_and_maps_like_the_original(exc: LlmcError) -
     for what in ("prompt", "messages"):
         a, b = refusal(exc, what), refusal(rebuilt, what)
         assert (a.status, a.body(), a.headers) == (b.status, b.body(), b.headers)
+    if isinstance(exc, GrammarError):  # a constraint the replica could not compile names its field
+        assert refusal(rebuilt, "prompt").body()["error"]["param"] == "guided_regex"
 
 
 def test_prefix_hashes_are_shared_exactly_by_shared_blocks() -> None:
