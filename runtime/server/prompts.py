@@ -11,31 +11,39 @@ import anyio
 import anyio.to_thread
 
 from llmc.compiler.tokenizer import LlmcTokenizer
-from llmc.runtime.errors import ContextLengthError
+from llmc.runtime.errors import ContextLengthError, TokenIdError
 from llmc.runtime.server.errors import APIError, refusal
 from llmc.runtime.server.prompt_length import UTF8_MAX, length_bound, utf8_length
 
 T = TypeVar("T")
 
+SHORT_TEXT_PER_TOKEN = 4
+"""A text of at most this many characters per token of context is tokenized whatever its length
+(milliseconds), so the refusal names its exact token count; only longer ones are refused by the bound."""
+
 
 class PromptChecks:
     """Length checks before tokenizing, and the tokenizer's worker threads."""
 
-    def __init__(self, tokenizer: LlmcTokenizer, context_length: int, max_tokenizing: int) -> None:
+    def __init__(self, tokenizer: LlmcTokenizer, context_length: int, limiter: anyio.CapacityLimiter) -> None:
+        """``limiter`` bounds the tokenizer calls at once (shared by the models of one server)."""
         self.tokenizer = tokenizer
         self.context_length = context_length
         self.bound = length_bound(tokenizer)
-        self.limiter = anyio.CapacityLimiter(max_tokenizing)
+        self.limiter = limiter
 
     def _room(self, max_tokens: int | None) -> int:
-        """The most prompt tokens that leave room for ``max_tokens`` (None: at least one token)."""
-        return self.context_length - (1 if max_tokens is None else max(max_tokens, 1))
+        """The most prompt tokens that leave room for ``max_tokens`` (None: at least one token; 0, a
+        prompt only scored: the whole context). Never fewer than the engine's own check allows."""
+        return self.context_length - (1 if max_tokens is None else max(max_tokens, 0))
 
     def check_text(self, text: str, max_tokens: int | None, what: str) -> None:
         """A 400 when ``text`` has more tokens than the context leaves, proved without tokenizing it."""
         bound = self.bound
         if bound is None:
             return
+        if len(text) <= SHORT_TEXT_PER_TOKEN * self.context_length:
+            return  # cheap to tokenize: the engine's check, with the exact count, decides
         room = self._room(max_tokens)
         if len(text) * UTF8_MAX <= room * bound.bytes_per_token:  # short enough, whatever its characters
             return
@@ -52,6 +60,14 @@ class PromptChecks:
         """The engine's context refusal for a token-id prompt, by its count alone (before decoding it)."""
         if len(ids) > self._room(max_tokens):
             raise refusal(ContextLengthError(len(ids), max_tokens, self.context_length), what)
+
+    def check_decodable(self, ids: list[int], what: str) -> None:
+        """The engine's token-id refusal, by the tokenizer's vocabulary, for ids about to be decoded
+        (``echo``): the tokenizer overflows on ids below 0 or of 2^64 and more."""
+        try:
+            TokenIdError.check(ids, self.tokenizer.vocab_size)
+        except TokenIdError as exc:
+            raise refusal(exc, what) from exc
 
     async def encode(self, texts: list[str], max_tokens: int | None, what: str = "prompt") -> list[list[int]]:
         """Token ids of ``texts`` (with special tokens), each checked for length first."""

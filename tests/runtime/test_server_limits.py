@@ -264,7 +264,7 @@ def test_a_request_frees_its_slot_once_it_reaches_the_engine(tokenizer: LlmcToke
 
     async def scenario(c: httpx.AsyncClient) -> tuple[httpx.Response, list[httpx.Response]]:
         long = asyncio.create_task(c.post("/v1/completions", json={"model": "fake", "prompt": "abc",
-                                                                   "max_tokens": 30}))
+                                                                   "max_tokens": 30, "ignore_eos": True}))
         await asyncio.sleep(0.3)  # generating now, for about 30 * 0.03 s
         quick = [await c.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1})
                  for _ in range(3)]
