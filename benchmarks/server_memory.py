@@ -96,8 +96,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3)
     parser.add_argument("--kind", choices=["text", "chat", "ids"], default="text")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("server_args", nargs="*", help="options for llmc serve (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # what follows -- goes to llmc serve
+    args = parser.parse_args(argv[:cut])
+    args.server_args = argv[cut + 1:]
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

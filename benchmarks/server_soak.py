@@ -172,8 +172,10 @@ def main() -> int:
     parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="the server's limit (passed on)")
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("server_args", nargs="*", help="more options for llmc serve (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # what follows -- goes to llmc serve
+    args = parser.parse_args(argv[:cut])
+    args.server_args = argv[cut + 1:]
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -146,7 +146,8 @@ class RequestLimitMiddleware:
         admission = await self.gate.enter(self.limits.body_timeout)
         if admission is None:
             await _send_json(send, 503, error_body(
-                f"the server is busy: {self.gate.limit} requests are being read and tokenized; retry later",
+                f"the server is busy: its {self.gate.limit} slots for requests being read and tokenized "
+                f"(llmc serve --max-pending) stayed taken for {self.limits.body_timeout:g} s; retry later",
                 "service_unavailable", code="server_busy"), [(b"retry-after", b"1")])
             return
         try:
