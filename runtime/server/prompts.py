@@ -51,8 +51,9 @@ class PromptChecks:
         if least <= room:
             return
         wanted = "" if max_tokens is None else f", and max_tokens asks for {max_tokens} more"
+        verb = "are" if what == "messages" else "is"
         raise APIError(400, f"This model's maximum context length is {self.context_length} tokens. However, your "
-                       f"{what} is {utf8_length(text)} bytes long, at least {least} tokens (no token of this model "
+                       f"{what} {verb} {utf8_length(text)} bytes long, at least {least} tokens (no token of this model "
                        f"spans more than {bound.bytes_per_token} bytes){wanted}. "
                        f"Please reduce the length of the {what}.", param=what, code="context_length_exceeded")
 
