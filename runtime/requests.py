@@ -66,7 +66,8 @@ class RequestState:
         elif params.stop:
             raise RequestError("stop strings need a tokenizer; this model has none")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
-        return cls(request_id, prompt, Sequence(seq_id, list(ids), len(ids), seq_id),
+        seq = Sequence(seq_id, list(ids), len(ids), seq_id, max_len=len(ids) + max_tokens)
+        return cls(request_id, prompt, seq,
                    RequestSampler(params, ids, stops, max_tokens), detok, sink, streaming, time.perf_counter(),
                    logprobs=[] if params.logprobs is not None else None)
 
