@@ -121,6 +121,13 @@ class TvmTarget(Target):
                 "cuda_graph": cuda_graph}
         return EmitResult(options=opts, files=[LIBRARY, PAYLOAD], notes=lowered.notes + notes)
 
+    def kv_layout(self, artifact: Artifact) -> tuple[int, int]:
+        """TVM's paged cache: pages of ``page_size`` tokens in the lowered ``kv_dtype`` (the payload's)."""
+        from llmc.runtime.capacity import kv_bytes_per_token
+
+        payload = json.loads(artifact.file(PAYLOAD).read_text())
+        return kv_bytes_per_token(artifact.config, str(payload["kv_dtype"])), int(payload["page_size"])
+
     def load(self, artifact: Artifact, **options: Any) -> Executor:
         from llmc.runtime.registry import require_available
 
