@@ -99,6 +99,8 @@ class CudaTorchExecutor(TorchExecutor):
                                    capture=cuda_graphs, buckets=buckets)
         self.scratch_block = -1
         self._last_tokens: torch.Tensor | None = None
+        self.deferred_launches = 0
+        """Steps launched with tokens the step before was still sampling (the engine overlapped them)."""
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmc-cuda-step",
                                                              initializer=self._bind_worker)
 
@@ -165,6 +167,7 @@ class CudaTorchExecutor(TorchExecutor):
         if len(rows) != len(batch.logits_rows):
             raise ValueError(f"{len(rows)} sampling rows for {len(batch.logits_rows)} logits rows")
         job = self.prepare(batch)
+        self.deferred_launches += int(batch.has_deferred)
         return FutureStep(self._worker.submit(self._run_and_sample, job, list(rows)))
 
     @torch.inference_mode()
