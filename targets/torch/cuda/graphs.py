@@ -6,8 +6,9 @@ kernels can be captured once per bucket (:class:`DecodeGraphs`) and replayed wit
 side (:func:`host_decode_inputs`, NumPy only) pads the batch to its bucket: padding rows read token 0 at
 position 0 over a context of one slot, the *scratch* slot (a block the runtime never hands out), and
 write their keys and values there, so they touch no sequence's cache. Block tables are a fixed
-``[B, width]`` array updated in place; tokens the previous step is still sampling (the engine's deferred
-rows) are copied into the token buffer on the device, never through the host.
+``[B, width]`` array whose used columns are updated in place; tokens the previous step is still
+sampling (the engine's deferred rows) are copied into the token buffer on the device, never through
+the host.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class HostDecodeInputs:
     positions: np.ndarray  # [B]
     context_lens: np.ndarray  # [B]
     slot_mapping: np.ndarray  # [B]
-    block_tables: np.ndarray  # [B, width]
+    block_tables: np.ndarray  # [B, used]: the columns this step reads (the widest context's blocks)
     deferred_rows: np.ndarray
     deferred_from: np.ndarray
 
@@ -57,6 +58,8 @@ def host_decode_inputs(batch: StepBatch, bucket: int, block_size: int, width: in
                        max_position: int) -> HostDecodeInputs:
     """``batch`` (a decode step, :attr:`StepBatch.is_decode`) padded to ``bucket`` rows.
 
+    Block tables are cut to the columns the step reads (the kernels read a row's first
+    ``ceil(context / block_size)`` entries only), so a step moves ``B x used`` entries, not ``B x width``.
     Copies every block table now (the runtime may grow them after launch); refuses a position past the
     context (``RequestError``) and a table too short for its sequence or wider than ``width``."""
     layout = batch.layout
@@ -69,13 +72,16 @@ def host_decode_inputs(batch: StepBatch, bucket: int, block_size: int, width: in
     positions = clens - 1
     if positions.size and int(positions.max()) >= max_position:
         raise RequestError(f"position {int(positions.max())} is beyond the context of {max_position}")
-    tables = np.full((bucket, width), scratch_block, dtype=np.int64)
+    needs = -(-clens // block_size)
+    used = max(1, int(needs.max()))
+    if used > width:
+        j = int(np.argmax(needs))
+        raise LlmcError(f"sequence {layout.seq_ids[j]} needs {used} blocks, more than the {width} a table holds")
+    tables = np.full((bucket, used), scratch_block, dtype=np.int64)
     for j, table in enumerate(batch.block_tables):
-        need = -(-int(clens[j]) // block_size)
+        need = int(needs[j])
         if len(table) < need:
             raise LlmcError(f"sequence {layout.seq_ids[j]} has {len(table)} blocks for {int(clens[j])} tokens")
-        if need > width:
-            raise LlmcError(f"sequence {layout.seq_ids[j]} needs {need} blocks, more than the {width} a table holds")
         tables[j, :need] = table[:need]
     pad = bucket - n
     rows = np.arange(n)
@@ -112,13 +118,16 @@ class StaticDecodeBuffers:
     def load(self, inputs: HostDecodeInputs, previous_tokens: torch.Tensor | None) -> None:
         """Copy ``inputs`` in (asynchronously on a GPU) and fill the deferred rows from ``previous_tokens``
         (the device tokens of the step launched before this one)."""
-        if inputs.bucket != self.bucket or inputs.block_tables.shape[1] != self.width:
-            raise ValueError(f"inputs for bucket {inputs.bucket} x {inputs.block_tables.shape[1]} "
+        used = inputs.block_tables.shape[1]
+        if inputs.bucket != self.bucket or used > self.width:
+            raise ValueError(f"inputs for bucket {inputs.bucket} x {used} "
                              f"do not fit buffers of {self.bucket} x {self.width}")
         for name in self.NAMES:
-            staging = self._staging[name]
+            staging, target = self._staging[name], getattr(self, name)
+            if name == "block_tables":  # the columns in use; the rest are never read
+                staging, target = staging.view(-1)[: self.bucket * used].view(self.bucket, used), target[:, :used]
             staging.numpy()[...] = getattr(inputs, name)
-            getattr(self, name).copy_(staging, non_blocking=True)
+            target.copy_(staging, non_blocking=True)
         if inputs.deferred_rows.size:
             if previous_tokens is None:
                 raise LlmcError("a decode step defers tokens to a previous step this executor did not run")

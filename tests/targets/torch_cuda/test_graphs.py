@@ -45,9 +45,9 @@ def test_host_inputs_pad_to_the_bucket_on_the_scratch_block() -> None:
     np.testing.assert_array_equal(inputs.token_ids, [10, 11, 12, 0, 0, 0, 0, 0])
     # each new token's slot: its block (through the table) * block size + offset; padding: the scratch slot
     np.testing.assert_array_equal(inputs.slot_mapping, [3 * BS + 1, 5 * BS + 0, 8 * BS + 0] + [SCRATCH * BS] * 5)
-    assert inputs.block_tables.shape == (8, WIDTH)
-    np.testing.assert_array_equal(inputs.block_tables[0], [7, 3] + [SCRATCH] * 4)
-    np.testing.assert_array_equal(inputs.block_tables[2], [1, 2, 8] + [SCRATCH] * 3)
+    assert inputs.block_tables.shape == (8, 3)  # the columns the step reads: the widest context's 3 blocks
+    np.testing.assert_array_equal(inputs.block_tables[0], [7, 3, SCRATCH])
+    np.testing.assert_array_equal(inputs.block_tables[2], [1, 2, 8])
     assert (inputs.block_tables[3:] == SCRATCH).all()
 
 
@@ -81,8 +81,13 @@ def test_static_buffers_keep_their_addresses_and_fill_deferred_tokens_on_the_dev
     inputs = host_decode_inputs(batch, 4, BS, WIDTH, SCRATCH, 64)
     buffers.load(inputs, previous)
     assert buffers.token_ids.tolist() == [72, 11, 70, 0]
-    for name in ("positions", "context_lens", "slot_mapping", "block_tables"):
+    for name in ("positions", "context_lens", "slot_mapping"):
         np.testing.assert_array_equal(getattr(buffers, name).numpy(), getattr(inputs, name))
+    np.testing.assert_array_equal(buffers.block_tables[:, :3].numpy(), inputs.block_tables)
+    narrow = host_decode_inputs(_decode([2], [[4]]), 4, BS, WIDTH, SCRATCH, 64)  # one column: the rest stay
+    buffers.load(narrow, None)
+    assert buffers.block_tables[:, 0].tolist() == [4, SCRATCH, SCRATCH, SCRATCH]
+    np.testing.assert_array_equal(buffers.block_tables[:, 1:3].numpy(), inputs.block_tables[:, 1:])
     assert {name: getattr(buffers, name).data_ptr() for name in buffers.NAMES} == addresses
     with pytest.raises(LlmcError, match="previous step"):
         buffers.load(inputs, None)
