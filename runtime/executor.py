@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.runtime.sampling import SampleRow, TokenLogprobs, sample_batch
 
@@ -91,6 +92,18 @@ class StepBatch:
             return None
         deferred = np.isin(self.logits_rows, self.deferred_rows)
         return np.where(deferred, np.asarray(token_ids)[self.logits_rows], -1)
+
+    def check(self, vocab_size: int, max_position: int) -> None:
+        """Refuse token ids outside the vocabulary, a context beyond ``max_position`` tokens and
+        logits rows outside the step's tokens (:class:`RequestError` with the numbers): every
+        executor calls this first, so none reads out of bounds."""
+        ids, layout, rows = self.token_ids, self.layout, self.logits_rows
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise RequestError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+        if layout.context_lens and max(layout.context_lens) > max_position:
+            raise RequestError(f"position {max(layout.context_lens) - 1} is beyond the context of {max_position}")
+        if rows.size and (rows.min() < 0 or rows.max() >= layout.num_tokens):
+            raise RequestError(f"logits rows {rows.tolist()} are outside the {layout.num_tokens} tokens of the step")
 
     @property
     def is_decode(self) -> bool:
@@ -162,7 +175,7 @@ class FutureStep(PendingStep):
 
 def sample_step(logits: np.ndarray, batch: StepBatch, rows: list[SampleRow]) -> StepOutput:
     """Sample a step's logits on the host (``batch`` with its deferred rows resolved)."""
-    tokens, logprobs = sample_batch(logits, rows, batch.extra_outputs(batch.token_ids))
+    tokens, logprobs = sample_batch(logits, rows, extra_outputs=batch.extra_outputs(batch.token_ids))
     return StepOutput(np.asarray(tokens, dtype=np.int64), logprobs)
 
 

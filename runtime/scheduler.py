@@ -58,6 +58,9 @@ class Sequence:
     """Tokens sampled by a step in flight that the host has not received yet (0 or 1)."""
     max_len: int | None = None
     """The most tokens (prompt + outputs) the sequence can reach; None: unbounded."""
+    cache_limit: int | None = None
+    """At most this many leading tokens may come from prefix-cache hits (None: no limit): a
+    request that wants the logits of its prompt rows (prompt logprobs) must compute them."""
 
     @property
     def num_tokens(self) -> int:
@@ -166,7 +169,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_pending:  # preempted while a token was in flight: it resumes once that arrives
                 break
-            cached = self.kv.admit(seq.seq_id, seq.token_ids)
+            cached = self.kv.admit(seq.seq_id, seq.token_ids, seq.cache_limit)
             if cached is None:
                 break
             seq.num_computed = cached

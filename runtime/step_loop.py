@@ -13,6 +13,15 @@ as its stop is seen (steps run in order, so the step in flight finishes with the
 executor whose ``launch`` returns ready steps (the default) runs exactly as before: launch,
 deliver, schedule the next.
 
+Two extras ride on the same step, which then runs on the host's side (``executor.step``: the
+logits come back and are sampled here; the step in flight is collected first, so none of its
+tokens is deferred). Requests that want prompt logprobs get the logits of their prompt rows
+returned by the same forward pass (``logits_rows`` lists them beside the sampled rows; chunked
+prefill scores each chunk as it runs). Constrained requests
+(:mod:`llmc.runtime.structured`) need a token mask per sampled row: :class:`MaskWorker` computes
+the step's masks on a worker thread while the step runs (both release the GIL), and the
+sampler applies them (``sample_batch(..., mask=mask)``) to those rows only.
+
 Callers hand requests over with :meth:`StepLoop.add` and :meth:`StepLoop.cancel` (under one
 condition variable; they never wait for a step). The loop holds no reference to the
 :class:`~llmc.runtime.engine.Engine`, so an engine nobody holds any more can be collected and
@@ -22,9 +31,11 @@ its finalizer can stop the loop.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,8 +47,9 @@ from llmc.runtime.executor import Executor, PendingStep, StepBatch, StepOutput
 from llmc.runtime.kv_cache import KVCacheManager
 from llmc.runtime.outputs import StreamChunk
 from llmc.runtime.requests import RequestState
-from llmc.runtime.sampling import SampleRow
+from llmc.runtime.sampling import log_softmax, sample_batch, top_logprobs
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from llmc.runtime.structured import ConstraintMatcher, TokenMask, compute_masks
 
 THROUGHPUT_WINDOW_S = 10.0
 """``generation_tok_s`` in :meth:`StepLoop.stats` counts the tokens of this many recent seconds."""
@@ -51,6 +63,39 @@ class InFlight:
         self.sampled = sampled
         self.pending = pending
         self.row_of = {s.seq.seq_id: i for i, s in enumerate(sampled)}
+
+
+@dataclass
+class StepRows:
+    """Which rows of a step's logits go where: ``sampled[i]`` samples from row ``sample_rows[i]``;
+    ``prompt[j] = (request, first position, first row, count)`` scores prompt positions."""
+
+    sampled: list[ScheduledSeq] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    prompt: list[tuple[RequestState, int, int, int]] = field(default_factory=list)
+
+
+class MaskWorker:
+    """Computes the token masks of a step's constrained rows on a worker thread.
+
+    The hook between the step loop and constrained decoding: :meth:`submit` before the forward
+    pass (the masks depend only on tokens sampled before this step), ``.result()`` after it."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, rows: list[tuple[int, ConstraintMatcher]]) -> concurrent.futures.Future[TokenMask] | None:
+        """Start the masks of ``(sample row index, matcher)`` pairs; None when there are none."""
+        if not rows:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmc-masks")
+        return self._pool.submit(compute_masks, rows, self.vocab_size)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class StepLoop:
@@ -71,6 +116,7 @@ class StepLoop:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._t_start = time.perf_counter()
         self._inflight: InFlight | None = None
+        self._masks = MaskWorker(executor.config.vocab_size)
         self._thread = threading.Thread(target=self._run, name="llmc-engine", daemon=True)
 
     # -- what callers do (any thread) ----------------------------------------------------
@@ -159,6 +205,7 @@ class StepLoop:
                         self._finish(self._requests[rid], "cancelled", None)
             if closed:
                 self._drain()
+                self._masks.close()
                 return
             if self.scheduler.has_work() or self._inflight is not None:
                 try:
@@ -180,6 +227,8 @@ class StepLoop:
                     s.seq.num_pending = 0
 
     def _step(self) -> None:
+        if self._inflight is not None and any(r.on_host for r in self._requests.values()):
+            self._collect(self._inflight)  # a step sampled on the host needs every earlier token known
         with self._cond:
             out = self.scheduler.schedule()
         if not out.scheduled:
@@ -188,15 +237,31 @@ class StepLoop:
             else:
                 time.sleep(0.001)  # nothing fits now (cannot happen for validated requests)
             return
-        batch, sampled, rows = self._build_batch(out)
+        batch, rows = self._build_batch(out)
         now = time.perf_counter()
         for s in out.scheduled:
             req = self._by_seq[s.seq.seq_id]
             if req.num_cached < 0:
                 req.num_cached, req.t_scheduled = s.start, now
         previous = self._inflight
+        host = bool(rows.prompt) or any(self._by_seq[s.seq.seq_id].on_host for s in rows.sampled)
+        masks = None
+        if host:  # logits back to the host: prompt scoring, token masks
+            constrained = []
+            for i, s in enumerate(rows.sampled):
+                matcher = self._by_seq[s.seq.seq_id].constraint
+                if matcher is not None:
+                    constrained.append((i, matcher))
+            masks = self._masks.submit(constrained)  # computed while the forward pass runs
         try:
-            pending = self.executor.launch(batch, rows)
+            if host:
+                assert not batch.has_deferred, "host-side steps are scheduled with no step in flight"
+                logits = self.executor.step(batch)
+                mask = masks.result() if masks is not None else None
+            else:
+                with self._cond:
+                    sample_rows = [self._by_seq[s.seq.seq_id].sampler.row() for s in rows.sampled]
+                pending = self.executor.launch(batch, sample_rows)
         except Exception as exc:  # the step failed: fail its requests, keep serving the others
             if previous is not None:
                 self._collect(previous)
@@ -208,23 +273,32 @@ class StepLoop:
             return
         with self._cond:
             self.scheduler.step_done(out)
-            for s in sampled:
+            for s in rows.sampled if not host else ():
                 s.seq.num_pending += 1
             self._counters["steps"] += 1
             self._counters["computed_tokens"] += out.num_tokens
-        self._inflight = InFlight(out, sampled, pending)
+        if host:
+            with self._cond:
+                for req, position, row, count in rows.prompt:
+                    self._score_prompt(req, logits[row : row + count], position)
+                if rows.sampled:
+                    self._sample(logits[rows.sample_rows], rows.sampled, mask)
+            return
+        self._inflight = InFlight(out, rows.sampled, pending)
         if previous is not None:
             self._collect(previous)  # the device runs the step just launched meanwhile
         if self._inflight is not None and self._inflight.pending.ready():
             self._collect(self._inflight)
 
-    def _build_batch(self, out: SchedulerOutput) -> tuple[StepBatch, list[ScheduledSeq], list[SampleRow]]:
+    def _build_batch(self, out: SchedulerOutput) -> tuple[StepBatch, StepRows]:
         tokens: list[int] = []
-        seq_ids, qlens, clens, tables, rows, sampled = [], [], [], [], [], []
+        seq_ids, qlens, clens, tables, logits_rows = [], [], [], [], []
         deferred_rows: list[int] = []
         deferred_from: list[int] = []
+        rows = StepRows()
         for s in out.scheduled:
             seq = s.seq
+            first = len(tokens)
             known = seq.token_ids[s.start : s.start + s.num_new]
             tokens.extend(known)
             if len(known) < s.num_new:  # the last token is still being sampled by the step in flight
@@ -236,15 +310,22 @@ class StepLoop:
             qlens.append(s.num_new)
             clens.append(s.start + s.num_new)
             tables.append(self.kv.table(seq.seq_id))
+            req = self._by_seq[seq.seq_id]
+            if req.prompt_rows_pending:
+                # positions [lo, hi) predict prompt tokens lo+1 .. hi: their logits come back too
+                lo = max(req.next_prompt_row(), s.start)
+                hi = min(s.start + s.num_new, seq.num_prompt_tokens - 1)
+                if hi > lo:
+                    rows.prompt.append((req, lo, len(logits_rows), hi - lo))
+                    logits_rows.extend(range(first + lo - s.start, first + hi - s.start))
             if s.sample:
-                rows.append(len(tokens) - 1)
-                sampled.append(s)
+                rows.sampled.append(s)
+                rows.sample_rows.append(len(logits_rows))
+                logits_rows.append(len(tokens) - 1)
         layout = BatchLayout(tuple(seq_ids), tuple(qlens), tuple(clens))
-        batch = StepBatch(np.asarray(tokens), layout, tables, np.asarray(rows, dtype=np.int64),
+        batch = StepBatch(np.asarray(tokens), layout, tables, np.asarray(logits_rows, dtype=np.int64),
                           np.asarray(deferred_rows, dtype=np.int64), np.asarray(deferred_from, dtype=np.int64))
-        with self._cond:
-            sample_rows = [self._by_seq[s.seq.seq_id].sampler.row() for s in sampled]
-        return batch, sampled, sample_rows
+        return batch, rows
 
     def _collect(self, inflight: InFlight) -> None:
         """Wait for a launched step's tokens and deliver them (the step's requests fail if it failed)."""
@@ -265,25 +346,68 @@ class StepLoop:
             self._deliver(result, inflight.sampled)
 
     def _deliver(self, result: StepOutput, sampled: list[ScheduledSeq]) -> None:
+        """The tokens a launched step sampled, to the requests still there."""
         reqs: list[RequestState] = []
-        picks = []
+        tokens: list[int] = []
+        lps = []
         for s, token, lp in zip(sampled, result.token_ids.tolist(), result.logprobs, strict=True):
             s.seq.num_pending -= 1
             req = self._by_seq.get(s.seq.seq_id)
             if req is not None and req.seq is s.seq:  # else it finished (or was cancelled) meanwhile
                 reqs.append(req)
-                picks.append((req, int(token), lp))
+                tokens.append(int(token))
+                lps.append(lp)
+        self._append(reqs, tokens, lps)
+    def _score_prompt(self, req: RequestState, logits: np.ndarray, position: int) -> None:
+        """Logprobs of prompt tokens ``position + 1 ...`` from the logits of the rows before them."""
+        assert req.prompt_logprobs is not None and len(req.prompt_logprobs) == position + 1
+        seq = req.seq
+        targets = np.asarray(seq.token_ids[position + 1 : position + 1 + len(logits)])
+        n = req.sampler.params.prompt_logprobs
+        req.prompt_logprobs.extend(top_logprobs(log_softmax(logits), targets, [n] * len(targets)))
+        seq.cache_limit = req.next_prompt_row() if req.prompt_rows_pending else None
+
+    def _sample(self, logits: np.ndarray, sampled: list[ScheduledSeq], mask: TokenMask | None = None) -> None:
+        reqs = [self._by_seq[s.seq.seq_id] for s in sampled]
+        done = [r for r in reqs if r.sampler.max_tokens == 0]  # prompt scoring only: nothing to generate
+        if done:
+            keep = [i for i, r in enumerate(reqs) if r.sampler.max_tokens > 0]
+            for req in done:
+                self._counters["prompt_tokens"] += req.seq.num_prompt_tokens
+                req.t_first = time.perf_counter()
+                self._finish(req, "length", None)
+            if not keep:
+                return
+            if mask is not None:
+                position = {i: k for k, i in enumerate(keep)}
+                picked = [j for j, r in enumerate(mask.rows) if r in position]
+                mask = TokenMask([position[mask.rows[j]] for j in picked], mask.bits[picked])
+            logits, reqs = logits[keep], [reqs[i] for i in keep]
+        tokens, lps = sample_batch(logits, [r.sampler for r in reqs], mask=mask)
+        self._append(reqs, tokens.tolist(), lps)
+
+    def _append(self, reqs: list[RequestState], tokens: list[int], lps: list[Any]) -> None:
+        """Each request's new token: stops, constraint, detokenization, delivery."""
         now = time.perf_counter()
         if reqs:
             self._recent.append((now, len(reqs)))
         self._counters["generation_tokens"] += len(reqs)
-        for req, token, lp in picks:
-            if not req.t_first:
+        for req, token, lp in zip(reqs, tokens, lps, strict=True):
+            first = not req.t_first
+            if first:
                 req.t_first = now
                 self._counters["prompt_tokens"] += req.seq.num_prompt_tokens
             req.seq.token_ids.append(token)
             finish = req.sampler.check_stop(token)
             stop_reason: str | int | None = token if finish == "stop" else None
+            if req.constraint is not None:
+                if not req.constraint.advance(token):  # an engine bug: fail this request only
+                    error = RuntimeError(f"request {req.request_id}: token {token} was sampled but its constraint "
+                                         f"does not allow it ({req.constraint.error})")
+                    self._finish(req, "cancelled", None, error=error)
+                    continue
+                if req.constraint.finished and not finish:
+                    finish = "stop"  # the constrained output is complete
             delta = ""
             if req.detok is not None:
                 delta = req.detok.add(token)
@@ -295,7 +419,8 @@ class StepLoop:
             if lp is not None and req.logprobs is not None:
                 req.logprobs.append(lp)
             if req.streaming:
-                req.sink(StreamChunk(req.request_id, delta, [token], [lp] if lp is not None else None))
+                req.sink(StreamChunk(req.request_id, delta, [token], [lp] if lp is not None else None,
+                                     prompt_logprobs=req.prompt_logprobs if first else None))
             if finish:
                 self._finish(req, finish, stop_reason)
 
@@ -311,6 +436,7 @@ class StepLoop:
             return
         output = req.output(reason, stop_reason)
         if req.streaming:
-            req.sink(StreamChunk(req.request_id, "", [], None, reason, output))
+            unsent = req.prompt_logprobs if not req.seq.output_ids else None  # no chunk carried them yet
+            req.sink(StreamChunk(req.request_id, "", [], None, reason, output, prompt_logprobs=unsent))
         else:
             req.sink(output)

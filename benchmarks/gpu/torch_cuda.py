@@ -8,7 +8,7 @@ inputs failed is skipped; every raw JSON goes to ``--out``, at most 8 files, as 
 
 - ``env``: nvidia-smi, torch, triton and CUDA versions;
 - ``roofline``: device-to-device copy bandwidth (bytes read + written over the median of event-timed
-  copies of a 2 GiB buffer) and the bf16 matmul rate on random data;
+  copies of a 1 GiB buffer, 2 GiB moved) and the bf16 matmul rate on random data;
 - ``synth``, ``compile``: ``llmc synth --preset llama-3.2-1b`` (bf16) compiled for the torch target on
   cuda with bf16 activations, unquantized and ``--quant int4``;
 - ``decode``: the executor alone (this file's ``measure`` subcommand): greedy decode steps launched and
@@ -165,7 +165,7 @@ def _median_ms(fn: Any, repeat: int) -> float:
 
 
 def roofline(json_path: Path) -> dict[str, Any]:
-    """Copy bandwidth (read + write) of a 2 GiB device buffer and the bf16 matmul rate on random data."""
+    """Copy bandwidth (read + write) of a 1 GiB device buffer (2 GiB moved) and the bf16 matmul rate on random data."""
     import torch
 
     n = 2**30 // 2  # bf16 elements of 1 GiB; src + dst = 2 GiB

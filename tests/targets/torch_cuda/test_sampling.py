@@ -49,7 +49,7 @@ def test_device_sampler_picks_the_host_samplers_tokens(device: str, seed: int) -
     sample_rows = [s.row() for s in samplers]  # the uniforms are drawn once, here, as the engine does
     extra = np.where(rng.random(rows) < 0.5, rng.integers(0, vocab, rows), -1)  # deferred outputs
     for ex in (None, extra):
-        want, want_lp = sample_batch(logits, sample_rows, ex)
+        want, want_lp = sample_batch(logits, sample_rows, extra_outputs=ex)
         got, got_lp = sample(torch.from_numpy(logits).to(device), sample_rows,
                              None if ex is None else torch.from_numpy(ex).to(device))
         np.testing.assert_array_equal(got.cpu().numpy(), want)
