@@ -106,10 +106,16 @@ class CudaTorchExecutor(TorchExecutor):
 
     # -- cache -------------------------------------------------------------------------------
     def init_cache(self, num_blocks: int) -> None:
-        """``num_blocks`` blocks for the runtime plus the scratch block (index ``num_blocks``) padding rows use."""
+        """``num_blocks`` blocks for the runtime plus the scratch block (index ``num_blocks``) padding rows use.
+
+        Asking for the size the cache already has keeps it (and the captured graphs): the runtime never
+        reads a slot before writing it."""
         self._on_worker(self._init_cache, num_blocks)
 
     def _init_cache(self, num_blocks: int) -> None:
+        if self.k_cache is not None and num_blocks == self.num_blocks:
+            self._last_tokens = None  # the same size again (a benchmark's next run): the graphs stay valid
+            return
         self.graphs.clear()  # they point into the old cache
         super().init_cache(num_blocks + 1)
         self.num_blocks = num_blocks

@@ -96,3 +96,15 @@ def test_what_cannot_run_here_is_refused_with_the_reason(monkeypatch: pytest.Mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(LlmcError, match="torch sees no CUDA GPU"):
         check_device(torch.device("cuda"), cuda_graphs=True)
+
+
+def test_init_cache_of_the_same_size_keeps_the_cache_and_buffers(artifact: Artifact) -> None:
+    ex = _cuda_executor(artifact)
+    ex.init_cache(8)
+    assert ex.scratch_block == 8 and ex.k_cache is not None and ex.k_cache.shape[1] == 9 * ex.block_size
+    cache = ex.k_cache
+    buffers = ex.graphs.buffers_for(2)
+    ex.init_cache(8)  # a benchmark's next run: nothing is reallocated or recaptured
+    assert ex.k_cache is cache and ex.graphs.buffers_for(2) is buffers
+    ex.init_cache(12)
+    assert ex.k_cache is not cache and ex.scratch_block == 12 and ex.graphs.buffers_for(2) is not buffers
