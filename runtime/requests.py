@@ -89,7 +89,8 @@ class RequestState:
         elif params.stop:
             raise RequestError("stop strings need a tokenizer; this model has none")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
-        seq = Sequence(seq_id, list(ids), len(ids), seq_id, max_len=len(ids) + max_tokens)
+        # max_tokens 0 (prompt scoring only): the prompt's last row still runs, in the step that finishes it
+        seq = Sequence(seq_id, list(ids), len(ids), seq_id, max_len=len(ids) + max(max_tokens, 1))
         scored: list[TokenLogprobs | None] | None = None
         if params.prompt_logprobs is not None:
             scored = [None]  # the first token has no prediction
