@@ -26,6 +26,7 @@ from llmc.targets.lowering import LoweringTable, Refusal
 from llmc.targets.tvm.model import DECODE_ONE, build_model_class
 from llmc.targets.tvm.rope import RopePlan, check_positions, input_node, rope_plan
 from llmc.targets.tvm.support import check_cuda_decode_attention, check_functions
+from llmc.targets.tvm.tirfix import inline_let_expressions
 
 __all__ = ["DECODE_ONE", "TVM_OPS", "Lowered", "lower_module"]
 
@@ -75,6 +76,7 @@ def lower_module(module: Module, target: Any) -> Lowered:
         "$": {"param_mode": "none", "effect_mode": "none"},
     }
     mod, named_params = model.export_tvm(spec=spec)
+    mod, _ = inline_let_expressions(mod)  # TVM's TIR CSE mishandles them (llama3 RoPE on CUDA): see tirfix
     slots = [model.slot_of[name.split(".", 1)[1]] for name, _ in named_params]
     notes = [f"rope: {plan.style} via TVM "
              f"{plan.rope_scaling.get('rope_type', 'default')} rope"
