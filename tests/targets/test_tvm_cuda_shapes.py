@@ -25,6 +25,7 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (the tvm extra: p
 
 from llmc.errors import TargetUnavailableError
 from llmc.targets.tvm.devcode import cuda_sm, device_images
+from llmc.targets.tvm.target import CUDA_BUCKETS
 from llmc.targets.tvm.tirfix import inline_let_expressions
 from tests.targets.tvm_util import compiled_module, emit_payload, preset_config, zero_weights
 
@@ -92,9 +93,16 @@ def _cross_compile(tmp_path: Path, preset: str, quant: str = "none", **config: i
     functions = {f for im in images for f in im.functions}
     assert images and all(cuda_sm(im.flags) == 90 for im in images)
     assert not [k for k in kernels if k not in functions]
-    for kernel in ("batch_prefill_ragged_kv_kernel", "batch_prefill_paged_kv_kernel", "batch_decode_paged_kv_kernel",
-                   "fused_rope_kernel"):
+    for kernel in ("batch_prefill_paged_kv_kernel", "batch_decode_paged_kv_kernel", "fused_rope_kernel"):
         assert kernel in kernels
+    # a static decode function per batch bucket (CUDA's default 1..256), each captured as one CUDA graph
+    assert payload["decode_buckets"] == list(CUDA_BUCKETS)
+    assert {f"decode_b{b}" for b in CUDA_BUCKETS} <= set(payload["functions"])
+    layers = cfg.num_layers
+    for b in CUDA_BUCKETS:  # the whole step is one graph, paged attention included; the logits matmul is not
+        cov = payload["graph_coverage"][f"decode_b{b}"]
+        assert cov["graphs"] == 1 and cov["captured_kernel_calls"] >= 12 * layers, cov
+        assert len(cov["outside"]) == 1 and "matmul" in cov["outside"][0], cov
     assert payload["rope"]["rope_scaling"]["rope_type"] == "llama3"
     return payload
 
