@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,17 +247,9 @@ class TvmExecutor(Executor):
     def step(self, batch: StepBatch) -> np.ndarray:
         self._check(batch)
         tables = step_tables(batch, self.page_size)
-        n = len(batch.layout.seq_ids)
-        bucket = self.decode_bucket(n) if batch.is_decode else None
-        if bucket is not None and bucket_name(bucket) in self.functions:
-            buffers = self._buckets.get(bucket)
-            if buffers is None:
-                capacity = min(bucket * self.max_pages_per_seq(), self.num_blocks)
-                buffers = self._buckets[bucket] = BucketBuffers(bucket, capacity, self.dev)
-            if buffers.fits(tables):  # else (shared prefix pages counted twice) the symbolic decode below
-                buffers.fill(tables)
-                logits = self.vm[bucket_name(bucket)](*buffers.views, self.pages, self.params)
-                return np.asarray(logits.numpy()[:n], dtype=np.float32)
+        run = self._bucket_call(batch, tables)
+        if run is not None:
+            return np.asarray(run().numpy()[:len(batch.layout.seq_ids)], dtype=np.float32)
         if batch.is_decode and "decode" in self.functions:
             args = [tables.input_ids, tables.positions, tables.slots, tables.page_indptr, tables.page_values,
                     tables.last_page_len]
@@ -266,6 +259,28 @@ class TvmExecutor(Executor):
                     tables.page_values, tables.last_page_len, batch.logits_rows.astype(np.int32)]
             logits = self.vm["prefill"](*self._upload(args), self.pages, self.params)
         return np.asarray(logits.numpy(), dtype=np.float32)
+
+    def bucket_call(self, batch: StepBatch) -> Callable[[], Any] | None:
+        """The decode bucket function for ``batch`` with its inputs written to the bucket's device buffers:
+        a call that runs the step on the device and returns the padded device logits (no host transfer),
+        the same call each time (benchmarks replay it: CUDA builds replay the captured graph). None when
+        :meth:`step` would not run ``batch`` in a bucket (not a decode step, or above the largest)."""
+        self._check(batch)
+        return self._bucket_call(batch, step_tables(batch, self.page_size))
+
+    def _bucket_call(self, batch: StepBatch, tables: StepTables) -> Callable[[], Any] | None:
+        bucket = self.decode_bucket(len(batch.layout.seq_ids)) if batch.is_decode else None
+        if bucket is None or bucket_name(bucket) not in self.functions:
+            return None
+        buffers = self._buckets.get(bucket)
+        if buffers is None:
+            capacity = min(bucket * self.max_pages_per_seq(), self.num_blocks)
+            buffers = self._buckets[bucket] = BucketBuffers(bucket, capacity, self.dev)
+        if not buffers.fits(tables):  # shared prefix pages counted once per sequence: the symbolic decode
+            return None
+        buffers.fill(tables)
+        function, pages, params = self.vm[bucket_name(bucket)], self.pages, self.params
+        return lambda: function(*buffers.views, pages, params)
 
     def _upload(self, arrays: list[np.ndarray]) -> list[Any]:
         import tvm

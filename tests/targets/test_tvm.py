@@ -229,6 +229,19 @@ def test_decode_buckets_pad_batches_to_the_same_logits(stories_hf: Path, stories
             assert g.argmax(-1).tolist() == w.argmax(-1).tolist()
     assert calls == ["prefill", "decode_b1", "decode_b2", "decode_b4", "decode_b4", "decode", "prefill", "decode_b4"]
     assert sorted(bucketed._buckets) == [1, 2, 4]
+    # bucket_call (benchmarks): the step's bucket run on the device, the same result each replay
+    lengths = drivers[0].lengths
+    seqs = (0, 2, 3)
+    batch = StepBatch(np.asarray([5, 6, 7]), BatchLayout(seqs, (1, 1, 1), tuple(lengths[s] + 1 for s in seqs)),
+                      [drivers[0].table(s) for s in seqs], [0, 1, 2])
+    run = bucketed.bucket_call(batch)
+    assert run is not None and calls[-1] == "decode_b4"
+    first = run().numpy()
+    assert first.shape[0] == 4
+    np.testing.assert_array_equal(run().numpy(), first)
+    np.testing.assert_allclose(first[:3], plain.step(batch), atol=1e-4, rtol=0)
+    prefill = StepBatch(np.asarray([5, 6]), BatchLayout((0,), (2,), (lengths[0] + 2,)), [drivers[0].table(0)], [1])
+    assert bucketed.bucket_call(prefill) is None
 
 
 def test_decode_buckets_keep_greedy_tokens_in_the_engine(stories_hf: Path, stories_tvm: Path, tmp_path: Path) -> None:
