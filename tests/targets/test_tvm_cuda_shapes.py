@@ -79,13 +79,17 @@ def test_let_inlining_keeps_values() -> None:
     np.testing.assert_array_equal(outs[1], outs[0])
 
 
-def _cross_compile(tmp_path: Path, preset: str, quant: str = "none", **config: int) -> dict:
+def _cross_compile(tmp_path: Path, preset: str, quant: str = "none", buckets: tuple[int, ...] = CUDA_BUCKETS,
+                   **config: int) -> dict:
+    """Compile ``preset`` (``config`` overrides its shapes) for sm_90a with decode ``buckets``; check the
+    device code, the kernels and that each bucket's decode step is one CUDA graph."""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc (the CUDA toolkit) is not installed: cannot compile CUDA device code")
     cfg = preset_config(preset, **config)
     module = compiled_module(cfg, zero_weights(cfg), quant)
     try:
-        payload = emit_payload(module, tmp_path / "lib", device="cuda", arch=H100)
+        payload = emit_payload(module, tmp_path / "lib", device="cuda", arch=H100,
+                               decode_buckets=",".join(map(str, buckets)))
     except TargetUnavailableError as exc:
         pytest.skip(f"CUDA toolchain unusable here: {exc}")
     kernels = payload["device_code"]["kernels"]
@@ -95,29 +99,38 @@ def _cross_compile(tmp_path: Path, preset: str, quant: str = "none", **config: i
     assert not [k for k in kernels if k not in functions]
     for kernel in ("batch_prefill_paged_kv_kernel", "batch_decode_paged_kv_kernel", "fused_rope_kernel"):
         assert kernel in kernels
-    # a static decode function per batch bucket (CUDA's default 1..256), each captured as one CUDA graph
-    assert payload["decode_buckets"] == list(CUDA_BUCKETS)
-    assert {f"decode_b{b}" for b in CUDA_BUCKETS} <= set(payload["functions"])
+    # a static decode function per batch bucket, each captured as one CUDA graph
+    assert payload["decode_buckets"] == list(buckets)
+    assert {f"decode_b{b}" for b in buckets} <= set(payload["functions"])
     layers = cfg.num_layers
-    for b in CUDA_BUCKETS:  # the whole step is one graph, paged attention included; the logits matmul is not
+    for b in buckets:  # the whole step is one graph, paged attention included; the logits matmul is not
         cov = payload["graph_coverage"][f"decode_b{b}"]
         assert cov["graphs"] == 1 and cov["captured_kernel_calls"] >= 12 * layers, cov
         assert len(cov["outside"]) == 1 and "matmul" in cov["outside"][0], cov
-    assert payload["rope"]["rope_scaling"]["rope_type"] == "llama3"
+    if preset.startswith("llama-3"):
+        assert payload["rope"]["rope_scaling"]["rope_type"] == "llama3"
     return payload
 
 
 def test_llama_3_2_1b_two_layers_fp16_and_int4_cross_compile(tmp_path: Path) -> None:
-    """Llama-3.2-1B's layer shapes (hidden 2048, 32/8 heads of 64, intermediate 8192) and vocab 128256."""
-    fp16 = _cross_compile(tmp_path / "fp16", "llama-3.2-1b", num_layers=2)
-    int4 = _cross_compile(tmp_path / "int4", "llama-3.2-1b", "int4", num_layers=2)
+    """Llama-3.2-1B's layer shapes (hidden 2048, 32/8 heads of 64, intermediate 8192) and vocab 128256;
+    two decode buckets here (each bucket compiles its own kernels: all nine are the slow tests')."""
+    fp16 = _cross_compile(tmp_path / "fp16", "llama-3.2-1b", buckets=(1, 4), num_layers=2)
+    int4 = _cross_compile(tmp_path / "int4", "llama-3.2-1b", "int4", buckets=(1, 4), num_layers=2)
     assert any("dequantize_matmul" in k for k in int4["device_code"]["kernels"])
     assert not any("dequantize_matmul" in k for k in fp16["device_code"]["kernels"])
 
 
 def test_llama_3_2_3b_two_layers_cross_compile(tmp_path: Path) -> None:
     """Llama-3.2-3B's layer shapes: hidden 3072, 24/8 heads of 128, intermediate 8192."""
-    _cross_compile(tmp_path, "llama-3.2-3b", num_layers=2)
+    _cross_compile(tmp_path, "llama-3.2-3b", buckets=(1,), num_layers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["none", "int4"])
+def test_smollm2_every_bucket_cross_compiles(tmp_path: Path, quant: str) -> None:
+    """SmolLM2-135M's shapes (hidden 576, 9/3 heads of 64, vocab 49152) with CUDA's nine decode buckets."""
+    _cross_compile(tmp_path, "smollm2-135m", quant, num_layers=2)
 
 
 @pytest.mark.slow
