@@ -4,7 +4,8 @@
 # and int4 g32, without weights (the device makes the same synth weights from the seed and
 # benchmarks/gpu/reuse_tvm_library.py checks that its IR equals the prebuilt one's).
 # Run from the repo root with the tvm extra installed:  bash benchmarks/gpu/prepare_tvm_decode.sh [ARCH]
-# (~10 min on 2 cores; needs ~3 GB of /tmp for the synth weights, removed after).
+# (~5 min on 2 cores, less with a warm nvcc cache; ~3 GB of /tmp for the synth weights, removed after;
+# .devrun-tvm is 23 MiB, 9 of them the two artifacts' tokenizers).
 set -euo pipefail
 ARCH=${1:-sm_90a}
 PY=${PY:-.venv/bin/python}
