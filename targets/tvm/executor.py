@@ -228,18 +228,9 @@ class TvmExecutor(Executor):
         return self.buckets[i] if i < len(self.buckets) else None
 
     def _check(self, batch: StepBatch) -> None:
-        layout, c = batch.layout, self.config
-        ids = batch.token_ids
         if not self.pages:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
-        if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise RequestError(f"token ids must be in [0, {c.vocab_size}), got {ids.min()}..{ids.max()}")
-        if max(layout.context_lens) > c.max_position:
-            raise RequestError(f"a sequence reaches {max(layout.context_lens)} tokens, beyond the context of "
-                               f"{c.max_position}")
-        rows = batch.logits_rows
-        if rows.size and (rows.min() < 0 or rows.max() >= layout.num_tokens):
-            raise RequestError("logits rows are outside the step's tokens")
+        batch.check(self.config.vocab_size, self.config.max_position)
         for table in batch.block_tables:
             if table and (min(table) < 0 or max(table) >= self.num_blocks):
                 raise RequestError(f"block ids must be in [0, {self.num_blocks}), got {min(table)}..{max(table)}")
