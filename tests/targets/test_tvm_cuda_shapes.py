@@ -105,7 +105,7 @@ def _cross_compile(tmp_path: Path, preset: str, quant: str = "none", buckets: tu
     layers = cfg.num_layers
     for b in buckets:  # the whole step is one graph, paged attention included; the logits matmul is not
         cov = payload["graph_coverage"][f"decode_b{b}"]
-        assert cov["graphs"] == 1 and cov["captured_kernel_calls"] >= 12 * layers, cov
+        assert cov["graphs"] == 1 and cov["captured_kernel_calls"] >= 10 * layers, cov  # 11 a layer at O2
         assert len(cov["outside"]) == 1 and "matmul" in cov["outside"][0], cov
     if preset.startswith("llama-3"):
         assert payload["rope"]["rope_scaling"]["rope_type"] == "llama3"
