@@ -144,8 +144,9 @@ def _decode_blocks(fmt: BlockFormat, b: np.ndarray) -> tuple[np.ndarray, np.ndar
     if name == "Q3_K":
         hmask, qs, packed = b[:, :32], b[:, 32:96], b[:, 96:108]
         d = _f16(b[:, 108:110]).astype(np.float32)
-        low = (packed[:, :8].reshape(n, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(n, 16)
-        high = (packed[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(n, 16)
+        shift4, shift2 = np.array([0, 4], dtype=np.uint8), np.array([0, 2, 4, 6], dtype=np.uint8)
+        low = (packed[:, :8].reshape(n, 1, 8) >> shift4.reshape(1, 2, 1)).reshape(n, 16)
+        high = (packed[:, 8:].reshape(n, 1, 4) >> shift2.reshape(1, 4, 1)).reshape(n, 16)
         sc = ((low & np.uint8(0x0F)) | ((high & np.uint8(0x03)) << np.uint8(4))).astype(np.int8) - np.int8(32)
         codes = _crumbs(qs, 2) | (_bits_of(hmask, 8) << np.uint8(2))
         return codes, d * sc.astype(np.float32), None

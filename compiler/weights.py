@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from llmc.compiler.ggml_blocks import BlockFormat, block_format, decode
+from llmc.compiler.ggml_blocks import dequantize as ggml_dequantize
 from llmc.compiler.ir.types import QuantSpec
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -37,6 +39,11 @@ class QuantizedTensor:
     ``qdata`` is uint8 ``[out, in]`` (8-bit) or ``[out, in // 2]`` (4-bit, low nibble first);
     ``scales`` and ``offsets`` are ``[out, ceil(in / group_size)]``; ``offsets`` is None for
     symmetric specs. The last group may be shorter than ``group_size``.
+
+    A spec with ``ggml`` set (:meth:`QuantSpec.for_ggml`, made by :meth:`from_ggml`) holds a
+    GGUF tensor as stored instead: ``qdata`` is its blocks, uint8 ``[out, row bytes]``
+    (:mod:`llmc.compiler.ggml_blocks`), ``scales`` is empty (``[out, 0]``: the blocks carry
+    their scales) and ``offsets`` is None.
     """
 
     spec: QuantSpec
@@ -45,8 +52,29 @@ class QuantizedTensor:
     scales: np.ndarray
     offsets: np.ndarray | None = None
 
+    @classmethod
+    def from_ggml(cls, ggml_type: str, shape: tuple[int, int], blocks: np.ndarray) -> QuantizedTensor:
+        """A GGUF tensor of ggml type ``ggml_type`` kept as its stored ``blocks``."""
+        spec = QuantSpec.for_ggml(ggml_type)
+        out, inp = shape
+        raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out, block_format(ggml_type).row_bytes(inp))
+        return cls(spec, (out, inp), raw, np.zeros((out, 0), dtype=np.float16))
+
+    @property
+    def ggml_format(self) -> BlockFormat | None:
+        """The block format when this holds GGUF blocks as stored, else None."""
+        return None if self.spec.ggml is None else block_format(self.spec.ggml)
+
     def __post_init__(self) -> None:
         out, inp = self.shape
+        if self.spec.ggml is not None:
+            row = block_format(self.spec.ggml).row_bytes(inp)
+            if self.qdata.dtype != np.uint8 or self.qdata.shape != (out, row):
+                raise ValueError(f"{self.spec.ggml} blocks must be uint8 {(out, row)}, got "
+                                 f"{self.qdata.dtype} {self.qdata.shape}")
+            if self.scales.shape != (out, 0) or self.offsets is not None:
+                raise ValueError("ggml block tensors keep their scales in the blocks (scales [out, 0], no offsets)")
+            return
         groups = -(-inp // self.spec.group_size)
         packed = inp if self.spec.bits == 8 else inp // 2
         if self.spec.bits == 4 and inp % 2:
@@ -67,10 +95,17 @@ class QuantizedTensor:
 
     def unpacked(self) -> np.ndarray:
         """The unsigned integer codes as uint8 ``[out, in]``."""
+        fmt = self.ggml_format
+        if fmt is not None:
+            return decode(self.qdata, fmt, self.shape).codes
         return unpack_codes(self.qdata, self.spec.bits)
 
     def dequantize(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """The float weight ``[out, in]``; computed in float32, then cast."""
+        """The float weight ``[out, in]``; computed in float32, then cast (ggml blocks: bit-identical
+        to ``gguf.quants.dequantize``)."""
+        fmt = self.ggml_format
+        if fmt is not None:
+            return ggml_dequantize(self.qdata, fmt, self.shape).astype(dtype, copy=False)
         codes = self.unpacked().astype(np.float32)
         group = self.spec.group_size
         inp = self.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from llmc.compiler.ggml_blocks import FORMATS
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
@@ -25,7 +26,8 @@ class TorchTarget(Target):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cpu", "cuda"),
-                            kv_layout="paged", deterministic=True, runs_in_memory=True)
+                            kv_layout="paged", gguf_blocks=frozenset(FORMATS), deterministic=True,
+                            runs_in_memory=True)
 
     def preferred_passes(self, opt_level: int) -> list[str] | None:
         if opt_level < 2:
