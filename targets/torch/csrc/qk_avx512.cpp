@@ -15,6 +15,8 @@
 namespace llmc_qk {
 namespace {
 
+constexpr int64_t kAhead = 24;  // blocks prefetched ahead by the few-column kernels
+
 inline __m512 load_scales(const void* base, int64_t index, bool f16) {
   if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
       static_cast<const uint16_t*>(base) + index)));
@@ -39,7 +41,16 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NC];
   for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+  const int64_t esz = f16 ? 2 : 4;
+  const char* sbytes = static_cast<const char*>(w.scales) + sbase * esz;
+  const char* obytes = SYM ? nullptr : static_cast<const char*>(w.offsets) + sbase * esz;
   for (int64_t b = 0; b < nb; ++b) {
+    if (NC <= 2) {  // few columns: memory bound, fetch the weights ahead of use
+      const char* next = reinterpret_cast<const char*>(codes + (b + kAhead) * cb);
+      for (int l = 0; l < cb; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+      _mm_prefetch(sbytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
+      if (!SYM) _mm_prefetch(obytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
+    }
     __m512i wv[8];
     if (BITS8) {
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(codes + b * 512 + j * 64);
@@ -175,4 +186,13 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
   }
 }
 
+}  // namespace llmc_qk
+
+#define LLMC_QK_ISA avx512
+#define LLMC_QK_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
+#include "qk_ops.h"
+
+namespace llmc_qk {
+const OpsTable ops_avx512 = {"avx512", gemm_avx512, quantize_avx512, avx512::rms_norm, avx512::elementwise, avx512::rope,
+                             avx512::attention};
 }  // namespace llmc_qk

@@ -78,11 +78,55 @@ void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float*
 void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
                      ActMeta* meta);
 
+// Attention over the paged KV cache (one layer): see attention() in qk_ops.h.
+struct AttnArgs {
+  const float* q;  // [tokens][heads * head_dim] (after RoPE)
+  int64_t ldq;
+  float* out;  // [tokens][heads * head_dim]
+  int64_t ldo;
+  const float* k;  // this layer: [slots][kv_heads][head_dim], or with k_block_major [blocks][kv_heads][head_dim][block]
+  const float* v;  // this layer: [slots][kv_heads][head_dim]
+  int heads, kv_heads, head_dim;
+  float scale;
+  const int64_t* query_starts;  // per sequence: first row in q / out
+  const int64_t* query_lens;
+  const int64_t* ctx_lens;  // cached + new positions
+  const int64_t* tables;    // [sequences][table_stride] block ids
+  int64_t table_stride;
+  int64_t block_size;
+  int k_block_major;  // keys stored transposed within each block (block_size a multiple of 16)
+};
+
+inline int64_t attention_scratch_floats(int head_dim, int group, int rows) {
+  return static_cast<int64_t>(head_dim) * 64 + 128 + 2 * static_cast<int64_t>(rows) * group * head_dim +
+         2 * static_cast<int64_t>(rows) * group + 16;
+}
+
+// The float ops of one ISA (qk_ops.h) and its matmul kernels.
+struct OpsTable {
+  const char* name;
+  GemmFn gemm;
+  QuantizeFn quantize;
+  void (*rms_norm)(const float* x, int64_t ldx, const float* res, int64_t ldr, const float* w, int64_t n, float eps,
+                   float* y, int64_t ldy, float* sum, int64_t lds, int64_t r0, int64_t r1);
+  void (*elementwise)(int kind, const float* a, int64_t lda, const float* b, int64_t ldb, float* y, int64_t ldy,
+                      int64_t n, int64_t r0, int64_t r1);
+  void (*rope)(float* x, int64_t ldx, int heads, int hd, int rot, int half, const float* cos_t, const float* sin_t,
+               const int64_t* positions, int64_t r0, int64_t r1);
+  void (*attention)(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch);
+};
+
+extern const OpsTable ops_scalar;
+extern const OpsTable ops_avx2;
+extern const OpsTable ops_avx512;
+
 // float16 <-> float32 without F16C (scalar path and layout building).
 float half_to_float(uint16_t h);
 uint16_t float_to_half_exact(float f, bool* exact);
 
-// Value of row r, input k of the layout (for embeddings, tests and the reference).
+// Value of row r, input k of the layout (for tests and the reference).
 float weight_value(const QWeight& w, int64_t r, int64_t k);
+// Values of row r, inputs [0, n) (embedding lookups).
+void dequantize_row(const QWeight& w, int64_t r, int64_t n, float* out);
 
 }  // namespace llmc_qk

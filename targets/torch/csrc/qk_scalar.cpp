@@ -86,6 +86,24 @@ float weight_value(const QWeight& w, int64_t row, int64_t k) {
   return s * static_cast<float>(u) + scale_at(w, w.offsets, t, b, h, r);
 }
 
+void dequantize_row(const QWeight& w, int64_t row, int64_t n, float* out) {
+  const int64_t t = row / kRows;
+  const int r = static_cast<int>(row % kRows);
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int h = 0; h < w.nsub(); ++h) {
+      const float s = scale_at(w, w.scales, t, b, h, r);
+      const float o = w.offsets ? scale_at(w, w.offsets, t, b, h, r) : 0.0f;
+      const int k0 = w.sub16 ? h * 16 : 0, k1 = w.sub16 ? k0 + 16 : kBlock;
+      for (int k = k0; k < k1; ++k) {
+        const int64_t i = b * kBlock + k;
+        if (i >= n) return;
+        const int u = code_at(w, t, b, r, k);
+        out[i] = w.offsets ? s * static_cast<float>(u) + o : s * static_cast<float>(u - w.zero);
+      }
+    }
+  }
+}
+
 void quantize_scalar(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
                      ActMeta* meta) {
   for (int64_t c = c0; c < c1; ++c) {
@@ -161,4 +179,13 @@ void gemm_scalar(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float*
   }
 }
 
+}  // namespace llmc_qk
+
+#define LLMC_QK_ISA scalar
+#define LLMC_QK_MADD(a, b, c) ((a) * (b) + (c))
+#include "qk_ops.h"
+
+namespace llmc_qk {
+const OpsTable ops_scalar = {"scalar", gemm_scalar, quantize_scalar, scalar::rms_norm, scalar::elementwise, scalar::rope,
+                             scalar::attention};
 }  // namespace llmc_qk
