@@ -194,7 +194,7 @@ class _Lowering:
         elif op in ("rms_norm", "add_rms_norm"):
             x = self.view_of(ins[0])
             w = self.values[ins[-1]]
-            if w.param is None or x.output_rows and op == "add_rms_norm" and not self.view_of(ins[1]).output_rows:
+            if w.param is None or (x.output_rows and op == "add_rms_norm" and not self.view_of(ins[1]).output_rows):
                 raise Unsupported(f"{op} operands")
             weight = self.params[w.param]
             if isinstance(weight, PackedWeight):
