@@ -19,9 +19,11 @@ $(VENV)/.created:
 
 venv: $(VENV)/.created
 
-# torch is installed first, pinned, so that nothing later pulls another build.
-$(VENV)/.installed: $(VENV)/.created pyproject.toml
+# torch is installed first, pinned, so that nothing later pulls another build. The distribution is
+# llmc-toolchain; a .venv made before the rename may still hold the old "llmc" one: it goes first.
+$(VENV)/.installed: $(VENV)/.created pyproject.toml build_backend/llmc_build_backend.py
 	$(PIP) install -q $(TORCH)
+	$(PIP) uninstall -q -y llmc 2>/dev/null || true
 	$(PIP) install -q -e .
 	touch $@
 

@@ -78,6 +78,14 @@ class LlmcTokenizer:
         except TemplateError as exc:
             raise LlmcError(f"chat template failed to render: {exc}") from exc
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.meta.chat_template)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template (which places any BOS itself)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
     def save(self, directory: Path) -> list[str]:
         """Write ``tokenizer.json`` and the llmc metadata; returns the file names."""
         directory.mkdir(parents=True, exist_ok=True)

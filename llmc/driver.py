@@ -17,6 +17,7 @@ from llmc.compiler.frontends.gguf_tensors import adapt_for_target
 from llmc.compiler.frontends.llama import build_module, declare_params
 from llmc.compiler.frontends.source import ModelSource, is_gguf_file, load_source
 from llmc.compiler.ir.graph import Module
+from llmc.compiler.progress import step
 from llmc.compiler.quant_modes import PASS_MODES, default_quant, quant_mode
 from llmc.compiler.token_ids import read_tokens
 from llmc.compiler.tokenizer import LlmcTokenizer
@@ -120,19 +121,22 @@ def quantize_pass(options: CompileOptions, tokenizer: LlmcTokenizer | None, keep
 
 
 def pipeline_passes(options: CompileOptions, target_ops: frozenset[str], preferred: list[str] | None = None,
-                    quantize: Pass | None = None) -> list[Pass]:
+                    quantize: Pass | None = None, rewrites: list[str] | None = None) -> list[Pass]:
     """``--passes`` or the ``O<n>`` pipeline (``preferred``: the target's own list for that level),
+    then the target's ``rewrites`` (:meth:`Target.rewrites <llmc.runtime.target.Target.rewrites>`),
     then ``quantize`` last, so fused weights are quantized as one matrix."""
     passes = (parse_pipeline(options.passes) if options.passes
               else pipeline_for(options.opt_level, target_ops, preferred))
+    if rewrites:
+        passes += parse_pipeline(",".join(rewrites))
     return passes + ([quantize] if quantize is not None else [])
 
 
 def optimize(module: Module, weights: WeightStore, options: CompileOptions, target_ops: frozenset[str],
              target_name: str, preferred: list[str] | None = None,
-             quantize: Pass | None = None) -> tuple[Module, PassManager]:
+             quantize: Pass | None = None, rewrites: list[str] | None = None) -> tuple[Module, PassManager]:
     """Run the pipeline of :func:`pipeline_passes` with verification after every pass."""
-    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize), verify=True,
+    manager = PassManager(pipeline_passes(options, target_ops, preferred, quantize, rewrites), verify=True,
                           dump_dir=options.dump_ir)
     ctx = PassContext(weights=weights, target_ops=target_ops, target_name=target_name, options=options.target_options)
     return manager.run(module, ctx), manager
@@ -176,13 +180,16 @@ def dequantized_note(source: ModelSource, weights: WeightStore, matrices: list[s
             f"matrices from a {stored / 1e6:.0f} MB file (without --quant the blocks are kept as stored)")
 
 
-def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions) -> Path:
-    """Compile a model file or folder into an artifact directory; returns its path."""
-    options = options.for_source(source_path)
+def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions | None = None) -> Path:
+    """Compile a model file or folder into an artifact directory (``options``: the defaults when
+    None: torch, CPU, -O2, a GGUF's blocks kept as stored); returns its path."""
+    options = (options or CompileOptions()).for_source(source_path)
     target = get_target(options.target)
     caps = target.capabilities()
     check_target_options(options, caps, target.name)
-    source = load_source(source_path, native_quant=options.quant == "native")
+    with step(f"reading {Path(source_path).name}"):
+        source = load_source(source_path, native_quant=options.quant == "native")
+    read_tensors(source)
     if options.quant == "native" and source.kind != "gguf":
         raise LlmcError(f"{source_path}: --quant native keeps GGUF quant blocks; this source is {source.kind!r}, "
                         "not a GGUF file")
@@ -191,8 +198,9 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
                                      source.tokenizer)
     quantize = quantize_pass(options, source.tokenizer, keep_inputs=gate is not None)
     module = frontend_module(source, options.dtype)
+    rewrites = target.rewrites(options.opt_level)
     module, manager = optimize(module, source.weights, options, caps.fused_ops, target.name,
-                               target.preferred_passes(options.opt_level), quantize)
+                               target.preferred_passes(options.opt_level), quantize, rewrites)
     extra: dict[str, Any] = {}
     matrices = [n for n in sorted(module.referenced_params()) if module.params[n].type.rank == 2]
     if quantize is not None:
@@ -224,15 +232,20 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
         if caps.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
             writer.record_weights(module, source.weights)
         else:
-            writer.write_weights(module, source.weights)
+            with step("writing weights"):
+                writer.write_weights(module, source.weights)
         writer.write_ir(module)
         writer.write_tokenizer(source.tokenizer)
-        emitted = target.emit(module, source.weights, writer, {"device": options.device, **options.target_options})
+        with step(f"{target.name} target"):
+            emitted = target.emit(module, source.weights, writer,
+                                  {"device": options.device, **options.target_options})
+        with step("source checksums"):
+            source_files = {str(p.name): sha256_file(p) for p in source.files}
         manifest = {
             "source": {
                 "kind": source.kind,
                 "path": str(source.path),
-                "files": {str(p.name): sha256_file(p) for p in source.files},
+                "files": source_files,
             },
             "model": source.config.to_dict(),
             "target": {"name": target.name, "options": emitted.options, "files": emitted.files,
@@ -241,6 +254,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             "pipeline": {
                 "opt_level": options.opt_level,
                 "custom": options.passes,
+                "target_rewrites": rewrites,
                 "passes": [r.to_dict() for r in manager.records],
             },
             "entries": _entries(module),
@@ -254,7 +268,16 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             "tokenizer": source.tokenizer is not None,
             **extra,
         }
-        return writer.finish(manifest)
+        with step("artifact checksums"):
+            return writer.finish(manifest)
+
+
+def read_tensors(source: ModelSource) -> None:
+    """Load (and dequantize where asked) every tensor now, one counted step, rather than on first use."""
+    with step("reading tensors", total=len(source.weights)) as progress:
+        for name in list(source.weights):
+            source.weights[name]  # a lazy weight loads on access
+            progress.advance(name)
 
 
 def _entries(module: Module) -> dict[str, Any]:

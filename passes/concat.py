@@ -15,7 +15,7 @@ import numpy as np
 from llmc.compiler.ir.graph import ParamInfo, Value
 from llmc.compiler.ir.types import TensorType
 from llmc.compiler.weights import QuantizedTensor, Weight, WeightStore
-from llmc.passes.pattern import RewriteBuilder
+from llmc.passes.rules import RewriteBuilder
 
 
 def concat_problem(infos: Sequence[ParamInfo]) -> str | None:

@@ -6,8 +6,8 @@ import json
 
 from llmc.compiler.ir.graph import Function, Module, Node, Value
 from llmc.compiler.ir.ops import OPS
+from llmc.compiler.ir.surgery import rebuild_nodes
 from llmc.passes.base import Pass, PassContext, PassResult
-from llmc.passes.pattern import rebuild_nodes
 from llmc.passes.pipelines import register_pass
 
 

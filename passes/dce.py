@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 from llmc.compiler.ir.graph import Function, Module
-from llmc.compiler.ir.ops import OPS
+from llmc.compiler.ir.surgery import live_nodes
 from llmc.passes.base import Pass, PassContext, PassResult
 from llmc.passes.pipelines import register_pass
-
-
-def live_nodes(fn: Function) -> list:
-    """The nodes of ``fn`` that reach an output or have a side effect (inputs always stay:
-    they are the function's signature)."""
-    live: set[int] = set()
-    stack = [v.node for v in fn.outputs.values()]
-    stack += [n for n in fn.nodes if OPS[n.op].side_effect or n.op == "input"]
-    while stack:
-        node = stack.pop()
-        if id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(v.node for v in node.inputs)
-    return [n for n in fn.nodes if id(n) in live]
 
 
 @register_pass

@@ -5,23 +5,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from llmc.compiler.ir.graph import Value
-from llmc.compiler.ir.ops import ROPE_ATTRS, ROPE_OPTIONAL
-from llmc.passes.pattern import Match, RewriteBuilder, Rule, op, var
+from llmc.compiler.ir.rope import RopeSpec, rope_attrs
+from llmc.passes.pattern import Match, op, var
 from llmc.passes.pipelines import register_pass
 from llmc.passes.rule_pass import RulePass
+from llmc.passes.rules import RewriteBuilder, Rule
 
 
 def _check(m: Match) -> str | None:
-    if m.node("rq").attrs != m.node("rk").attrs:
+    if RopeSpec.from_attrs(m.node("rq").attrs) != RopeSpec.from_attrs(m.node("rk").attrs):
         return "q and k use different rope settings"
     return None
 
 
 def _rewrite(m: Match, rb: RewriteBuilder) -> Mapping[str, Value]:
     attn = m.node("attn").attrs
-    rope = {k: v for k, v in m.node("rq").attrs.items() if k in ROPE_ATTRS + ROPE_OPTIONAL}
     new = rb.op("rope_attention", m["q"], m["k"], m["v"], m["pos"], m["kv"],
-                layer=attn["layer"], scale=attn["scale"], **rope)
+                layer=attn["layer"], scale=attn["scale"], **rope_attrs(m.node("rq").attrs))
     return {"attn": new}
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from llmc.compiler.ir.graph import Value
-from llmc.passes.pattern import Match, RewriteBuilder, Rule, op, var
+from llmc.passes.pattern import Match, op, var
 from llmc.passes.pipelines import register_pass
 from llmc.passes.rule_pass import RulePass
+from llmc.passes.rules import RewriteBuilder, Rule
 
 
 def _rewrite(m: Match, rb: RewriteBuilder) -> Mapping[str, Value]:

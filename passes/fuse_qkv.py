@@ -6,9 +6,10 @@ from collections.abc import Mapping
 
 from llmc.compiler.ir.graph import Value
 from llmc.passes.concat import concat_param, concat_problem
-from llmc.passes.pattern import Match, RewriteBuilder, Rule, op, param, var
+from llmc.passes.pattern import Match, op, param, var
 from llmc.passes.pipelines import register_pass
 from llmc.passes.rule_pass import RulePass
+from llmc.passes.rules import RewriteBuilder, Rule
 
 PARTS = ("q", "k", "v")
 

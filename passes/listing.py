@@ -9,10 +9,12 @@ from llmc.passes.pipelines import PASSES, PIPELINE_DOCS, PIPELINES, _load_builti
 
 
 def describe_passes(target: str | None = None, fused_ops: frozenset[str] = frozenset(),
-                    preferred: Callable[[int], list[str] | None] | None = None) -> dict[str, Any]:
+                    preferred: Callable[[int], list[str] | None] | None = None,
+                    rewrites: Callable[[int], list[str]] | None = None) -> dict[str, Any]:
     """Passes (name, doc, fused ops produced) and pipelines; with a ``target`` name, also the pass
     list each level runs for it: ``preferred(level)`` is its own list (None: the generic one), and
-    passes producing fused ops outside ``fused_ops`` are dropped."""
+    passes producing fused ops outside ``fused_ops`` are dropped; ``rewrites(level)`` are the
+    target's own rewrites, run after that list (``Target.rewrites``)."""
     _load_builtin_passes()
     passes = [
         {"name": name, "doc": factory.doc, "produces": sorted(getattr(factory, "produces", ()))}
@@ -30,6 +32,7 @@ def describe_passes(target: str | None = None, fused_ops: frozenset[str] = froze
                                                          preferred(int(key[1:])) if preferred else None)]
                 for key in PIPELINES
             },
+            "rewrites": {key: list(rewrites(int(key[1:])) if rewrites else []) for key in PIPELINES},
         }
     return data
 
@@ -48,5 +51,7 @@ def format_passes(data: dict[str, Any]) -> str:
         t = data["target"]
         lines.append(f"for target {t['name']} (lowers {', '.join(t['fused_ops']) or 'no fused ops'}):")
         for key, names in t["pipelines"].items():
-            lines.append(f"  {key}  {', '.join(names) or '(no passes)'}")
+            extra = t.get("rewrites", {}).get(key)
+            lines.append(f"  {key}  {', '.join(names) or '(no passes)'}"
+                         + (f"; then the target's rewrites: {', '.join(extra)}" if extra else ""))
     return "\n".join(lines)

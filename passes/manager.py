@@ -12,6 +12,7 @@ from llmc.compiler.ir.graph import Module
 from llmc.compiler.ir.ops import OPS
 from llmc.compiler.ir.printer import print_module
 from llmc.compiler.ir.verify import verify_module
+from llmc.compiler.progress import step
 from llmc.passes.base import Pass, PassContext
 
 
@@ -54,30 +55,37 @@ class PassManager:
             verify_module(module)
         self._dump(0, "input", module)
         done: list[str] = []
-        for number, p in enumerate(self.passes, start=1):
-            start = time.perf_counter()
-            try:
-                result = p.run(module, ctx)
-            except LlmcError:
-                raise
-            except Exception as exc:
-                raise PassError(f"pass {p.describe()!r} failed: {exc} (passes run before: {done or 'none'})") from exc
-            elapsed = time.perf_counter() - start
-            if self.verify:
-                try:
-                    verify_module(result.module)
-                except IRError as exc:
-                    self._dump(number, f"{p.name}.broken", result.module)
-                    raise PassError(
-                        f"pass {p.describe()!r} left the IR malformed: {exc} (passes run before: {done or 'none'})"
-                    ) from exc
-            self.records.append(PassRecord(p.describe(), result.changed, elapsed, dict(result.stats),
-                                           dict(result.rejections), _node_count(module),
-                                           _node_count(result.module)))
-            module = result.module
-            self._dump(number, p.name, module)
-            done.append(p.describe())
+        with step("passes", total=len(self.passes)) as progress:
+            for number, p in enumerate(self.passes, start=1):
+                module = self._run_one(number, p, module, ctx, done)
+                progress.advance(p.describe())
         self._check_ops(module, ctx, done)
+        return module
+
+    def _run_one(self, number: int, p: Pass, module: Module, ctx: PassContext, done: list[str]) -> Module:
+        """Run, verify, record and dump one pass; ``done`` gets its name."""
+        start = time.perf_counter()
+        try:
+            result = p.run(module, ctx)
+        except LlmcError:
+            raise
+        except Exception as exc:
+            raise PassError(f"pass {p.describe()!r} failed: {exc} (passes run before: {done or 'none'})") from exc
+        elapsed = time.perf_counter() - start
+        if self.verify:
+            try:
+                verify_module(result.module)
+            except IRError as exc:
+                self._dump(number, f"{p.name}.broken", result.module)
+                raise PassError(
+                    f"pass {p.describe()!r} left the IR malformed: {exc} (passes run before: {done or 'none'})"
+                ) from exc
+        self.records.append(PassRecord(p.describe(), result.changed, elapsed, dict(result.stats),
+                                       dict(result.rejections), _node_count(module),
+                                       _node_count(result.module)))
+        module = result.module
+        self._dump(number, p.name, module)
+        done.append(p.describe())
         return module
 
     @staticmethod

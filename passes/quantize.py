@@ -22,6 +22,7 @@ from llmc.compiler.errors import LlmcError
 from llmc.compiler.ir.graph import Module, ParamInfo
 from llmc.compiler.ir.surgery import retype_params
 from llmc.compiler.ir.types import TensorType
+from llmc.compiler.progress import step
 from llmc.compiler.token_ids import read_token_ids
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, as_float
 from llmc.passes.base import Pass, PassContext, PassResult
@@ -94,23 +95,25 @@ class QuantizePass(Pass):
             stats.update(self.awq_stats)
         params = dict(module.params)
         bytes_before = bytes_after = 0
-        for name in matrices:
-            weight = ctx.weights[name]
-            bytes_before += _nbytes(weight)
-            if self.keep_inputs:
-                self.float_weights[name] = as_float(weight) if isinstance(weight, QuantizedTensor) else weight
-            scheme = self.plan.scheme_for(name)
-            value, desc = quantize_weight(weight, scheme, self.scale_dtype)
-            info = params[name]
-            if isinstance(value, QuantizedTensor):
-                params[name] = ParamInfo(name, TensorType(info.type.shape, "float32"), value.spec)
-            else:
-                params[name] = ParamInfo(name, TensorType(info.type.shape, scheme.dtype or "float32"), None)
-            ctx.weights[name] = value
-            bytes_after += _nbytes(value)
-            self.assignments[name] = desc
-            key = "params_" + scheme.describe()
-            stats[key] = stats.get(key, 0) + 1
+        with step("quantizing", total=len(matrices)) as progress:
+            for name in matrices:
+                weight = ctx.weights[name]
+                bytes_before += _nbytes(weight)
+                if self.keep_inputs:
+                    self.float_weights[name] = as_float(weight) if isinstance(weight, QuantizedTensor) else weight
+                scheme = self.plan.scheme_for(name)
+                value, desc = quantize_weight(weight, scheme, self.scale_dtype)
+                info = params[name]
+                if isinstance(value, QuantizedTensor):
+                    params[name] = ParamInfo(name, TensorType(info.type.shape, "float32"), value.spec)
+                else:
+                    params[name] = ParamInfo(name, TensorType(info.type.shape, scheme.dtype or "float32"), None)
+                ctx.weights[name] = value
+                bytes_after += _nbytes(value)
+                self.assignments[name] = desc
+                key = "params_" + scheme.describe()
+                stats[key] = stats.get(key, 0) + 1
+                progress.advance(name)
         stats["bytes_before"] = bytes_before
         stats["bytes_after"] = bytes_after
         return PassResult(retype_params(module, params), bool(matrices), stats)

@@ -6,7 +6,8 @@ from abc import abstractmethod
 
 from llmc.compiler.ir.graph import Module
 from llmc.passes.base import Pass, PassContext, PassResult
-from llmc.passes.pattern import Rule, apply_rules
+from llmc.passes.rule_engine import apply_rules
+from llmc.passes.rules import Rule
 
 
 class RulePass(Pass):

@@ -9,9 +9,10 @@ import numpy as np
 from llmc.compiler.ir.graph import Module, Value
 from llmc.compiler.weights import QuantizedTensor, Weight
 from llmc.passes.base import PassContext, PassResult
-from llmc.passes.pattern import Match, RewriteBuilder, Rule, param
+from llmc.passes.pattern import Match, param
 from llmc.passes.pipelines import register_pass
 from llmc.passes.rule_pass import RulePass
+from llmc.passes.rules import RewriteBuilder, Rule
 
 EMBED, HEAD = "embed", "lm_head"
 

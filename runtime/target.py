@@ -5,11 +5,19 @@ The runtime owns this contract (with the artifact format and the executor contra
 target package (``llmc.targets.<name>``) implements it in ``target.py`` and is found by name
 through :mod:`llmc.runtime.registry`. Callers read :meth:`Target.capabilities` instead of
 branching on a target's name.
+
+Adding a target is one folder and one registry line (docs/targets.md): ``targets/<name>/``
+with ``target.py`` (this contract), ``lower.py`` (a
+:class:`~llmc.targets.lowering.LoweringTable` giving every IR op a handler or a refusal; its
+handled ops are :attr:`Capabilities.ops`) and ``executor.py`` (the
+:class:`~llmc.runtime.executor.Executor`), plus ``<name> = "llmc.targets.<name>.target:<Class>"``
+under ``[project.entry-points."llmc.targets"]`` in ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -70,12 +78,17 @@ class Capabilities:
                 "stores_weights": self.stores_weights, "runs_in_memory": self.runs_in_memory}
 
 
-def lowered_ops(*fused: str) -> frozenset[str]:
-    """Every base op plus the given fused ops (what most targets declare as :attr:`Capabilities.ops`)."""
+def lowered_ops(*fused: str, refused: Iterable[str] = ()) -> frozenset[str]:
+    """Every base op except ``refused``, plus the given fused ops (what targets declare as
+    :attr:`Capabilities.ops`; ``tests/targets/test_op_tables.py`` checks it against each
+    target's lowering table)."""
     unknown = set(fused) - FUSED_OPS
     if unknown:
         raise ValueError(f"not fused ops: {sorted(unknown)}")
-    return BASE_OPS | frozenset(fused)
+    not_base = set(refused) - BASE_OPS
+    if not_base:
+        raise ValueError(f"not base ops: {sorted(not_base)}")
+    return (BASE_OPS - frozenset(refused)) | frozenset(fused)
 
 
 @dataclass
@@ -105,6 +118,14 @@ class Target(ABC):
     def preferred_passes(self, opt_level: int) -> list[str] | None:
         """The pass list this target wants at ``opt_level`` (None: the generic pipeline)."""
         return None
+
+    def rewrites(self, opt_level: int) -> list[str]:
+        """Target-specific rewrites: passes (pipeline items, arguments as in ``--passes``) the
+        driver runs after the optimization pipeline (or ``--passes``) and before ``quantize``,
+        recorded in the manifest's pipeline like the others. They bring the module into the
+        form this target's lowering relies on (its lowering table refuses the other form), so
+        a target that needs one asks for it at every level, ``O0`` included."""
+        return []
 
     @abstractmethod
     def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:

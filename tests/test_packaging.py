@@ -34,7 +34,7 @@ def test_wheel_install_imports_the_namespace(tmp_path: Path) -> None:
     wheel_dir = tmp_path / "wheel"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheel_dir), str(ROOT)],
                    check=True, timeout=600, cwd=tmp_path)
-    (wheel,) = wheel_dir.glob("llmc-*.whl")
+    (wheel,) = wheel_dir.glob("llmc_toolchain-*.whl")
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())

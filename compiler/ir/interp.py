@@ -7,14 +7,23 @@ the sequences of the batch with an explicit causal mask.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import numpy as np
 
 from llmc.compiler.errors import IRError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.graph import Module, Node, Value
-from llmc.compiler.ir.rope import apply_rope_numpy
+from llmc.compiler.ir.rope import RopeSpec
 from llmc.compiler.weights import Weight, as_float
+
+
+class KVStore(Protocol):
+    """What attention asks of the cache: append a sequence's new keys and values for a layer
+    (``past`` tokens are cached before them) and return its whole context."""
+
+    def append(self, layer: int, seq: int, k: np.ndarray, v: np.ndarray,
+               past: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class NumpyKVCache:
@@ -67,7 +76,7 @@ class Interpreter:
         function: str,
         inputs: Mapping[str, np.ndarray],
         layout: BatchLayout,
-        kv: NumpyKVCache,
+        kv: KVStore,
     ) -> dict[str, np.ndarray]:
         fn = self.module.functions[function]
         env: dict[int, tuple[np.ndarray, ...]] = {}
@@ -83,7 +92,7 @@ class Interpreter:
             if node.op == "param":
                 env[id(node)] = (self.param(str(node.attrs["name"])),)
                 continue
-            kernel = _KERNELS.get(node.op)
+            kernel = KERNELS.get(node.op)
             if kernel is None:
                 raise IRError(f"the reference interpreter has no kernel for {node.op!r}")
             result = kernel(self, node, [get(v) for v in node.inputs], layout)
@@ -97,8 +106,24 @@ Kernel = Callable[[Interpreter, Node, list, BatchLayout], "np.ndarray | tuple[np
 def _attention(interp: Interpreter, node: Node, args: list, layout: BatchLayout) -> np.ndarray:
     q, k, v, kv = args[0], args[1], args[2], args[-1]
     if node.op == "rope_attention":
-        q = apply_rope_numpy(q, args[3], node.attrs)
-        k = apply_rope_numpy(k, args[3], node.attrs)
+        rope = RopeSpec.from_attrs(node.attrs)
+        q, k = rope.apply(q, args[3]), rope.apply(k, args[3])
+    return _attend(node, q, k, v, kv, layout)
+
+
+def _packed_rope_attention(interp: Interpreter, node: Node, args: list, layout: BatchLayout) -> np.ndarray:
+    qkv, positions, kv = args
+    heads, kv_heads, dim = (int(node.attrs[k]) for k in ("heads", "kv_heads", "head_dim"))  # type: ignore[call-overload]
+    q, k, v = np.split(qkv, [heads * dim, (heads + kv_heads) * dim], axis=-1)
+    rope = RopeSpec.from_attrs(node.attrs)
+    q = rope.apply(q.reshape(len(qkv), heads, dim), positions)
+    k = rope.apply(k.reshape(len(qkv), kv_heads, dim), positions)
+    return _attend(node, q, k, v.reshape(len(qkv), kv_heads, dim), kv, layout)
+
+
+def _attend(node: Node, q: np.ndarray, k: np.ndarray, v: np.ndarray, kv: KVStore,
+            layout: BatchLayout) -> np.ndarray:
+    """Causal GQA attention of each sequence over its cache (appending ``k``, ``v``)."""
     layer, scale = int(node.attrs["layer"]), float(node.attrs["scale"])  # type: ignore[call-overload,arg-type]
     hq, hkv = q.shape[1], k.shape[1]
     out = np.empty_like(q)
@@ -132,14 +157,14 @@ def _swiglu(interp: Interpreter, node: Node, args: list, layout: BatchLayout) ->
     return _silu(args[0][:, :half]) * args[0][:, half:]
 
 
-_KERNELS: dict[str, Kernel] = {
+KERNELS: dict[str, Kernel] = {
     "embedding": lambda i, n, a, _: a[0][a[1]].astype(i.dtype),
     "rms_norm": lambda i, n, a, _: _rms_norm(a[0], a[1], float(n.attrs["eps"])),  # type: ignore[arg-type]
     "linear": lambda i, n, a, _: a[0] @ a[1].T,
     "split": _split,
     "split_heads": lambda i, n, a, _: a[0].reshape(a[0].shape[0], n.attrs["heads"], n.attrs["head_dim"]),
     "merge_heads": lambda i, n, a, _: a[0].reshape(a[0].shape[0], -1),
-    "rope": lambda i, n, a, _: apply_rope_numpy(a[0], a[1], n.attrs),
+    "rope": lambda i, n, a, _: RopeSpec.from_attrs(n.attrs).apply(a[0], a[1]),
     "attention": _attention,
     "rope_attention": _attention,
     "silu": lambda i, n, a, _: _silu(a[0]),
@@ -148,4 +173,7 @@ _KERNELS: dict[str, Kernel] = {
     "gather_rows": lambda i, n, a, _: a[0][a[1]],
     "add_rms_norm": _add_rms_norm,
     "swiglu": _swiglu,
+    "packed_rope_attention": _packed_rope_attention,
 }
+"""One kernel per op (``input`` and ``param`` are bound by :meth:`Interpreter.run`): the
+reference definition of every op, and the reference target's lowering table."""

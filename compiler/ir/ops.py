@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from llmc.compiler.ir.rope import ROPE_ATTRS, ROPE_OPTIONAL, ROPE_STYLES
 from llmc.compiler.ir.types import KV_CACHE_TYPE, Dim, TensorType
 
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -128,12 +129,16 @@ def _rope(ins: Sequence[TensorType], attrs: Attrs) -> tuple[TensorType, ...]:
     _float(x, "input")
     _index(pos, "positions")
     _same_dim(x.shape[0], pos.shape[0], "tokens vs positions")
-    if attrs["style"] not in ("half", "interleaved"):
+    _rope_settings(attrs, x.shape[2])
+    return (x,)
+
+
+def _rope_settings(attrs: Attrs, head_dim: Dim) -> None:
+    if attrs["style"] not in ROPE_STYLES:
         raise TypeCheckError(f"rope style must be 'half' or 'interleaved', got {attrs['style']!r}")
     rot = int(attrs["rotary_dim"])  # type: ignore[call-overload]
-    if rot <= 0 or rot % 2 or rot > int(x.shape[2]):
-        raise TypeCheckError(f"rotary_dim {rot} does not fit head dim {x.shape[2]}")
-    return (x,)
+    if rot <= 0 or rot % 2 or rot > int(head_dim):
+        raise TypeCheckError(f"rotary_dim {rot} does not fit head dim {head_dim}")
 
 
 def _check_attention(q: TensorType, k: TensorType, v: TensorType) -> None:
@@ -162,6 +167,21 @@ def _rope_attention(ins: Sequence[TensorType], attrs: Attrs) -> tuple[TensorType
     _rope([q, pos], attrs)
     _kv(kv)
     return (q,)
+
+
+def _packed_rope_attention(ins: Sequence[TensorType], attrs: Attrs) -> tuple[TensorType, ...]:
+    qkv, pos, kv = ins
+    _rank(qkv, 2, "packed qkv")
+    _float(qkv, "packed qkv")
+    _index(pos, "positions")
+    _same_dim(qkv.shape[0], pos.shape[0], "tokens vs positions")
+    heads, kv_heads, head_dim = (int(attrs[k]) for k in ("heads", "kv_heads", "head_dim"))  # type: ignore[call-overload]
+    if heads <= 0 or kv_heads <= 0 or head_dim <= 0 or heads % kv_heads:
+        raise TypeCheckError(f"query heads {heads} must be a positive multiple of kv heads {kv_heads}")
+    _same_dim(qkv.shape[1], (heads + 2 * kv_heads) * head_dim, "packed width vs (heads + 2 kv_heads) * head_dim")
+    _rope_settings(attrs, head_dim)
+    _kv(kv)
+    return (TensorType((qkv.shape[0], heads, head_dim), qkv.dtype),)
 
 
 def _unary(ins: Sequence[TensorType], attrs: Attrs) -> tuple[TensorType, ...]:
@@ -198,9 +218,6 @@ def _gather_rows(ins: Sequence[TensorType], attrs: Attrs) -> tuple[TensorType, .
 def _no_infer(ins: Sequence[TensorType], attrs: Attrs) -> tuple[TensorType, ...]:
     raise TypeCheckError("inputs and params take their type from the function or module")
 
-
-ROPE_ATTRS = ("theta", "style", "rotary_dim")
-ROPE_OPTIONAL = ("scaling", "factor", "low_freq_factor", "high_freq_factor", "original_max_position")
 
 OPS: dict[str, OpDef] = {
     d.name: d
@@ -241,6 +258,16 @@ OPS: dict[str, OpDef] = {
             5,
             ("layer", "scale", *ROPE_ATTRS),
             _rope_attention,
+            ROPE_OPTIONAL,
+            side_effect=True,
+            fused=True,
+        ),
+        OpDef(
+            "packed_rope_attention",
+            "rope_attention reading q, k, v from one packed [tokens, (heads + 2 kv_heads) * head_dim] tensor",
+            3,
+            ("layer", "scale", "heads", "kv_heads", "head_dim", *ROPE_ATTRS),
+            _packed_rope_attention,
             ROPE_OPTIONAL,
             side_effect=True,
             fused=True,

@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from llmc.cli.bench import bench
+from llmc.cli.cache import cache_cmd
+from llmc.cli.chat import chat
 from llmc.cli.compile import compile_cmd
 from llmc.cli.eval import eval_cmd
 from llmc.cli.inspect import inspect_cmd
@@ -18,15 +20,19 @@ from llmc.cli.synth import synth
 from llmc.cli.targets import targets_cmd
 from llmc.cli.tokenize import tokenize
 from llmc.compiler.errors import LlmcError
+from llmc.compiler.progress import reporting
 from llmc.compiler.version import __version__
+from llmc.console import ConsoleReporter
 
 
 class LlmcGroup(click.Group):
-    """Turns :class:`LlmcError` into one line on stderr and exit status 2."""
+    """Turns :class:`LlmcError` into one line on stderr and exit status 2, and shows the progress of
+    long steps (compiling, downloading) on stderr."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with reporting(ConsoleReporter()):
+                return super().invoke(ctx)
         except LlmcError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
@@ -38,8 +44,8 @@ def main() -> None:
     """llmc: compile LLMs into optimized artifacts and serve them."""
 
 
-for _command in (compile_cmd, run, eval_cmd, tokenize, inspect_cmd, passes_cmd, targets_cmd, serve, synth,
-                 bench):
+for _command in (compile_cmd, run, chat, eval_cmd, tokenize, inspect_cmd, passes_cmd, targets_cmd, serve, synth,
+                 bench, cache_cmd):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -7,8 +7,20 @@ from typing import Any
 
 import click
 
-from llmc.cli.common import emit_json
+from llmc.cli.common import MODEL_HELP, compile_on_first_use, emit_json, resolve_model
 from llmc.compiler.errors import LlmcError
+
+_FORMATS = {"mean_nll": "{:.4f}", "perplexity": "{:.4f}", "kl_mean": "{:.4g}", "top1_agreement": "{:.2%}"}
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """Aligned ``key: value`` lines, numbers rounded for reading (``--json`` keeps full precision)."""
+    lines = []
+    for key, value in result.items():
+        if value is not None:
+            shown = _FORMATS.get(key, "{}").format(value)
+            lines.append(f"{key:>16}: {shown}")
+    return "\n".join(lines)
 
 
 def _read_eval_ids(model: Any, text_file: Path | None, ids_file: Path | None) -> list[int]:
@@ -29,26 +41,32 @@ def _read_eval_ids(model: Any, text_file: Path | None, ids_file: Path | None) ->
 
 
 @click.command(name="eval")
-@click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--text-file", type=click.Path(path_type=Path), default=None)
-@click.option("--ids-file", type=click.Path(path_type=Path), default=None)
+@click.argument("artifact", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--text-file", type=click.Path(path_type=Path), default=None, help="Text to score (tokenized by MODEL).")
+@click.option("--ids-file", type=click.Path(path_type=Path), default=None,
+              help="Token ids to score (a JSON list of integers).")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="Reference artifact: adds KL divergence and top-1 agreement.")
+              help="Reference model (artifact, GGUF or folder; the last two compiled unquantized): adds KL "
+                   "divergence and top-1 agreement.")
 @click.option("--window", type=int, default=None, help="Scoring window (default: the model context).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object (full precision).")
+@compile_on_first_use
 def eval_cmd(artifact: Path, text_file: Path | None, ids_file: Path | None, reference: Path | None,
-             window: int | None, as_json: bool) -> None:
-    """Perplexity of ARTIFACT on a text (and divergence from a reference artifact)."""
+             window: int | None, as_json: bool, compile_target: str, quant: str | None) -> None:
+    """Perplexity of MODEL on a text (and divergence from a reference model). MODEL_HELP"""
     from llmc.runtime.evaluate import evaluate
     from llmc.runtime.loader import load_model
 
-    model = load_model(str(artifact))
+    model = load_model(str(resolve_model(artifact, compile_target, quant)))
     ids = _read_eval_ids(model, text_file, ids_file)
-    ref = load_model(str(reference)).executor if reference is not None else None
+    ref = None
+    if reference is not None:
+        ref = load_model(str(resolve_model(reference, compile_target, "none"))).executor
     result = evaluate(model.executor, ids, reference=ref, window=window).to_dict()
     if as_json:
         emit_json(result)
     else:
-        for key, value in result.items():
-            if value is not None:
-                click.echo(f"{key:>16}: {value}")
+        click.echo(format_result(result))
+
+
+eval_cmd.help = (eval_cmd.help or "").replace("MODEL_HELP", MODEL_HELP)

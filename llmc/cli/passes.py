@@ -9,7 +9,7 @@ from llmc.cli.common import emit_json
 
 @click.command(name="passes")
 @click.option("--target", default=None, help="Also show what each level runs for this target.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the passes and pipelines as JSON.")
 def passes_cmd(target: str | None, as_json: bool) -> None:
     """List every pass (name, doc) and every pipeline with its passes."""
     from llmc.passes.listing import describe_passes, format_passes
@@ -19,7 +19,8 @@ def passes_cmd(target: str | None, as_json: bool) -> None:
         data = describe_passes()
     else:
         chosen = get_target(target)
-        data = describe_passes(chosen.name, chosen.capabilities().fused_ops, chosen.preferred_passes)
+        data = describe_passes(chosen.name, chosen.capabilities().fused_ops, chosen.preferred_passes,
+                               chosen.rewrites)
     if as_json:
         emit_json(data)
     else:

@@ -11,8 +11,9 @@ import click
 @click.option("--preset", required=True, help="llama-3.2-1b, llama-3.2-3b, smollm2-135m or tiny.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Folder (safetensors) or .gguf file / folder for it (gguf).")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
+              help="A Hugging Face folder (safetensors) or a GGUF file.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the weight matrices (norms stay float32).")
 def synth(preset: str, out: Path, fmt: str, seed: int, dtype: str) -> None:

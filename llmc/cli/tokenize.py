@@ -12,9 +12,9 @@ from llmc.compiler.errors import LlmcError
 
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--text", required=True)
+@click.option("--text", required=True, help="The text to tokenize.")
 @click.option("--no-special", is_flag=True, help="Do not add BOS/special tokens.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the ids and their tokens as JSON.")
 def tokenize(source: Path, text: str, no_special: bool, as_json: bool) -> None:
     """Tokenize TEXT with the tokenizer of SOURCE (a model file/folder or an artifact)."""
     from llmc.runtime.artifact import MANIFEST, Artifact

@@ -10,12 +10,15 @@ GenAI beside llmc, so one table and one plot hold them all.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmc.compiler.errors import LlmcError
+from llmc.compiler.version import install_hint
 from llmc.runtime.artifact import Artifact
 from llmc.runtime.bench.backends import Backend, BackendInfo, BatchRun, LlmcBackend, RequestRun
 from llmc.runtime.bench.harness import SCENARIOS, BenchSettings, Report, make_prompts, parse_sizes, run_backend
@@ -26,9 +29,23 @@ from llmc.runtime.bench.table import markdown_table
 
 __all__ = [
     "SCENARIOS", "Backend", "BackendInfo", "BatchRun", "BenchSettings", "LlmcBackend", "Report", "RequestRun",
-    "make_prompts", "markdown_table", "model_summary", "new_report", "parse_sizes", "plot_report", "progress_bar",
-    "run_bench", "validate", "write_outputs",
+    "check_dependencies", "make_prompts", "markdown_table", "model_summary", "new_report", "parse_sizes",
+    "plot_report", "progress_bar", "run_bench", "validate", "write_outputs",
 ]
+
+
+def missing_dependencies(plot: bool = False, quiet: bool = False) -> list[str]:
+    """The modules of the ``bench`` extra a run needs and this Python lacks: jsonschema (the report is
+    validated), tqdm (the progress bar, unless ``quiet``), matplotlib (with ``plot``)."""
+    wanted = ["jsonschema"] + ([] if quiet else ["tqdm"]) + (["matplotlib"] if plot else [])
+    return [name for name in wanted if importlib.util.find_spec(name) is None]
+
+
+def check_dependencies(plot: bool = False, quiet: bool = False) -> None:
+    """Raise a clear error, before anything runs, when the ``bench`` extra is missing."""
+    missing = missing_dependencies(plot, quiet)
+    if missing:
+        raise LlmcError(f"llmc bench needs {', '.join(missing)} (the bench extra)", hint=install_hint("bench"))
 
 
 def progress_bar(total: int, quiet: bool = False) -> tuple[Callable[[str], None], Callable[[], None]]:
@@ -66,9 +83,12 @@ def model_summary(artifact: Artifact) -> dict[str, Any]:
 
 def run_bench(artifact: str | Path, settings: BenchSettings, device: str | None = None, quiet: bool = False,
               engine_config: dict[str, Any] | None = None, measure_bw: bool = True,
-              bandwidth_mib: int = 256) -> dict[str, Any]:
-    """Benchmark a compiled artifact; returns the report dict (already validated)."""
-    backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config)
+              bandwidth_mib: int = 256, name: str | None = None) -> dict[str, Any]:
+    """Benchmark a compiled artifact; returns the report dict (already validated). ``name``: what
+    tables and plots call it after ``llmc/TARGET:`` (default: the artifact's folder name)."""
+    check_dependencies(quiet=quiet)
+    backend = LlmcBackend(artifact, threads=settings.threads, device=device, engine_config=engine_config,
+                          name=name)
     try:
         report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw,
                             bandwidth_mib=bandwidth_mib, device=str(getattr(backend.executor, "device", "cpu")))

@@ -109,10 +109,12 @@ class LlmcBackend(Backend):
     """A compiled llmc artifact: static batches on its executor, concurrency on the Engine."""
 
     def __init__(self, artifact: str | Path, threads: int | None = None, device: str | None = None,
-                 engine_config: dict[str, Any] | None = None) -> None:
+                 engine_config: dict[str, Any] | None = None, name: str | None = None) -> None:
+        """``name`` goes in the label, ``llmc/TARGET:NAME`` (default: the artifact's folder name)."""
         from llmc.runtime.loader import load_model
 
         self.path = Path(artifact)
+        self.name = name or self.path.resolve().name
         self.model = load_model(self.path, threads=threads, device=device)
         self.artifact = self.model.artifact
         self.threads = threads
@@ -133,7 +135,7 @@ class LlmcBackend(Backend):
             types[key] = types.get(key, 0) + 1
         return BackendInfo(
             engine="llmc",
-            label=f"llmc/{self.artifact.target}:{self.path.resolve().name}",
+            label=f"llmc/{self.artifact.target}:{self.name}",
             version=__version__,
             weight_bytes=total,
             weight_bytes_per_step=per_step,

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from llmc.compiler.errors import LlmcError
+from llmc.compiler.version import install_hint
 
 SCHEMA_NAME = "llmc-bench"
 SCHEMA_VERSION = 1
@@ -135,7 +136,7 @@ def validate(report: dict[str, Any]) -> None:
     try:
         import jsonschema
     except ImportError as exc:
-        raise LlmcError("validating a bench report needs jsonschema (pip install 'llmc[bench]')") from exc
+        raise LlmcError("validating a bench report needs jsonschema", hint=install_hint("bench")) from exc
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(report), key=lambda e: list(e.absolute_path))
     if errors:

@@ -20,7 +20,7 @@ def check_dependencies() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise LlmcError(f"llmc serve needs {', '.join(missing)}", hint="pip install 'llmc[serve]'")
+        raise LlmcError(f"llmc serve needs {', '.join(missing)}", hint="pip install 'llmc-toolchain[serve]'")
 
 
 def serve(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

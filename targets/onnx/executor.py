@@ -25,7 +25,7 @@ from llmc.compiler.errors import LlmcError, RequestError
 from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.onnx.session import create_session, parse_device
-from llmc.targets.slots import checked_slot_count, slot_ids, slot_kv_spec
+from llmc.targets.slots import SlotBuffers, slot_capacity, slot_ids
 
 INITIAL_CAPACITY = 256
 MAX_BINDINGS = 64
@@ -80,62 +80,34 @@ class OnnxExecutor(Executor):
         self.kind, self.device_id = parse_device(device)
         self.session = create_session(model, device, threads, inter_op_threads, optimization, tensorrt)
         self.input_names = {i.name for i in self.session.get_inputs()}
-        capacity = int(kv_capacity or config.max_position)
-        if capacity <= 0:
-            raise LlmcError(f"kv_capacity must be positive, got {capacity}")
-        self.capacity = min(capacity, config.max_position)
-        self.allocated = 0  # tokens per slot in the buffers now (<= capacity)
-        self.slot_shape = (config.num_kv_heads, 0, config.head_dim)
-        self.slot_bytes = 0
-        self.num_slots = 0
-        self.keys: list[Any] = []
-        self.values: list[Any] = []
+        self.cache = SlotBuffers(config, slot_capacity(config, kv_capacity), self._zeros, growable=self.kind == "cpu")
+        self.capacity = self.cache.capacity
         self._bindings: dict[tuple[int, int], Any] = {}  # (first slot, batch) -> IOBinding with the kv bound
+        self._bound_generation = -1  # the cache allocation those bindings point into
+
+    def _zeros(self, shape: tuple[int, ...]) -> Any:
+        if self.kind == "cpu":
+            return np.zeros(shape, dtype=np.float32)
+        import onnxruntime as ort
+
+        return ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", self.device_id)
 
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
-        return slot_kv_spec(self.config, self.capacity)
+        return self.cache.spec()
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` slots (on the CPU for a short context first; they grow on demand)."""
-        self.num_slots = checked_slot_count(num_blocks)
-        self.keys, self.values = [], []
-        self.allocated = 0
-        self._grow(min(self.capacity, INITIAL_CAPACITY) if self.kind == "cpu" else self.capacity)
+        self.cache.allocate(num_blocks, min(self.capacity, INITIAL_CAPACITY) if self.kind == "cpu" else self.capacity)
 
-    def _grow(self, tokens: int) -> None:
-        """Reallocate every slot for ``tokens`` tokens (doubling), keeping what they hold."""
-        size = min(self.capacity, max(tokens, 2 * self.allocated))
-        c = self.config
-        shape = (self.num_slots, c.num_kv_heads, size, c.head_dim)
-        if self.kind == "cpu":
-            old = self.allocated
-            grown = []
-            for store in (*self.keys, *self.values):
-                new = np.zeros(shape, dtype=np.float32)
-                new[:, :, :old] = store[:, :, :old]
-                grown.append(new)
-            if not grown:
-                grown = [np.zeros(shape, dtype=np.float32) for _ in range(2 * c.num_layers)]
-        else:
-            import onnxruntime as ort
-
-            if self.allocated:
-                raise LlmcError("the CUDA kv cache is allocated at full capacity and cannot grow")
-            grown = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", self.device_id)
-                     for _ in range(2 * c.num_layers)]
-        self.keys, self.values = grown[: c.num_layers], grown[c.num_layers:]
-        self._bindings.clear()
-        self.allocated = size
-        self.slot_shape = shape[1:]
-        self.slot_bytes = 4 * int(np.prod(self.slot_shape))
+    @property
+    def slot_bytes(self) -> int:
+        return 4 * int(np.prod(self.cache.slot_shape))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if self.kind != "cpu":
             raise LlmcError("copying kv slots is implemented for the CPU cache only")
-        for src, dst in pairs:
-            for store in (*self.keys, *self.values):
-                store[dst] = store[src]
+        self.cache.copy(pairs)
 
     def _pointer(self, store: Any, slot: int) -> int:
         base = store.ctypes.data if self.kind == "cpu" else store.data_ptr()
@@ -143,14 +115,13 @@ class OnnxExecutor(Executor):
 
     # -- running -------------------------------------------------------------------------
     def _slots(self, batch: StepBatch) -> list[int]:
-        layout = batch.layout
-        if not self.keys:
-            raise LlmcError("the kv cache is not allocated; call init_cache() first")
-        slots = slot_ids(batch, self.num_slots, self.capacity, "onnx", " (load option kv_capacity)",
+        self.cache.require_allocated()
+        slots = slot_ids(batch, self.cache.num_slots, self.capacity, "onnx", " (load option kv_capacity)",
                          f"load option kv_capacity, at most the model context {self.config.max_position}")
-        longest = max(layout.context_lens)
-        if longest > self.allocated:
-            self._grow(longest)
+        self.cache.ensure(max(batch.layout.context_lens))
+        if self.cache.generation != self._bound_generation:
+            self._bindings.clear()
+            self._bound_generation = self.cache.generation
         return slots
 
     def step(self, batch: StepBatch) -> np.ndarray:
@@ -217,10 +188,10 @@ class OnnxExecutor(Executor):
         binding = self.session.io_binding()
         device = "cpu" if self.kind == "cpu" else "cuda"
         for layer in range(self.config.num_layers):
-            for kind, stores in (("key", self.keys), ("value", self.values)):
+            for kind, stores in (("key", self.cache.keys), ("value", self.cache.values)):
                 if scratch is None:
                     ptr = self._pointer(stores[layer], slots[call.seqs[0]])
-                    shape: tuple[int, ...] = (len(call.seqs), *self.slot_shape)
+                    shape: tuple[int, ...] = (len(call.seqs), *self.cache.slot_shape)
                 else:
                     buf = scratch[kind][layer]
                     ptr, shape = buf.ctypes.data, buf.shape
@@ -230,9 +201,10 @@ class OnnxExecutor(Executor):
 
     def _gather(self, call: Call, slots: list[int], past: list[int], length: int) -> dict[str, list[np.ndarray]]:
         """Copy the cached prefixes of a call's slots into ``[batch, kv_heads, length, head_dim]``."""
-        shape = (len(call.seqs), self.slot_shape[0], length, self.slot_shape[2])
+        heads, _, dim = self.cache.slot_shape
+        shape = (len(call.seqs), heads, length, dim)
         scratch: dict[str, list[np.ndarray]] = {"key": [], "value": []}
-        for kind, stores in (("key", self.keys), ("value", self.values)):
+        for kind, stores in (("key", self.cache.keys), ("value", self.cache.values)):
             for store in stores:
                 buf = np.empty(shape, dtype=np.float32)
                 for b, j in enumerate(call.seqs):
@@ -243,7 +215,7 @@ class OnnxExecutor(Executor):
     def _scatter(self, scratch: dict[str, list[np.ndarray]], call: Call, slots: list[int], past: list[int],
                  context: list[int]) -> None:
         """Write the entries a call appended back into the slots."""
-        for kind, stores in (("key", self.keys), ("value", self.values)):
+        for kind, stores in (("key", self.cache.keys), ("value", self.cache.values)):
             for store, buf in zip(stores, scratch[kind], strict=True):
                 for b, j in enumerate(call.seqs):
                     store[slots[j], :, past[j]: context[b]] = buf[b, :, past[j]: context[b]]

@@ -15,31 +15,38 @@ Graph interface (what the executor feeds):
   ``present.{i}.key|value`` (bind both to one buffer and GQA appends in place);
 * output ``logits`` float32 ``[outputs, vocab]``.
 
-Lowering: ``linear`` -> ``MatMulNBits`` (quantized) or ``Gemm(transB=1)`` (float, so a tied
-head reads the embedding table itself); ``attention``/``rope_attention`` ->
-``GroupQueryAttention`` (with ``do_rotary`` when its kernel accepts the head size, else RoPE
-with standard ops first); ``add_rms_norm`` -> ``SkipSimplifiedLayerNormalization``;
+Lowering (the op table :data:`ONNX_OPS`): ``linear`` -> ``MatMulNBits`` (quantized) or
+``Gemm(transB=1)`` (float, so a tied head reads the embedding table itself);
+``attention``/``rope_attention`` -> ``GroupQueryAttention`` (with ``do_rotary`` when its kernel
+accepts the head size, else RoPE with standard ops first); ``packed_rope_attention`` (the
+target's ``pack-qkv-attention`` rewrite) -> ``GroupQueryAttention`` reading the fused qkv
+projection as its packed query; ``add_rms_norm`` -> ``SkipSimplifiedLayerNormalization``;
 ``rms_norm`` -> ``RMSNormalization``; the rest -> standard ops.
+
+A target that reuses this lowering (TensorRT) subclasses :class:`Lowering`, sets its class
+attribute ``table`` to a table derived with ``ONNX_OPS.extend(...)``, and may override the two
+hooks :meth:`Lowering.graph_input` and :meth:`Lowering.float_param`; its handlers use the
+public helpers of :class:`Lowering`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
 from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Function, Module, Node, Value
-from llmc.compiler.ir.rope import cos_sin
+from llmc.compiler.ir.rope import RopeSpec
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore
+from llmc.targets.lowering import LoweringTable
 from llmc.targets.onnx.graph import MS_DOMAIN, GraphBuilder
 from llmc.targets.onnx.quant import QuantTensors
+from llmc.targets.onnx.target import GQA_ROTARY_HEAD_MULTIPLE, GQA_ROTARY_PAIRS_MULTIPLE
 
-ROPE_KEYS = ("theta", "style", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
-             "original_max_position")
 FUNCTION = "prefill"
 
 
@@ -79,8 +86,20 @@ class LoweringStats:
     layers: list[int] = field(default_factory=list)
 
 
+Handler = Callable[["Lowering", Node], list[str]]
+"""Lowers one node: ``(lowering, node) -> the ONNX names of its results``."""
+
+
+def gqa_rotary_ok(spec: RopeSpec, head_dim: int) -> bool:
+    """Whether GroupQueryAttention's own rotary kernel accepts these sizes (head % 16, rot/2 % 8)."""
+    return head_dim % GQA_ROTARY_HEAD_MULTIPLE == 0 and (spec.rotary_dim // 2) % GQA_ROTARY_PAIRS_MULTIPLE == 0
+
+
 class Lowering:
-    """Builds the ONNX graph of one IR function."""
+    """Builds the ONNX graph of one IR function, dispatching each node through :attr:`table`."""
+
+    table: ClassVar[LoweringTable[Handler]]
+    """op -> handler; set below to :data:`ONNX_OPS` (a subclass sets its own, derived from it)."""
 
     def __init__(self, module: Module, weights: WeightStore, g: GraphBuilder, accuracy_level: int = 0) -> None:
         if FUNCTION not in module.functions:
@@ -98,28 +117,19 @@ class Lowering:
         self.quant_inits: dict[int, QuantTensors] = {}
         self.param_records: dict[str, dict[str, Any]] = {}
         self.stats = LoweringStats()
-        self._rope_tables: dict[tuple, tuple[str, str]] = {}
-        self._rope_rows: dict[tuple, tuple[str, str]] = {}
+        self._rope_tables: dict[RopeSpec, tuple[str, str]] = {}
+        self._rope_rows: dict[tuple[RopeSpec, str], tuple[str, str]] = {}
         self._shapes: dict[int, str] = {}
         self._flat: dict[str, str] = {}  # a [tokens, heads, dim] value -> the same data as [..., heads*dim]
-        self._packed, self._skip = self._find_packed_qkv()
-        self._handlers: dict[str, Callable[[Node], list[str]]] = {
-            "embedding": self._embedding, "rms_norm": self._rms_norm, "add_rms_norm": self._add_rms_norm,
-            "linear": self._linear, "split": self._split, "split_heads": self._split_heads,
-            "merge_heads": self._merge_heads, "rope": self._rope, "attention": self._attention,
-            "rope_attention": self._attention, "silu": self._silu, "mul": self._binary("Mul"),
-            "add": self._binary("Add"), "gather_rows": self._gather_rows, "swiglu": self._swiglu,
-        }
 
     # -- driver --------------------------------------------------------------------------
     def run(self) -> None:
         """Lower every node and declare the graph outputs."""
+        self.table.check_module(Module({FUNCTION: self.fn}, self.module.params, self.module.config))
         act = self._activation_dtype()
         if act != "float32":
             raise UnsupportedError(f"the onnx target runs float32 activations; this module uses {act}")
         for node in self.fn.nodes:
-            if node in self._skip:
-                continue
             if node.op == "input":
                 name = str(node.attrs["name"])
                 if name != "kv_cache":
@@ -127,10 +137,7 @@ class Lowering:
             elif node.op == "param":
                 self.env[(id(node), 0)] = ParamRef(str(node.attrs["name"]))
             else:
-                handler = self._handlers.get(node.op)
-                if handler is None:
-                    raise UnsupportedError(f"the onnx target cannot lower op {node.op!r}")
-                for i, out in enumerate(handler(node)):
+                for i, out in enumerate(self.table.handler(node.op)(self, node)):
                     self.env[(id(node), i)] = out
         if sorted(self.stats.layers) != list(range(self.config.num_layers)):
             raise UnsupportedError(f"attention layers {sorted(self.stats.layers)} do not cover the "
@@ -143,42 +150,13 @@ class Lowering:
                 self.g.add_output(present_name(layer, kind), np.float32,
                                   ["batch", self.config.num_kv_heads, "total_sequence_length", self.config.head_dim])
 
-    def _find_packed_qkv(self) -> tuple[dict[Node, Value], set[Node]]:
-        """Attention ops whose q, k, v are the three heads-views of one ``split`` of one tensor.
-
-        GQA then reads that ``[tokens, (hq + 2 hkv) * dim]`` tensor as its packed ``query`` (no
-        split, no copies), when no RoPE has to be applied outside it. Returns attention node ->
-        packed value, and the split/split_heads nodes that need no lowering.
-        """
-        users = self.fn.users()
-        packed: dict[Node, Value] = {}
-        skip: set[Node] = set()
-        for node in self.fn.nodes:
-            if node.op not in ("attention", "rope_attention"):
-                continue
-            q, k, v = node.inputs[:3]
-            if node.op == "rope_attention" and not self.gqa_rotary_ok(node.attrs, int(q.type.shape[2])):
-                continue
-            views = [x.node for x in (q, k, v)]
-            if any(n.op != "split_heads" or users[n] != [node] for n in views):
-                continue
-            sources = [n.inputs[0] for n in views]
-            split = sources[0].node
-            if (split.op != "split" or [x.node for x in sources] != [split] * 3
-                    or [x.index for x in sources] != [0, 1, 2] or len(split.out_types) != 3
-                    or len(users[split]) != 3):
-                continue
-            packed[node] = split.inputs[0]
-            skip.update((split, *views))
-        return packed, skip
-
     def _activation_dtype(self) -> str:
         for node in self.fn.nodes:
             if node.op == "embedding":
                 return str(node.attrs["dtype"])
         return "float32"
 
-    # -- values --------------------------------------------------------------------------
+    # -- values (hooks: graph_input, float_param) ----------------------------------------
     def value(self, v: Value) -> str:
         """The ONNX name of an IR value (params materialize as float32 initializers)."""
         ref = self.env[(id(v.node), v.index)]
@@ -189,6 +167,7 @@ class Lowering:
         return ref
 
     def graph_input(self, name: str, dtype: str) -> str:
+        """Hook: the graph value of function input ``name``, declared on first use."""
         if name not in self.inputs:
             dims = {"input_ids": ["tokens"], "positions": ["tokens"], "logits_index": ["outputs"]}
             if name not in dims:
@@ -197,11 +176,13 @@ class Lowering:
         return self.inputs[name]
 
     def param_of(self, v: Value) -> str | None:
+        """The param name when ``v`` reads a param, else None."""
         ref = self.env[(id(v.node), v.index)]
         return ref.name if isinstance(ref, ParamRef) else None
 
     def float_param(self, name: str, dtype: Any = None) -> str:
-        """A float param as an initializer in its stored dtype (cast to ``dtype`` in the graph)."""
+        """Hook: a param as a float ``[out, in]`` value; here an initializer in its stored dtype
+        (cast to ``dtype`` in the graph; quantized weights dequantized with standard ops)."""
         weight = self.weights[name]
         if isinstance(weight, QuantizedTensor):
             quant = self.quant_param(name)
@@ -226,112 +207,49 @@ class Lowering:
         self.param_records.setdefault(name, tensors.record())
         return tensors
 
-    # -- ops -----------------------------------------------------------------------------
-    def _embedding(self, node: Node) -> list[str]:
-        table, ids = node.inputs
-        name = self.param_of(table)
-        ids_name = self.value(ids)
-        if name is not None and isinstance(self.weights[name], QuantizedTensor):
-            return [self.quant_param(name).rows(ids_name)]
-        table_name = self.float_param(name) if name is not None else self.value(table)
-        rows = self.g.one("Gather", [table_name, ids_name], axis=0)
-        if name is not None and np.asarray(self.weights[name]).dtype != np.float32:
-            rows = self.g.one("Cast", [rows], to=1)
-        return [rows]
+    def is_quantized(self, name: str | None) -> bool:
+        return name is not None and isinstance(self.weights[name], QuantizedTensor)
 
-    def _norm_weight(self, v: Value) -> str:
+    def norm_weight(self, v: Value) -> str:
+        """A norm vector as float32."""
         name = self.param_of(v)
         return self.float_param(name, np.float32) if name is not None else self.value(v)
 
-    def _rms_norm(self, node: Node) -> list[str]:
-        x, w = node.inputs
-        return [self.g.one("RMSNormalization", [self.value(x), self._norm_weight(w)], axis=-1,
-                           epsilon=float(node.attrs["eps"]), stash_type=1)]  # type: ignore[arg-type]
+    def flat_of(self, x: str) -> str:
+        """The ``[tokens, heads * dim]`` value a ``[tokens, heads, dim]`` value was reshaped from (else ``x``)."""
+        return self._flat.get(x, x)
 
-    def _add_rms_norm(self, node: Node) -> list[str]:
-        x, residual, w = node.inputs
-        out, total = self.g.fresh("normed"), self.g.fresh("residual")
-        self.g.node("SkipSimplifiedLayerNormalization", [self.value(x), self.value(residual), self._norm_weight(w)],
-                    outputs=[out, "", "", total], domain=MS_DOMAIN, epsilon=float(node.attrs["eps"]))  # type: ignore[arg-type]
-        return [out, total]
+    def mark_heads_view(self, heads: str, flat: str) -> None:
+        """Record that ``heads [tokens, h, d]`` is a reshape of ``flat [tokens, h * d]`` (see :meth:`flat_of`)."""
+        self._flat[heads] = flat
 
-    def _linear(self, node: Node) -> list[str]:
-        x, w = node.inputs
-        name = self.param_of(w)
-        xs = self.value(x)
-        if name is not None and isinstance(self.weights[name], QuantizedTensor):
-            quant = self.quant_param(name)
-            if quant.uses_matmulnbits(self.accuracy_level):
-                self.stats.matmulnbits += 1
-            else:
-                self.stats.dequant_linear += 1
-            return [quant.linear(xs, self.accuracy_level)]
-        self.stats.float_linear += 1
-        weight = self.float_param(name, np.float32) if name is not None else self.value(w)
-        return [self.g.one("Gemm", [xs, weight], transB=1)]
-
-    def _split(self, node: Node) -> list[str]:
-        sizes = [int(s) for s in node.attrs["sizes"]]  # type: ignore[union-attr]
-        return self.g.node("Split", [self.value(node.inputs[0]), self.g.const(sizes)], len(sizes), axis=-1)
-
-    def _split_heads(self, node: Node) -> list[str]:
-        heads, dim = int(node.attrs["heads"]), int(node.attrs["head_dim"])  # type: ignore[call-overload]
-        flat = self.value(node.inputs[0])
-        out = self.g.one("Reshape", [flat, self.g.const([-1, heads, dim])])
-        self._flat[out] = flat
-        return [out]
-
-    def _merge_heads(self, node: Node) -> list[str]:
-        t = node.inputs[0].type
-        width = int(t.shape[1]) * int(t.shape[2])
-        x = self.value(node.inputs[0])
-        return [self.g.one("Reshape", [self._flat.get(x, x), self.g.const([-1, width])])]
-
-    def _silu(self, node: Node) -> list[str]:
-        return [self._silu_of(self.value(node.inputs[0]))]
-
-    def _silu_of(self, x: str) -> str:
+    def silu_of(self, x: str) -> str:
         return self.g.one("Mul", [x, self.g.one("Sigmoid", [x])], hint="silu")
 
-    def _binary(self, op: str) -> Callable[[Node], list[str]]:
-        return lambda node: [self.g.one(op, [self.value(v) for v in node.inputs])]
-
-    def _gather_rows(self, node: Node) -> list[str]:
-        x, idx = node.inputs
-        return [self.g.one("Gather", [self.value(x), self.value(idx)], axis=0)]
-
-    def _swiglu(self, node: Node) -> list[str]:
-        width = int(node.inputs[0].type.shape[1])
-        gate, up = self.g.node("Split", [self.value(node.inputs[0]), self.g.const([width // 2, width // 2])], 2,
-                               axis=-1)
-        return [self.g.one("Mul", [self._silu_of(gate), up], hint="swiglu")]
+    def register_layer(self, layer: int) -> None:
+        """Record that an attention op writes kv ``layer`` (refusing a second one)."""
+        if layer in self.stats.layers:
+            raise UnsupportedError(f"two attention ops write kv layer {layer}")
+        self.stats.layers.append(layer)
 
     # -- rope ----------------------------------------------------------------------------
-    def _rope_key(self, attrs: dict[str, Any]) -> tuple:
-        return tuple(attrs.get(k) for k in ROPE_KEYS)
-
-    def _rope_table(self, attrs: dict[str, Any]) -> tuple[str, str]:
+    def rope_table(self, spec: RopeSpec) -> tuple[str, str]:
         """cos/sin ``[max_position, rotary_dim / 2]`` float32 for these rope settings."""
-        key = self._rope_key(attrs)
-        if key not in self._rope_tables:
-            cos, sin = cos_sin(np.arange(self.config.max_position), attrs)
-            self._rope_tables[key] = (self.g.weight("rope.cos", cos.astype(np.float32)),
-                                      self.g.weight("rope.sin", sin.astype(np.float32)))
-        return self._rope_tables[key]
+        if spec not in self._rope_tables:
+            cos, sin = spec.cos_sin(np.arange(self.config.max_position))
+            self._rope_tables[spec] = (self.g.weight("rope.cos", cos.astype(np.float32)),
+                                       self.g.weight("rope.sin", sin.astype(np.float32)))
+        return self._rope_tables[spec]
 
-    def _rope(self, node: Node) -> list[str]:
-        x, pos = node.inputs
-        return [self._apply_rope(self.value(x), self.value(pos), node.attrs, int(x.type.shape[2]))]
-
-    def _apply_rope(self, x: str, pos: str, attrs: dict[str, Any], head_dim: int) -> str:
+    def apply_rope(self, x: str, pos: str, spec: RopeSpec, head_dim: int) -> str:
         """RoPE with standard ops on ``x [tokens, heads, head_dim]`` (same arithmetic as the torch target)."""
         g = self.g
-        rot = int(attrs["rotary_dim"])
+        rot = spec.rotary_dim
         half = rot // 2
-        interleaved = attrs["style"] == "interleaved"
-        key = (*self._rope_key(attrs), pos)
+        interleaved = not spec.half
+        key = (spec, pos)
         if key not in self._rope_rows:
-            cos_table, sin_table = self._rope_table(attrs)
+            cos_table, sin_table = self.rope_table(spec)
             axes = g.const([1, 3] if interleaved else [1])
             self._rope_rows[key] = (
                 g.one("Unsqueeze", [g.one("Gather", [cos_table, pos], axis=0), axes], hint="rope_cos"),
@@ -355,7 +273,7 @@ class Lowering:
         self.stats.explicit_rope += 1
         return out
 
-    # -- attention -----------------------------------------------------------------------
+    # -- GroupQueryAttention -------------------------------------------------------------
     def _batch_shape(self, width: int) -> str:
         """``[batch, -1, width]`` with batch read from ``seqlens_k``."""
         if width not in self._shapes:
@@ -369,46 +287,26 @@ class Lowering:
             self.inputs["total_sequence_length"] = self.g.add_input("total_sequence_length", np.int32, [])
         return self.inputs["seqlens_k"]
 
-    def gqa_rotary_ok(self, attrs: dict[str, Any], head_dim: int) -> bool:
-        """Whether GroupQueryAttention's own rotary kernel accepts these sizes (head % 16, rot/2 % 8)."""
-        return head_dim % 16 == 0 and (int(attrs["rotary_dim"]) // 2) % 8 == 0
-
-    def _attention(self, node: Node) -> list[str]:
-        q, k, v = node.inputs[:3]
-        attrs = node.attrs
-        hq, hd = int(q.type.shape[1]), int(q.type.shape[2])
-        hkv = int(k.type.shape[1])
-        if hd % 8:
-            raise UnsupportedError(f"GroupQueryAttention needs a head size that is a multiple of 8, got {hd}")
+    def group_query_attention(self, node: Node, heads: int, kv_heads: int, head_dim: int, qkv: list[str],
+                              rotary: tuple[str, str] | None) -> list[str]:
+        """``GroupQueryAttention`` of kv layer ``node.attrs['layer']`` over q, k, v (``qkv``: three
+        ``[tokens, heads, dim]`` values, or one packed ``[tokens, (hq + 2 hkv) * dim]``); ``rotary``:
+        the cos/sin tables when GQA applies RoPE itself."""
+        attrs, g = node.attrs, self.g
+        hq, hkv, hd = heads, kv_heads, head_dim
         layer = int(attrs["layer"])  # type: ignore[call-overload]
-        if layer in self.stats.layers:
-            raise UnsupportedError(f"two attention ops write kv layer {layer}")
-        self.stats.layers.append(layer)
-        packed = self._packed.get(node)
-        if packed is not None:
-            qs = ks = vs = self.value(packed)
-        else:
-            qs, ks, vs = self.value(q), self.value(k), self.value(v)
-        rotary: tuple[str, str] | None = None
-        if node.op == "rope_attention":
-            if self.gqa_rotary_ok(attrs, hd):
-                rotary = self._rope_table(attrs)
-                self.stats.gqa_rotary += 1
-            else:
-                pos = self.value(node.inputs[3])
-                qs, ks = self._apply_rope(qs, pos, attrs, hd), self._apply_rope(ks, pos, attrs, hd)
-        g = self.g
         seqlens = self._seqlens()
         for kind in ("key", "value"):
             g.add_input(past_name(layer, kind), np.float32, ["batch", hkv, "past_sequence_length", hd])
-        if packed is not None:  # query = [batch, seq, (hq + 2 hkv) * hd]; key, value absent
+        if len(qkv) == 1:  # query = [batch, seq, (hq + 2 hkv) * hd]; key, value absent
             self.stats.packed_qkv += 1
-            qkv = [g.one("Reshape", [qs, self._batch_shape((hq + 2 * hkv) * hd)]), "", ""]
+            query = [g.one("Reshape", [qkv[0], self._batch_shape((hq + 2 * hkv) * hd)]), "", ""]
         else:
-            qkv = [g.one("Reshape", [self._flat.get(qs, qs), self._batch_shape(hq * hd)]),
-                   g.one("Reshape", [self._flat.get(ks, ks), self._batch_shape(hkv * hd)]),
-                   g.one("Reshape", [self._flat.get(vs, vs), self._batch_shape(hkv * hd)])]
-        inputs = [*qkv, past_name(layer, "key"), past_name(layer, "value"), seqlens,
+            qs, ks, vs = qkv
+            query = [g.one("Reshape", [self.flat_of(qs), self._batch_shape(hq * hd)]),
+                     g.one("Reshape", [self.flat_of(ks), self._batch_shape(hkv * hd)]),
+                     g.one("Reshape", [self.flat_of(vs), self._batch_shape(hkv * hd)])]
+        inputs = [*query, past_name(layer, "key"), past_name(layer, "value"), seqlens,
                   self.inputs["total_sequence_length"]]
         if rotary is not None:
             inputs += list(rotary)
@@ -417,6 +315,142 @@ class Lowering:
                domain=MS_DOMAIN, num_heads=hq, kv_num_heads=hkv, scale=float(attrs["scale"]),  # type: ignore[arg-type]
                do_rotary=int(rotary is not None),
                rotary_interleaved=int(rotary is not None and attrs["style"] == "interleaved"))
-        heads = g.one("Reshape", [out, g.const([-1, hq, hd])])
-        self._flat[heads] = out  # merge_heads reshapes GQA's [batch, seq, hq*hd] output directly
-        return [heads]
+        out_heads = g.one("Reshape", [out, g.const([-1, hq, hd])])
+        self.mark_heads_view(out_heads, out)  # merge_heads reshapes GQA's [batch, seq, hq*hd] output directly
+        return [out_heads]
+
+
+def _check_gqa_head(head_dim: int) -> None:
+    if head_dim % 8:
+        raise UnsupportedError(f"GroupQueryAttention needs a head size that is a multiple of 8, got {head_dim}")
+
+
+# -- handlers ------------------------------------------------------------------------------
+def _embedding(lw: Lowering, node: Node) -> list[str]:
+    table, ids = node.inputs
+    name = lw.param_of(table)
+    ids_name = lw.value(ids)
+    if name is not None and lw.is_quantized(name):
+        return [lw.quant_param(name).rows(ids_name)]
+    table_name = lw.float_param(name) if name is not None else lw.value(table)
+    rows = lw.g.one("Gather", [table_name, ids_name], axis=0)
+    if name is not None and np.asarray(lw.weights[name]).dtype != np.float32:
+        rows = lw.g.one("Cast", [rows], to=1)
+    return [rows]
+
+
+def _rms_norm(lw: Lowering, node: Node) -> list[str]:
+    x, w = node.inputs
+    return [lw.g.one("RMSNormalization", [lw.value(x), lw.norm_weight(w)], axis=-1,
+                     epsilon=float(node.attrs["eps"]), stash_type=1)]  # type: ignore[arg-type]
+
+
+def _add_rms_norm(lw: Lowering, node: Node) -> list[str]:
+    x, residual, w = node.inputs
+    out, total = lw.g.fresh("normed"), lw.g.fresh("residual")
+    lw.g.node("SkipSimplifiedLayerNormalization", [lw.value(x), lw.value(residual), lw.norm_weight(w)],
+              outputs=[out, "", "", total], domain=MS_DOMAIN, epsilon=float(node.attrs["eps"]))  # type: ignore[arg-type]
+    return [out, total]
+
+
+def _linear(lw: Lowering, node: Node) -> list[str]:
+    x, w = node.inputs
+    name = lw.param_of(w)
+    xs = lw.value(x)
+    if name is not None and lw.is_quantized(name):
+        quant = lw.quant_param(name)
+        if quant.uses_matmulnbits(lw.accuracy_level):
+            lw.stats.matmulnbits += 1
+        else:
+            lw.stats.dequant_linear += 1
+        return [quant.linear(xs, lw.accuracy_level)]
+    lw.stats.float_linear += 1
+    weight = lw.float_param(name, np.float32) if name is not None else lw.value(w)
+    return [lw.g.one("Gemm", [xs, weight], transB=1)]
+
+
+def _split(lw: Lowering, node: Node) -> list[str]:
+    sizes = [int(s) for s in node.attrs["sizes"]]  # type: ignore[union-attr]
+    return lw.g.node("Split", [lw.value(node.inputs[0]), lw.g.const(sizes)], len(sizes), axis=-1)
+
+
+def _split_heads(lw: Lowering, node: Node) -> list[str]:
+    heads, dim = int(node.attrs["heads"]), int(node.attrs["head_dim"])  # type: ignore[call-overload]
+    flat = lw.value(node.inputs[0])
+    out = lw.g.one("Reshape", [flat, lw.g.const([-1, heads, dim])])
+    lw.mark_heads_view(out, flat)
+    return [out]
+
+
+def _merge_heads(lw: Lowering, node: Node) -> list[str]:
+    t = node.inputs[0].type
+    width = int(t.shape[1]) * int(t.shape[2])
+    x = lw.value(node.inputs[0])
+    return [lw.g.one("Reshape", [lw.flat_of(x), lw.g.const([-1, width])])]
+
+
+def _binary(op: str) -> Handler:
+    return lambda lw, node: [lw.g.one(op, [lw.value(v) for v in node.inputs])]
+
+
+def _gather_rows(lw: Lowering, node: Node) -> list[str]:
+    x, idx = node.inputs
+    return [lw.g.one("Gather", [lw.value(x), lw.value(idx)], axis=0)]
+
+
+def _swiglu(lw: Lowering, node: Node) -> list[str]:
+    width = int(node.inputs[0].type.shape[1])
+    gate, up = lw.g.node("Split", [lw.value(node.inputs[0]), lw.g.const([width // 2, width // 2])], 2, axis=-1)
+    return [lw.g.one("Mul", [lw.silu_of(gate), up], hint="swiglu")]
+
+
+def _rope(lw: Lowering, node: Node) -> list[str]:
+    x, pos = node.inputs
+    return [lw.apply_rope(lw.value(x), lw.value(pos), RopeSpec.from_attrs(node.attrs), int(x.type.shape[2]))]
+
+
+def _attention(lw: Lowering, node: Node) -> list[str]:
+    q, k, v = node.inputs[:3]
+    hq, hd, hkv = int(q.type.shape[1]), int(q.type.shape[2]), int(k.type.shape[1])
+    _check_gqa_head(hd)
+    lw.register_layer(int(node.attrs["layer"]))  # type: ignore[call-overload]
+    qs, ks, vs = lw.value(q), lw.value(k), lw.value(v)
+    rotary: tuple[str, str] | None = None
+    if node.op == "rope_attention":
+        spec = RopeSpec.from_attrs(node.attrs)
+        if gqa_rotary_ok(spec, hd):
+            rotary = lw.rope_table(spec)
+            lw.stats.gqa_rotary += 1
+        else:
+            pos = lw.value(node.inputs[3])
+            qs, ks = lw.apply_rope(qs, pos, spec, hd), lw.apply_rope(ks, pos, spec, hd)
+    return lw.group_query_attention(node, hq, hkv, hd, [qs, ks, vs], rotary)
+
+
+def _packed_rope_attention(lw: Lowering, node: Node) -> list[str]:
+    a = node.attrs
+    hq, hkv, hd = int(a["heads"]), int(a["kv_heads"]), int(a["head_dim"])  # type: ignore[call-overload]
+    _check_gqa_head(hd)
+    lw.register_layer(int(a["layer"]))  # type: ignore[call-overload]
+    qkv = lw.value(node.inputs[0])
+    spec = RopeSpec.from_attrs(a)
+    if not gqa_rotary_ok(spec, hd):
+        raise UnsupportedError(f"layer {a['layer']}: GroupQueryAttention applies RoPE to a packed qkv only for "
+                               f"head_dim % {GQA_ROTARY_HEAD_MULTIPLE} == 0 and rotary_dim / 2 % "
+                               f"{GQA_ROTARY_PAIRS_MULTIPLE} == 0 (head_dim {hd}, rotary_dim {spec.rotary_dim}); "
+                               "run pack-qkv-attention with the onnx target's sizes")
+    rotary = lw.rope_table(spec)
+    lw.stats.gqa_rotary += 1
+    return lw.group_query_attention(node, hq, hkv, hd, [qkv], rotary)
+
+
+ONNX_OPS: LoweringTable[Handler] = LoweringTable("onnx", {
+    "embedding": _embedding, "rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "linear": _linear,
+    "split": _split, "split_heads": _split_heads, "merge_heads": _merge_heads, "rope": _rope,
+    "attention": _attention, "rope_attention": _attention, "packed_rope_attention": _packed_rope_attention,
+    "silu": lambda lw, node: [lw.silu_of(lw.value(node.inputs[0]))], "mul": _binary("Mul"), "add": _binary("Add"),
+    "gather_rows": _gather_rows, "swiglu": _swiglu,
+})
+"""The onnx target's lowering: op -> handler ``(lowering, node) -> ONNX names``."""
+
+Lowering.table = ONNX_OPS

@@ -30,16 +30,16 @@ from typing import Any
 import numpy as np
 
 from llmc.compiler.ir.types import QuantSpec
+from llmc.compiler.packing import NIBBLE_BITS, NIBBLE_MASK, layout_for
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor
 from llmc.targets.onnx.graph import MS_DOMAIN, GraphBuilder
 
 
 def blocked_codes(qt: QuantizedTensor) -> np.ndarray:
     """The packed codes as ``[out, k_blocks, block_bytes]`` (MatMulNBits' ``B``), zero-padded."""
-    out, inp = qt.shape
-    group = qt.spec.group_size
-    blocks = -(-inp // group)
-    per_block = group // 2 if qt.spec.bits == 4 else group
+    layout = qt.layout
+    out = qt.shape[0]
+    blocks, per_block = layout.groups, layout.group_bytes
     data = qt.qdata
     padded = blocks * per_block
     if data.shape[1] != padded:
@@ -84,16 +84,16 @@ class QuantTensors:
     def dequantize(self, codes: str, scales: str, offsets: str | None) -> str:
         """Float32 ``[rows, in]`` from blocked codes ``[rows, blocks, bytes]`` and their scales."""
         g, spec = self.g, self.spec
-        if spec.bits == 4:
-            low = g.one("BitwiseAnd", [codes, g.const(15, np.uint8)])
-            high = g.one("BitShift", [codes, g.const(4, np.uint8)], direction="RIGHT")
+        if spec.bits == 4:  # llmc's layout: the low nibble holds the even index
+            low = g.one("BitwiseAnd", [codes, g.const(NIBBLE_MASK, np.uint8)])
+            high = g.one("BitShift", [codes, g.const(NIBBLE_BITS, np.uint8)], direction="RIGHT")
             axis = g.const([-1])
             pairs = g.one("Concat", [g.one("Unsqueeze", [low, axis]), g.one("Unsqueeze", [high, axis])], axis=-1)
             codes = g.one("Reshape", [pairs, g.const([0, 0, spec.group_size])])
         values = g.one("Cast", [codes], to=1)  # [rows, blocks, group]
         scale = g.one("Unsqueeze", [scales, g.const([-1])])
         if offsets is None:
-            values = g.one("Sub", [values, g.const(float(2 ** (spec.bits - 1)), np.float32)])
+            values = g.one("Sub", [values, g.const(float(self.qt.layout.zero_point), np.float32)])
             w = g.one("Mul", [scale, values])
         else:
             w = g.one("Add", [g.one("Mul", [scale, values]), g.one("Unsqueeze", [offsets, g.const([-1])])])
@@ -140,8 +140,7 @@ def read_quantized(record: dict[str, Any], tensor: Any) -> QuantizedTensor:
     """Rebuild the :class:`QuantizedTensor` from its initializers (``tensor(name) -> array``)."""
     spec = QuantSpec.parse(record["quant"], record["scale_dtype"])
     out, inp = record["shape"]
-    packed = inp // 2 if spec.bits == 4 else inp
-    codes = tensor(record["codes"]).reshape(out, -1)[:, :packed]
+    codes = tensor(record["codes"]).reshape(out, -1)[:, :layout_for(spec, (out, inp)).row_bytes]
     scales = tensor(record["scales"]).astype(NUMPY_DTYPES[record["scales_dtype"]])
     offsets = None
     if record["offsets"] is not None:

@@ -36,7 +36,7 @@ def providers_for(device: str, tensorrt: bool | None = None) -> list[Any]:
     if "CUDAExecutionProvider" not in available:
         raise TargetUnavailableError(
             f"device {device!r} requested but this onnxruntime has no CUDA execution provider "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu: pip install 'llmc[cuda]'"
+            f"(available: {', '.join(available)}); install onnxruntime-gpu: pip install 'llmc-toolchain[cuda]'"
         )
     providers: list[Any] = []
     if tensorrt is not False and "TensorrtExecutionProvider" in available:

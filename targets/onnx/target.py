@@ -23,6 +23,10 @@ MODEL = "target/model.onnx"
 DATA = "target/model.onnx.data"
 META = "target/onnx.json"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+GQA_ROTARY_HEAD_MULTIPLE = 16
+GQA_ROTARY_PAIRS_MULTIPLE = 8
+"""GroupQueryAttention applies RoPE itself when ``head_dim`` and ``rotary_dim / 2`` are multiples of these
+(its rotary kernel's vector widths); otherwise RoPE is applied with standard ops before it."""
 
 
 class OnnxTarget(Target):
@@ -31,15 +35,21 @@ class OnnxTarget(Target):
            "SkipSimplifiedLayerNormalization over a slot KV cache (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)")
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cpu", "cuda"),
-                            kv_layout="slots", stores_weights=True)
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", "packed_rope_attention"),
+                            devices=("cpu", "cuda"), kv_layout="slots", stores_weights=True)
+
+    def rewrites(self, opt_level: int) -> list[str]:
+        """GroupQueryAttention reads a fused qkv projection as its packed query (no split, no copies)
+        where it applies RoPE itself."""
+        return [f"pack-qkv-attention(head_dim_multiple={GQA_ROTARY_HEAD_MULTIPLE},"
+                f"rotary_pairs_multiple={GQA_ROTARY_PAIRS_MULTIPLE})"]
 
     def availability(self) -> str | None:
         try:
             import onnx  # noqa: F401
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            return f"{exc.name} is not installed (pip install 'llmc[onnx]')"
+            return f"{exc.name} is not installed (pip install 'llmc-toolchain[onnx]')"
         return None
 
     def _require(self) -> None:

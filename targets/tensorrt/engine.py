@@ -79,7 +79,7 @@ def tensorrt_missing() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except ImportError as exc:
-        return (f"the tensorrt Python package is not importable ({exc}); pip install 'llmc[tensorrt]' "
+        return (f"the tensorrt Python package is not importable ({exc}); pip install 'llmc-toolchain[tensorrt]' "
                 "on a machine that can reach NVIDIA's package index")
     return None
 

@@ -22,7 +22,7 @@ from llmc.compiler.config import ModelConfig
 from llmc.compiler.errors import LlmcError, RequestError
 from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
-from llmc.targets.slots import checked_slot_count, slot_ids, slot_kv_spec
+from llmc.targets.slots import SlotBuffers, slot_capacity, slot_ids
 from llmc.targets.tensorrt.engine import Profile
 
 INITIAL_CAPACITY = 256
@@ -115,63 +115,39 @@ class TrtGraphExecutor(Executor):
         self.device = device
         self.backend = backend
         self.profile = profile
-        capacity = int(kv_capacity or config.max_position)
-        if capacity <= 0:
-            raise LlmcError(f"kv_capacity must be positive, got {capacity}")
-        self.capacity = min(capacity, config.max_position, profile.past[2] + 1)  # every past fits the profile
-        self.allocated = 0
-        self.num_slots = 0
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        capacity = slot_capacity(config, kv_capacity, profile.past[2] + 1)  # every past fits the profile
+        self.cache = SlotBuffers(config, capacity, self._zeros)
+        self.capacity = self.cache.capacity
         self.outputs = ["logits"] + [present_name(layer, kind) for layer in range(config.num_layers)
                                      for kind in ("key", "value")]
 
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=self.runner.device)
+
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
-        return slot_kv_spec(self.config, self.capacity)
+        return self.cache.spec()
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` slots (host memory starts short and grows; the GPU gets full capacity)."""
-        self.num_slots = checked_slot_count(num_blocks)
-        self.keys, self.values, self.allocated = [], [], 0
         on_cpu = self.runner.device.type == "cpu"
-        self._grow(min(self.capacity, INITIAL_CAPACITY) if on_cpu else self.capacity)
-
-    def _grow(self, tokens: int) -> None:
-        size = min(self.capacity, max(tokens, 2 * self.allocated))
-        c = self.config
-        shape = (self.num_slots, c.num_kv_heads, size, c.head_dim)
-        old = self.allocated
-        grown = []
-        for store in (*self.keys, *self.values):
-            new = torch.zeros(shape, dtype=torch.float32, device=self.runner.device)
-            new[:, :, :old] = store[:, :, :old]
-            grown.append(new)
-        if not grown:
-            grown = [torch.zeros(shape, dtype=torch.float32, device=self.runner.device)
-                     for _ in range(2 * c.num_layers)]
-        self.keys, self.values = grown[: c.num_layers], grown[c.num_layers:]
-        self.allocated = size
+        self.cache.allocate(num_blocks, min(self.capacity, INITIAL_CAPACITY) if on_cpu else self.capacity)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        for src, dst in pairs:
-            for store in (*self.keys, *self.values):
-                store[dst] = store[src]
+        self.cache.copy(pairs)
 
     # -- running -------------------------------------------------------------------------
     def _slots(self, batch: StepBatch) -> list[int]:
         layout = batch.layout
-        if not self.keys:
-            raise LlmcError("the kv cache is not allocated; call init_cache() first")
-        slots = slot_ids(batch, self.num_slots, self.capacity, "tensorrt", "",
+        self.cache.require_allocated()
+        slots = slot_ids(batch, self.cache.num_slots, self.capacity, "tensorrt", "",
                          f"load option kv_capacity; the engine profile takes a past of at most "
                          f"{self.profile.past[2]}, the model context is {self.config.max_position}")
         for j, seq in enumerate(layout.seq_ids):
             if layout.query_lens[j] > self.profile.sequence[2]:
                 raise RequestError(f"sequence {seq}: {layout.query_lens[j]} new tokens in one step; the engine profile "
                                    f"takes at most {self.profile.sequence[2]} (target option max_sequence)")
-        if max(layout.context_lens) > self.allocated:
-            self._grow(max(layout.context_lens))
+        self.cache.ensure(max(layout.context_lens))
         return slots
 
     def plan_calls(self, query_lens: tuple[int, ...]) -> list[list[int]]:
@@ -220,11 +196,11 @@ class TrtGraphExecutor(Executor):
         }
         index = torch.tensor([slots[j] for j in seqs], device=self.runner.device)
         for layer in range(self.config.num_layers):
-            for kind, stores in (("key", self.keys), ("value", self.values)):
+            for kind, stores in (("key", self.cache.keys), ("value", self.cache.values)):
                 feeds[past_name(layer, kind)] = stores[layer].index_select(0, index)[:, :, :span]
         results = self.runner.run(feeds, self.outputs)
         for layer in range(self.config.num_layers):
-            for kind, stores in (("key", self.keys), ("value", self.values)):
+            for kind, stores in (("key", self.cache.keys), ("value", self.cache.values)):
                 present = results[present_name(layer, kind)]
                 for b, j in enumerate(seqs):
                     q = layout.query_lens[j]

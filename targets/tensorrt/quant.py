@@ -40,10 +40,9 @@ import numpy as np
 from onnx import TensorProto
 
 from llmc.compiler.ir.types import QuantSpec
-from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, pack_codes
+from llmc.compiler.packing import pack_codes, zero_point
+from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor
 from llmc.targets.onnx.graph import GraphBuilder
-
-FLIP = {4: 0x88, 8: 0x80}
 
 
 def pack_int4_flat(codes: np.ndarray) -> np.ndarray:
@@ -64,7 +63,7 @@ def unpack_int4_flat(packed: np.ndarray, count: int) -> np.ndarray:
 
 def transposed_codes(qt: QuantizedTensor) -> np.ndarray:
     """The signed codes ``q - 2**(bits-1)`` of ``W.T`` (``[in, out]``) as stored bytes."""
-    signed = np.bitwise_xor(qt.unpacked(), np.uint8(FLIP[8] if qt.spec.bits == 8 else 0x08))
+    signed = np.bitwise_xor(qt.unpacked(), np.uint8(qt.layout.zero_point))
     if qt.spec.bits == 8:
         return np.ascontiguousarray(signed.T)
     return pack_int4_flat(signed.T)
@@ -77,7 +76,7 @@ def codes_from_transposed(stored: np.ndarray, qt_shape: tuple[int, int], bits: i
         signed = np.asarray(stored, np.uint8).reshape(inp, out)
     else:
         signed = unpack_int4_flat(stored, inp * out).reshape(inp, out)
-    return pack_codes(np.bitwise_xor(np.ascontiguousarray(signed.T), np.uint8(FLIP[8] if bits == 8 else 0x08)), bits)
+    return pack_codes(np.bitwise_xor(np.ascontiguousarray(signed.T), np.uint8(zero_point(bits))), bits)
 
 
 class DqWeight:
@@ -133,7 +132,7 @@ class DqWeight:
             ints = g.one("DequantizeLinear", [self.codes, g.const(1.0, np.float32, "unit_scale")], hint="dq")
             w = g.one("Mul", [ints, self._per_row(scales)])
         if self.offsets is not None:
-            shift = g.one("Mul", [scales, g.const(float(2 ** (spec.bits - 1)), np.float32)])
+            shift = g.one("Mul", [scales, g.const(float(self.qt.layout.zero_point), np.float32)])
             w = g.one("Add", [w, shift if self.per_channel else self._per_row(shift)])  # exactly s * q
             w = g.one("Add", [w, self._per_row(self.offsets)], hint="dq_asym")
         self._value = w

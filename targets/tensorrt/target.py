@@ -58,7 +58,7 @@ class TensorRTTarget(Target):
         try:
             import onnx  # noqa: F401
         except ImportError:
-            return "onnx is not installed (pip install 'llmc[onnx]')"
+            return "onnx is not installed (pip install 'llmc-toolchain[onnx]')"
         return None
 
     # -- emit ----------------------------------------------------------------------------
@@ -159,7 +159,8 @@ class TensorRTTarget(Target):
             try:
                 import onnxruntime  # noqa: F401
             except ImportError as exc:
-                raise TargetUnavailableError("onnxruntime is not installed (pip install 'llmc[onnx]')") from exc
+                raise TargetUnavailableError(
+                    "onnxruntime is not installed (pip install 'llmc-toolchain[onnx]')") from exc
             runner = OrtRunner(artifact.file(MODEL), options.get("threads"))
             return TrtGraphExecutor(runner, artifact.config, "cpu-ort", profile, options.get("kv_capacity"),
                                     backend="onnxruntime")

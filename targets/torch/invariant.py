@@ -33,7 +33,8 @@ from llmc.compiler.errors import LlmcError, RequestError
 
 if TYPE_CHECKING:
     from llmc.runtime.executor import StepBatch
-    from llmc.targets.torch.executor import StepContext, TorchExecutor
+    from llmc.targets.torch.attention import StepContext
+    from llmc.targets.torch.executor import TorchExecutor
 
 ROW_TILE = 16
 KEY_TILE = 32
@@ -66,7 +67,7 @@ def invariant_step(executor: TorchExecutor, batch: StepBatch) -> np.ndarray:
 
 def _run_tile(executor: TorchExecutor, token_ids: np.ndarray, positions: np.ndarray,
               tables: list[np.ndarray]) -> torch.Tensor:
-    from llmc.targets.torch.executor import StepContext
+    from llmc.targets.torch.attention import StepContext
 
     n, bs, dev = len(token_ids), executor.block_size, executor.torch_device
     longest = int(positions.max()) + 1

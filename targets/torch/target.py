@@ -25,9 +25,9 @@ class TorchTarget(Target):
     (docs/performance.md, "Passes: O0 vs O2"). ``--passes`` can still ask for them."""
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"), devices=("cpu", "cuda"),
-                            kv_layout="paged", gguf_blocks=frozenset(FORMATS), deterministic=True,
-                            runs_in_memory=True)
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", "packed_rope_attention"),
+                            devices=("cpu", "cuda"), kv_layout="paged", gguf_blocks=frozenset(FORMATS),
+                            deterministic=True, runs_in_memory=True)
 
     def preferred_passes(self, opt_level: int) -> list[str] | None:
         if opt_level < 2:

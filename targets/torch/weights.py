@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from llmc.compiler.ggml_blocks import decode
+from llmc.compiler.packing import unpack_codes
 from llmc.compiler.weights import QuantizedTensor, Weight
 from llmc.targets.torch import qkernels
 
@@ -79,12 +80,14 @@ class PackedWeight:
             self.scales = numpy_to_torch(decoded.scales).to(device)
             self.offsets = None if decoded.offsets is None else numpy_to_torch(decoded.offsets).to(device)
             self.group, self.zero, self.code_bits, self._codes_unpacked = fmt.sub, fmt.zero or 0, fmt.bits, True
+            self.zero_point = float(self.zero)
         else:
+            self.zero_point = float(qt.layout.zero_point)
             self.qdata = numpy_to_torch(qt.qdata).to(device)
             self.scales = numpy_to_torch(qt.scales).to(device)
             self.offsets = None if qt.offsets is None else numpy_to_torch(qt.offsets).to(device)
             self.group, self.code_bits = qt.spec.group_size, qt.spec.bits
-            self.zero = 2 ** (qt.spec.bits - 1) if qt.spec.symmetric else 0
+            self.zero = int(self.zero_point) if qt.spec.symmetric else 0
             self._codes_unpacked = qt.spec.bits == 8
         self._raw = True  # the packed form above is still held
         self._int8: torch.Tensor | None = None
@@ -102,8 +105,7 @@ class PackedWeight:
     def _codes(self, qdata: torch.Tensor) -> torch.Tensor:
         if self._codes_unpacked:
             return qdata
-        low, high = qdata & 0x0F, qdata >> 4
-        return torch.stack((low, high), dim=-1).reshape(*qdata.shape[:-1], qdata.shape[-1] * 2)
+        return unpack_codes(qdata, self.spec.bits, torch.stack)
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight (or only ``rows`` of it), computed in float32 then cast."""
@@ -166,7 +168,7 @@ class PackedWeight:
         elif kind == "int4pack" and self._int4 is None:
             codes = self._codes(self.qdata).to(torch.int32)
             s = self.scales.to(torch.float32)
-            zero = torch.zeros_like(s) if self.offsets is None else self.offsets.to(torch.float32) + 8.0 * s
+            zero = torch.zeros_like(s) if self.offsets is None else self.offsets.to(torch.float32) + self.zero_point * s
             self._int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
             self._scale_zeros = torch.stack((s.T, zero.T), dim=-1).contiguous()  # [groups, out, 2]
             self._drop_raw()

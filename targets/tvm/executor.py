@@ -26,7 +26,7 @@ from llmc.compiler.errors import ArtifactError, LlmcError, RequestError, TargetU
 from llmc.compiler.weights import QuantizedTensor, Weight
 from llmc.runtime.artifact import Artifact
 from llmc.runtime.executor import Executor, KVSpec, StepBatch
-from llmc.targets.tvm.lower import DECODE_ONE
+from llmc.targets.tvm.model import DECODE_ONE
 from llmc.targets.tvm.target import LIBRARY, PAYLOAD
 
 MAX_BATCH = 256
@@ -34,12 +34,13 @@ KV_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def weight_part(weight: Weight, part: str) -> np.ndarray:
-    """The array a VM param slot holds: the float weight or one field of a quantized one."""
+    """The array a VM param slot holds: the float weight or one part of a quantized one
+    (:func:`llmc.targets.tvm.model.param_parts`)."""
     if isinstance(weight, QuantizedTensor):
-        arr = {"qdata": weight.qdata, "scales": weight.scales, "offsets": weight.offsets}[part]
-        if arr is None:
-            raise ArtifactError(f"quantized weight has no {part}")
-        return np.ascontiguousarray(arr)
+        try:
+            return np.ascontiguousarray(weight.part(part))
+        except KeyError as exc:
+            raise ArtifactError(f"quantized weight has no {part}") from exc
     if part != "weight":
         raise ArtifactError(f"weight is not quantized but the library expects its {part}")
     return np.ascontiguousarray(weight)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from llmc.compiler.ir.types import QuantSpec
+from llmc.compiler.packing import NIBBLE_BITS, NIBBLE_MASK, zero_point
 
 
 def dequant_expr(te_qdata: Any, te_scales: Any, te_offsets: Any, spec: QuantSpec, row: Any, col: Any) -> Any:
@@ -24,12 +25,13 @@ def dequant_expr(te_qdata: Any, te_scales: Any, te_offsets: Any, spec: QuantSpec
 
     if spec.bits == 8:
         code = te_qdata[row, col].astype("int32")
-    else:
+    else:  # two codes a byte, the even index in the low nibble
         byte = te_qdata[row, col // 2].astype("int32")
-        code = tirx.bitwise_and(tirx.shift_right(byte, (col % 2 * 4).astype("int32")), tirx.const(15, "int32"))
+        code = tirx.bitwise_and(tirx.shift_right(byte, (col % 2 * NIBBLE_BITS).astype("int32")),
+                                tirx.const(NIBBLE_MASK, "int32"))
     scale = te_scales[row, col // spec.group_size].astype("float32")
     if spec.symmetric:
-        return scale * (code.astype("float32") - tirx.const(float(2 ** (spec.bits - 1)), "float32"))
+        return scale * (code.astype("float32") - tirx.const(float(zero_point(spec.bits)), "float32"))
     offset = te_offsets[row, col // spec.group_size].astype("float32")
     return scale * code.astype("float32") + offset
 
@@ -40,10 +42,11 @@ def _nibble_pair_term(x_te: Any, qdata: Any, scales: Any, offsets: Any, spec: Qu
     from tvm import tirx
 
     byte = qdata[o, k].astype("int32")
-    codes = (tirx.bitwise_and(byte, tirx.const(15, "int32")), tirx.shift_right(byte, tirx.const(4, "int32")))
+    codes = (tirx.bitwise_and(byte, tirx.const(NIBBLE_MASK, "int32")),
+             tirx.shift_right(byte, tirx.const(NIBBLE_BITS, "int32")))
     scale = scales[o, k * 2 // spec.group_size].astype("float32")
     if spec.symmetric:
-        half = tirx.const(float(2 ** (spec.bits - 1)), "float32")
+        half = tirx.const(float(zero_point(spec.bits)), "float32")
         w = [scale * (c.astype("float32") - half) for c in codes]
     else:
         offset = offsets[o, k * 2 // spec.group_size].astype("float32")

@@ -40,12 +40,16 @@ class TvmTarget(Target):
     doc = "Apache TVM Relax over TVM's paged KV cache: llvm (CPU) runs here; cuda and rocm cross-compile"
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"),
+        return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", refused=("rope", "attention")),
                             devices=("cpu", "cuda", "rocm"), kv_layout="paged")
+
+    def rewrites(self, opt_level: int) -> list[str]:
+        """TVM's KV cache applies RoPE itself: every layer must be ``rope_attention``."""
+        return ["fold-rope"]
 
     def availability(self) -> str | None:
         if importlib.util.find_spec("tvm") is None:
-            return "apache-tvm is not installed (pip install 'llmc[tvm]')"
+            return "apache-tvm is not installed (pip install 'llmc-toolchain[tvm]')"
         return None
 
     def emit(self, module: Module, weights: WeightStore, writer: ArtifactWriter, options: dict[str, Any]) -> EmitResult:

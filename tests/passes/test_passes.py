@@ -115,6 +115,28 @@ def test_fold_rope_rejects_different_rope_settings() -> None:
     assert records[0].rejections == {"rope-attention: q and k use different rope settings": 1}
 
 
+def test_pack_qkv_attention(llama) -> None:
+    module, weights = llama
+    out, records = run_pipeline(module, weights, "fuse-qkv,fold-rope,pack-qkv-attention")
+    assert stat(records, "pack-qkv-attention") == 2 * LAYERS
+    after = _counts(out)
+    assert after["packed_rope_attention"] == LAYERS
+    assert "rope_attention" not in after and "split" not in after and "split_heads" not in after
+    node = next(n for n in out.functions["decode"].nodes if n.op == "packed_rope_attention")
+    assert (node.attrs["heads"], node.attrs["kv_heads"], node.attrs["head_dim"]) == (4, 2, 8)
+    assert node.inputs[0].node.op == "linear"  # the fused qkv projection itself
+    _check_numerics(module, out, weights)
+
+
+def test_pack_qkv_attention_keeps_layers_of_other_sizes_and_needs_one_split(llama) -> None:
+    module, weights = llama
+    _, records = run_pipeline(module, weights, "fuse-qkv,fold-rope,pack-qkv-attention(head_dim_multiple=16)")
+    assert stat(records, "pack-qkv-attention") == 0 and stat(records, "pack-qkv-attention", "rejected") == 2 * LAYERS
+    assert all("head_dim % 16 == 0" in reason for reason in records[-1].rejections)
+    _, records = run_pipeline(module, weights, "fold-rope,pack-qkv-attention")  # no fused qkv: nothing to pack
+    assert stat(records, "pack-qkv-attention") == 0 and stat(records, "pack-qkv-attention", "rejected") == 0
+
+
 def test_share_tied_weights(llama) -> None:
     module, weights = llama
     assert module.referenced_params() >= {"embed", "lm_head"}

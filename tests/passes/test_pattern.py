@@ -16,7 +16,9 @@ from llmc.compiler.weights import WeightStore
 from llmc.errors import PassError
 from llmc.passes.base import PassContext
 from llmc.passes.concat import concat_param
-from llmc.passes.pattern import ANY, Rule, apply_rules, op, param, var
+from llmc.passes.pattern import ANY, op, param, var
+from llmc.passes.rule_engine import apply_rules
+from llmc.passes.rules import Rule
 
 F32 = "float32"
 

@@ -138,3 +138,26 @@ def test_cli_prints_a_table_and_writes_files(tiny_artifact: Path, tmp_path: Path
     assert "| llmc/torch:art | batch | 2 |" in result.output and "GB/s" in result.output
     validate(json.loads((tmp_path / "b.json").read_text()))
     assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_plot_series_per_axis_and_engine(report: dict[str, Any], tmp_path: Path) -> None:
+    from llmc.runtime.bench import write_outputs
+    from llmc.runtime.bench.plot import plot_series
+
+    series = plot_series(report)
+    assert sorted(series) == ["batch", "concurrency"]
+    assert [p["size"] for p in series["batch"]["llmc/torch:art"]] == [1, 3]  # the batch sweep's own size 1
+    assert [p["scenario"] for p in series["batch"]["llmc/torch:art"]] == ["batch", "batch"]
+    single_only = copy.deepcopy(report)
+    single_only["results"] = [r for r in report["results"] if r["scenario"] == "single"]
+    assert [p["scenario"] for p in plot_series(single_only)["batch"]["llmc/torch:art"]] == ["single"]
+    write_outputs(single_only, None, tmp_path / "single.png")  # one point per engine still plots
+    assert (tmp_path / "single.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_prints_rounded_machine_load(tiny_artifact: Path) -> None:
+    from llmc.cli.bench import machine_line
+
+    line = machine_line({"machine": {"cpu_model": "CPU X", "logical_cores": 2, "load_average": [1.23456, 0.5, 0.0]},
+                         "bandwidth": {"bytes_per_s": 41.26e9}})
+    assert line == "CPU X, 2 cores, load 1.23 0.50 0.00, copy bandwidth 41.3 GB/s"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'llmc[dev]')")
-pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc[serve]')")
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'llmc-toolchain[dev]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc-toolchain[serve]')")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 
 from llmc.runtime.generate import generate_ids  # noqa: E402

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc[serve]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc-toolchain[serve]')")
 
 from fastapi.testclient import TestClient
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'llmc[dev]')")
-pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc[serve]')")
+openai = pytest.importorskip("openai", reason="the openai client is not installed (pip install 'llmc-toolchain[dev]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'llmc-toolchain[serve]')")
 
 from tests.runtime.serving import ServerProcess  # noqa: E402
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc[onnx]')")
-pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc[onnx]')")
+pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc-toolchain[onnx]')")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc-toolchain[onnx]')")
 
 from llmc.driver import CompileOptions, compile_model
 from llmc.errors import TargetUnavailableError
@@ -80,7 +80,8 @@ def test_load_without_tensorrt_names_the_missing_package(doctored: Path) -> None
 
 
 def _require_tensorrt_gpu() -> None:
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'llmc[tensorrt]', NVIDIA's index)")
+    pytest.importorskip("tensorrt",
+                        reason="TensorRT is not installed (pip install 'llmc-toolchain[tensorrt]', NVIDIA's index)")
     import torch
 
     if not torch.cuda.is_available():

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc[onnx]')")
-pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc[onnx]')")
+pytest.importorskip("onnx", reason="onnx is not installed (pip install 'llmc-toolchain[onnx]')")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'llmc-toolchain[onnx]')")
 
 import onnx
 from click.testing import CliRunner

@@ -1,4 +1,5 @@
-"""The torch target against Hugging Face transformers and the reference interpreter."""
+"""The torch target against Hugging Face transformers and the reference target (llmc's
+interpreter behind the same executor interface)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from llmc.compiler.frontends.source import load_source
 from llmc.driver import CompileOptions, compile_model, frontend_module
 from llmc.runtime.artifact import Artifact
 from llmc.runtime.registry import get_target
-from tests.helpers import SequenceDriver, interpret
+from tests.helpers import SequenceDriver
 from tests.models import write_random_hf_model
 
 CASES = {
@@ -66,7 +67,8 @@ def test_interpreter_matches_transformers(tmp_path: Path) -> None:
     module = frontend_module(source, None)
     prompt, decode = [1, 5, 9, 33, 7], [11, 42]
     expected = _hf_logits(folder, prompt, decode)
-    got = interpret(module, source.weights, [{0: prompt}] + [{0: [t]} for t in decode])
+    reference = SequenceDriver(get_target("reference").load_module(module, source.weights))
+    got = [reference.step(chunks) for chunks in [{0: prompt}] + [{0: [t]} for t in decode]]
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g[0], e, atol=1e-4, rtol=0)
 
@@ -86,7 +88,8 @@ def test_ragged_batch_equals_each_alone(tiny_hf: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(first[i], alone[seq][0], atol=1e-5, rtol=0)
         np.testing.assert_allclose(second[i], alone[seq][1], atol=1e-5, rtol=0)
     mixed = together.step({0: [30], 3: [1, 2, 3, 4]})
-    ref = interpret(art.module, art.weights(), [prompts, {s: [20 + s] for s in prompts}, {0: [30], 3: [1, 2, 3, 4]}])
+    reference = SequenceDriver(get_target("reference").load_module(art.module, art.weights()))
+    ref = [reference.step(chunks) for chunks in [prompts, {s: [20 + s] for s in prompts}, {0: [30], 3: [1, 2, 3, 4]}]]
     np.testing.assert_allclose(mixed[0], ref[2][0], atol=1e-4, rtol=0)
     np.testing.assert_allclose(mixed[1], ref[2][1], atol=1e-4, rtol=0)
 

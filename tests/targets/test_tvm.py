@@ -24,7 +24,7 @@ from llmc.runtime.generate import generate_ids
 from llmc.runtime.loader import load_model
 from llmc.runtime.registry import get_target
 from llmc.runtime.sampling import SamplingParams
-from llmc.targets.tvm.lower import interleaved_to_half
+from llmc.targets.tvm.rope import interleaved_to_half
 from tests.helpers import RAGGED_STEPS, SequenceDriver, interpret
 from tests.targets.tvm_util import LLAMA3, quantize, random_weights, tiny_config, tiny_module, write_artifact
 

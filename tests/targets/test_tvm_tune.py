@@ -19,7 +19,14 @@ from llmc.runtime.artifact import Artifact
 from llmc.runtime.registry import get_target
 from llmc.targets.tvm.target import PAYLOAD
 from tests.helpers import SequenceDriver, interpret
-from tests.targets.tvm_util import quantize, random_weights, tiny_config, tiny_module, write_artifact
+from tests.targets.tvm_util import (
+    quantize,
+    random_weights,
+    target_rewritten,
+    tiny_config,
+    tiny_module,
+    write_artifact,
+)
 
 pytestmark = pytest.mark.tvm
 
@@ -35,7 +42,7 @@ def _tuning(art: Artifact) -> dict:
     return json.loads(art.file(PAYLOAD).read_text())["tuning"]
 
 
-def _tuned_kernels_differ(module, tuning: dict) -> list[str]:
+def _tuned_kernels_differ(module, weights, tuning: dict) -> list[str]:
     """Names of the applied kernels whose TIR the tuning records changed (rebuilt from the log)."""
     import tvm_ffi
     from tvm.relax.transform import MetaScheduleApplyDatabase
@@ -46,7 +53,7 @@ def _tuned_kernels_differ(module, tuning: dict) -> list[str]:
     from llmc.targets.tvm.schedules import fuse
 
     target = build.make_target(build.target_spec("cpu", None))
-    fused = fuse(lower_module(module, target).mod, target)
+    fused = fuse(lower_module(target_rewritten(module, weights), target).mod, target)
     with target, ms.database.JSONDatabase(work_dir=tuning["log"]):
         tuned = MetaScheduleApplyDatabase()(fused)
     return [n for n in tuning["applied"] if not tvm_ffi.structural_equal(fused[n], tuned[n])]
@@ -70,7 +77,7 @@ def test_tune_applies_records_and_matches_torch(tmp_path: Path, monkeypatch: pyt
     tuning = _tuning(art)
     assert not tuning["reused"] and tuning["records"] > 0
     assert tuning["applied"] and set(tuning["applied"]) <= set(tuning["tasks"])
-    assert _tuned_kernels_differ(module, tuning) == tuning["applied"]
+    assert _tuned_kernels_differ(module, weights, tuning) == tuning["applied"]
     # 8 trials reach some kernels; the others get the untuned GEMV schedule
     assert set(tuning["applied"]) | set(tuning["untuned_gemv"]) == set(tuning["tasks"])
     assert any("kernels built from" in note for note in art.manifest["target"]["notes"])

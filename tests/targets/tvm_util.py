@@ -12,6 +12,7 @@ from llmc.compiler.frontends.llama import build_module, declare_params, param_sh
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore, pack_codes
+from llmc.driver import CompileOptions, optimize
 from llmc.runtime.artifact import Artifact, ArtifactWriter
 from llmc.runtime.registry import get_target
 
@@ -65,10 +66,21 @@ def tiny_module(config: ModelConfig, weights: WeightStore) -> Module:
     return build_module(config, params)
 
 
+def target_rewritten(module: Module, weights: WeightStore, target_name: str = "tvm") -> Module:
+    """``module`` after only the target's own rewrites (``Target.rewrites``: the form its lowering expects)."""
+    target = get_target(target_name)
+    caps = target.capabilities()
+    rewritten, _ = optimize(module, weights, CompileOptions(target=target_name, opt_level=0), caps.fused_ops,
+                            target_name, rewrites=target.rewrites(0))
+    return rewritten
+
+
 def write_artifact(module: Module, weights: WeightStore, out: Path, target_name: str = "tvm",
                    **options: Any) -> Artifact:
-    """An artifact for ``module`` written straight by a target (tvm by default; no source file, no passes)."""
+    """An artifact for ``module`` written straight by a target (tvm by default; no source file, no
+    passes but the target's own rewrites)."""
     target = get_target(target_name)
+    module = target_rewritten(module, weights, target_name)
     with ArtifactWriter(out) as writer:
         writer.write_weights(module, weights)
         writer.write_ir(module)

@@ -1,0 +1,63 @@
+"""benchmarks/http_load.py drives a real ``llmc serve`` with the official openai client and reports
+in the bench schema: every request makes exactly gen_len tokens, failures are reported, not hidden."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytest.importorskip("openai", reason="the load script uses the official openai client (the `dev` extra)")
+pytest.importorskip("jsonschema", reason="bench report validation needs jsonschema (the `bench` extra)")
+pytest.importorskip("fastapi", reason="llmc serve needs the `serve` extra")
+
+from tests.runtime.serving import MODEL, VOCAB, ServerProcess, build_chat_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "http_load.py"
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("llmc_http_load", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("http-load")
+    _, artifact = build_chat_model(root)
+    with ServerProcess(artifact, "--served-model-name", MODEL, "--max-running", "4", log=root / "serve.log") as s:
+        yield s
+
+
+def test_concurrency_sweep_report(server, tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    code = _script().main(["--base-url", f"{server.url}/v1", "--model", MODEL, "--vocab-size", str(VOCAB),
+                           "--concurrency", "1,3", "--prompt-len", "9", "--gen-len", "5", "--warmup", "0",
+                           "--repeat", "2", "--json", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    rows = {r["size"]: r for r in report["results"]}
+    assert set(rows) == {1, 3}
+    for size, row in rows.items():
+        assert row["error"] is None and row["scenario"] == "concurrency"
+        assert row["output_tokens"] == 2 * size * 5  # ignore_eos: exactly gen_len tokens per request
+        assert row["ttft_s"]["n"] == 2 * size and 0 < row["ttft_s"]["p50"] <= row["e2e_s"]["p50"]
+        assert row["aggregate_tok_s"] > 0
+
+
+def test_failed_requests_fail_the_point(server, tmp_path: Path) -> None:
+    out = tmp_path / "bad.json"
+    code = _script().main(["--base-url", f"{server.url}/v1", "--model", "no-such-model", "--vocab-size",
+                           str(VOCAB), "--concurrency", "2", "--prompt-len", "4", "--gen-len", "2", "--warmup", "0",
+                           "--repeat", "1", "--json", str(out), "--quiet"])
+    assert code == 1
+    (row,) = json.loads(out.read_text())["results"]
+    assert "2 of 2 requests failed" in row["error"] and "404" in row["error"]
