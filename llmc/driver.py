@@ -30,7 +30,7 @@ from llmc.passes.quant_plan import QuantPlan
 from llmc.passes.quantize import QuantizePass
 from llmc.runtime.artifact import ArtifactWriter, sha256_file
 from llmc.runtime.registry import get_target
-from llmc.runtime.target import Capabilities
+from llmc.runtime.target import Capabilities, Target, check_options
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +142,15 @@ def optimize(module: Module, weights: WeightStore, options: CompileOptions, targ
     return manager.run(module, ctx), manager
 
 
-def check_target_options(options: CompileOptions, caps: Capabilities, target: str) -> None:
-    """Refuse a device or quantization mode the target does not build for, before any work."""
+def check_target_options(options: CompileOptions, target: Target) -> dict[str, Any]:
+    """Refuse a device, quantization mode or target option the target does not take, before any work;
+    returns the target options converted to their declared types (:attr:`Target.compile_options`)."""
+    caps = target.capabilities()
     caps.device_kind(options.device)
     if options.quant not in caps.quant_modes:
-        raise UnsupportedError(f"target {target!r} does not lower --quant {options.quant} weights; it takes "
+        raise UnsupportedError(f"target {target.name!r} does not lower --quant {options.quant} weights; it takes "
                                f"{', '.join(sorted(caps.quant_modes))}")
+    return check_options(target, options.target_options, "compile")
 
 
 def adapt_blocks(weights: WeightStore, caps: Capabilities, target: str) -> list[str]:
@@ -186,7 +189,10 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
     options = (options or CompileOptions()).for_source(source_path)
     target = get_target(options.target)
     caps = target.capabilities()
-    check_target_options(options, caps, target.name)
+    options = replace(options, target_options=check_target_options(options, target))
+    inputs = [Path(p) for p in (source_path, options.calib_file, options.eval_file, options.dump_ir) if p is not None]
+    writer = ArtifactWriter(out, inputs=inputs)
+    writer.check()  # an output that is not llmc's own is refused before any work
     with step(f"reading {Path(source_path).name}"):
         source = load_source(source_path, native_quant=options.quant == "native")
     read_tensors(source)
@@ -227,8 +233,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
         if outcome.escalated and "quantization" in extra:
             extra["quantization"]["params"] = describe_weights(source.weights, matrices)
             extra["quantization"]["escalated"] = outcome.escalated
-    out = Path(out)
-    with ArtifactWriter(out) as writer:
+    with writer:
         if caps.stores_weights:  # the payload holds them (e.g. ONNX external data): no second copy
             writer.record_weights(module, source.weights)
         else:

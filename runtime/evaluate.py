@@ -27,7 +27,7 @@ def scored_logits(executor: Executor, ids: list[int], window: int | None = None,
     scored once, with at least half a window of context (except at the start).
     """
     config = executor.config
-    window = min(window or config.max_position, config.max_position)
+    window = min(window or config.max_position, config.max_position, max(2, len(ids)))  # no cache beyond the text
     if len(ids) < 2:
         raise RequestError("need at least two tokens to score")
     spec = executor.kv_spec()

@@ -8,15 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmc.compiler.errors import LlmcError, UnsupportedError
+from llmc.compiler.errors import ArtifactError, LlmcError, UnsupportedError
 from llmc.compiler.tokenizer import LlmcTokenizer
-from llmc.runtime.artifact import Artifact
+from llmc.runtime.artifact import MANIFEST, Artifact
 from llmc.runtime.executor import Executor, KVSpec
 from llmc.runtime.registry import get_target
-from llmc.runtime.target import Capabilities
+from llmc.runtime.target import Capabilities, Target, check_options
 
 DEFAULT_KV_BYTES = 1 << 30
-"""Default KV budget: enough for ``max_running`` full-context sequences, but at most this."""
+"""Default KV budget: enough for ``max_running`` full-context sequences, but at most this (even when
+one full-context sequence needs more: the cache is then shorter than the context)."""
 
 
 @dataclass
@@ -41,26 +42,56 @@ def load_model(path: str | Path | Artifact, *, verify: bool = True, device: str 
                **target_options: Any) -> LoadedModel:
     """Load (and by default verify) an artifact and its executor.
 
-    Unset options keep the artifact's own choice; ``deterministic`` is refused, before
-    anything loads, by targets without a batch-invariant mode.
+    Unset options keep the artifact's own choice. Before anything loads, these are refused with
+    a clear error: a device the target does not build for, ``threads`` below 1, ``deterministic``
+    on a target without a batch-invariant mode, and options the target does not take
+    (:attr:`~llmc.runtime.target.Target.load_options`; ``block_size`` is one of them).
     """
     artifact = path if isinstance(path, Artifact) else Artifact.load(path, verify=verify)
     target = get_target(artifact.target)
     caps = target.capabilities()
+    check_saved_options(artifact, target)
+    if device is not None:
+        caps.device_kind(device)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise LlmcError(f"threads must be a positive integer, got {threads!r}")
     if deterministic and not caps.deterministic:
         raise UnsupportedError(f"the {artifact.target} target has no deterministic (batch-invariant) mode; "
                                "use the torch target for deterministic=True")
-    options: dict[str, Any] = {"device": device, "threads": threads, "block_size": block_size,
-                               "deterministic": deterministic or None, **target_options}
+    extra = {k: v for k, v in {"block_size": block_size, **target_options}.items() if v is not None}
+    options: dict[str, Any] = {"device": device, "threads": threads, "deterministic": deterministic or None,
+                               **check_options(target, extra, "load")}
     options = {k: v for k, v in options.items() if v is not None}
     executor = target.load(artifact, **options)
     return LoadedModel(artifact, executor, artifact.tokenizer(), caps)
 
 
+def check_saved_options(artifact: Artifact, target: Target) -> None:
+    """The compile options recorded in the manifest (``target.options``) have the declared types and
+    values, and its device is one the target builds for (the manifest is not checksummed)."""
+    saved = artifact.target_options
+    declared = {o.name: o for o in target.compile_options}
+    try:
+        if "device" in saved:
+            target.capabilities().device_kind(saved["device"])
+        for key, value in saved.items():
+            if key in declared:
+                declared[key].parse(value, "recorded")
+    except UnsupportedError as exc:
+        raise ArtifactError(f"{artifact.path / MANIFEST}: target.options: {exc} (edited manifest? recompile)") from exc
+
+
 def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, kv_memory: int | None = None,
               budget: int = DEFAULT_KV_BYTES) -> int:
     """Blocks (or slots) to allocate: ``num_blocks`` if given, else what ``kv_memory`` bytes hold, else
-    ``max_running`` full-context sequences capped at ``budget`` bytes (at least one full sequence)."""
+    ``max_running`` full-context sequences capped at ``budget`` bytes.
+
+    The cap holds even when one full-context sequence does not fit (a long-context model): the cache is
+    then smaller than the context, and a request that needs more than the whole cache is refused at
+    submission with the numbers (pass ``kv_memory`` or ``num_blocks`` for a larger cache)."""
+    for name, value in (("num_blocks", num_blocks), ("kv_memory", kv_memory)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LlmcError(f"{name} must be a positive integer, got {value!r}")
     if spec.layout == "slots":
         return min(max_running, num_blocks or max_running)
     if num_blocks:
@@ -68,8 +99,7 @@ def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, 
     elif kv_memory:
         blocks = int(kv_memory) // spec.bytes_per_block
     else:
-        blocks = min(max_running * spec.max_blocks_per_seq,
-                     max(spec.max_blocks_per_seq, budget // spec.bytes_per_block))
+        blocks = min(max_running * spec.max_blocks_per_seq, max(1, budget // spec.bytes_per_block))
     if blocks < 1:
         raise LlmcError(f"kv_memory {kv_memory} is less than one cache block ({spec.bytes_per_block} bytes)")
     return blocks

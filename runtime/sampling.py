@@ -13,11 +13,16 @@ Stop strings are applied to text by :mod:`llmc.runtime.detokenizer`; stop token 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from llmc.compiler.errors import RequestError
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -43,6 +48,19 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
+        for name in ("max_tokens", "top_k"):
+            if not _is_int(getattr(self, name)):
+                raise RequestError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+            raise RequestError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.logprobs is not None and not _is_int(self.logprobs):
+            raise RequestError(f"logprobs must be an integer, got {self.logprobs!r}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
@@ -61,6 +79,8 @@ class SamplingParams:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise RequestError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise RequestError("stop must be a string or a list of strings")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
 

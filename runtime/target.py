@@ -16,6 +16,7 @@ under ``[project.entry-points."llmc.targets"]`` in ``pyproject.toml``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -64,11 +65,12 @@ class Capabilities:
         return self.ops & FUSED_OPS
 
     def device_kind(self, device: str) -> str:
-        """``device``'s kind (``cuda:1`` -> ``cuda``), refused unless the target builds for it."""
-        kind = device.split(":", 1)[0]
-        if kind not in self.devices:
+        """``device``'s kind (``cuda:1`` -> ``cuda``), refused unless the target builds for it (or
+        the index after the colon is not a number)."""
+        kind, colon, index = str(device).partition(":")
+        if kind not in self.devices or (colon and not index.isdigit()):
             raise UnsupportedError(f"unknown device {device!r} for this target; it builds for "
-                                   f"{', '.join(self.devices)}")
+                                   f"{', '.join(self.devices)} (optionally with an index, e.g. cuda:1)")
         return kind
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,6 +93,80 @@ def lowered_ops(*fused: str, refused: Iterable[str] = ()) -> frozenset[str]:
     return (BASE_OPS - frozenset(refused)) | frozenset(fused)
 
 
+@dataclass(frozen=True)
+class TargetOption:
+    """One option a target reads at compile or load time: its name, type and allowed values."""
+
+    name: str
+    kind: type
+    """``int``, ``float``, ``bool`` or ``str``: values given as text (the CLI's ``KEY=VALUE``) are converted."""
+    doc: str
+    choices: tuple[Any, ...] = ()
+    """The allowed values (empty: any value of :attr:`kind`)."""
+    minimum: float | None = None
+    optional: bool = False
+    """Whether None is a value (e.g. a setting that does not apply to some builds)."""
+
+    def parse(self, value: Any, stage: str) -> Any:
+        """``value`` as :attr:`kind`, checked against :attr:`choices` and :attr:`minimum`."""
+        where = f"{stage} option {self.name}"
+        if value is None and self.optional:
+            return None
+        converted = _convert(value, self.kind)
+        if converted is None:
+            raise UnsupportedError(f"{where} expects {_KIND_NAMES[self.kind]}, got {value!r}")
+        if self.choices and converted not in self.choices:
+            raise UnsupportedError(f"{where} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.minimum is not None and converted < self.minimum:
+            raise UnsupportedError(f"{where} must be at least {self.minimum:g}, got {value!r}")
+        return converted
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a boolean (1/0, true/false)", str: "a string"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(value: Any, kind: type) -> Any:
+    """``value`` as ``kind``, or None when it is not one."""
+    text = value.strip().lower() if isinstance(value, str) else None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        return True if text in _TRUE else False if text in _FALSE else None
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if text is not None and text.lstrip("+-").isdigit():
+            return int(text)
+        return None
+    if kind is float:
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            return None
+        return number if number is not None and math.isfinite(number) else None
+    if kind is str:
+        if isinstance(value, str):
+            return value or None
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    raise TypeError(f"unsupported option kind {kind!r}")
+
+
+def check_options(target: Target, options: dict[str, Any], stage: Literal["compile", "load"]) -> dict[str, Any]:
+    """``options`` converted and checked against the target's declared :attr:`Target.compile_options` or
+    :attr:`Target.load_options`; an unknown key (one the target would ignore) is refused, listing the valid ones."""
+    declared = {o.name: o for o in (target.compile_options if stage == "compile" else target.load_options)}
+    unknown = sorted(set(options) - set(declared))
+    if unknown:
+        valid = ", ".join(sorted(declared)) or "none"
+        plural = "s" if len(unknown) > 1 else ""
+        raise UnsupportedError(f"target {target.name!r} does not take the {stage} option{plural} "
+                               f"{', '.join(unknown)}; its {stage} options: {valid}")
+    return {key: declared[key].parse(value, stage) for key, value in options.items()}
+
+
 @dataclass
 class EmitResult:
     """What a target records in the manifest about its payload."""
@@ -105,6 +181,12 @@ class Target(ABC):
 
     name: ClassVar[str]
     doc: ClassVar[str]
+    compile_options: ClassVar[tuple[TargetOption, ...]] = ()
+    """The target options :meth:`emit` reads (``--target-option KEY=VALUE``, ``--arch``, ``--tune``);
+    the driver refuses any other key, listing these (``device`` comes from ``--device``)."""
+    load_options: ClassVar[tuple[TargetOption, ...]] = ()
+    """The options :meth:`load` reads besides ``device``, ``threads`` and ``deterministic`` (which every
+    target takes); the loader refuses any other key, listing these."""
 
     @abstractmethod
     def capabilities(self) -> Capabilities:

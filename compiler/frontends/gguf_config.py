@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader
 
-from llmc.compiler.config import ModelConfig, RopeScaling
+from llmc.compiler.config import MAX_DIMENSION, MAX_POSITION, ModelConfig, RopeScaling
 from llmc.compiler.errors import InputError, UnsupportedError
 from llmc.compiler.frontends.gguf_reader import Metadata
 from llmc.compiler.frontends.gguf_tensors import ROPE_FREQS, T
@@ -21,18 +21,25 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 
 
 def parse_config(meta: Metadata, reader: GGUFReader) -> ModelConfig:
-    """Model config from ``general.architecture`` and the ``llama.*`` keys."""
-    arch = meta.require("general.architecture")
+    """Model config from ``general.architecture`` and the ``llama.*`` keys (types and ranges checked:
+    errors name the key)."""
+    arch = meta.require_string("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedError(
             f"{meta.path}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     p = f"{arch}."
-    hidden = int(meta.require(p + "embedding_length"))
-    heads = int(meta.require(p + "attention.head_count"))
-    head_dim = int(meta.get(p + "attention.key_length", hidden // heads))
+
+    def size(key: str, default: int | None = None) -> int:
+        if default is None:
+            return meta.require_integer(p + key, minimum=1, maximum=MAX_DIMENSION)
+        return meta.integer(p + key, default, minimum=1, maximum=MAX_DIMENSION) or default
+
+    hidden = size("embedding_length")
+    heads = size("attention.head_count")
+    head_dim = size("attention.key_length", max(1, hidden // heads))
     tensors = {t.name: t for t in reader.tensors}
-    vocab = meta.get(p + "vocab_size")
+    vocab = meta.integer(p + "vocab_size", minimum=1, maximum=MAX_DIMENSION)
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         if tokens is not None:
@@ -43,36 +50,43 @@ def parse_config(meta: Metadata, reader: GGUFReader) -> ModelConfig:
             raise InputError(f"{meta.path}: no {p}vocab_size, tokenizer.ggml.tokens or token_embd.weight")
     eos_ids: list[int] = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
-        value = meta.get(key)
-        if value is not None and int(value) not in eos_ids:
-            eos_ids.append(int(value))
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(meta.require(p + "feed_forward_length")),
-        num_layers=int(meta.require(p + "block_count")),
-        num_heads=heads,
-        num_kv_heads=int(meta.get(p + "attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        max_position=int(meta.require(p + "context_length")),
-        rms_norm_eps=float(meta.require(p + "attention.layer_norm_rms_epsilon")),
-        rope_theta=float(meta.get(p + "rope.freq_base", 10000.0)),
-        rope_scaling=_rope_scaling(meta, p, tensors, head_dim),
-        rope_style="interleaved",
-        rotary_dim=int(meta.get(p + "rope.dimension_count", head_dim)),
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=tuple(eos_ids),
-    )
+        value = meta.integer(key, minimum=0)
+        if value is not None and value not in eos_ids:
+            eos_ids.append(value)
+    theta = meta.number(p + "rope.freq_base", positive=True) or 10000.0
+    rotary = meta.integer(p + "rope.dimension_count", minimum=0, maximum=MAX_DIMENSION)
+    rotary = head_dim if rotary is None else rotary
+    try:
+        return ModelConfig(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=size("feed_forward_length"),
+            num_layers=size("block_count"),
+            num_heads=heads,
+            num_kv_heads=size("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            max_position=meta.require_integer(p + "context_length", minimum=1, maximum=MAX_POSITION),
+            rms_norm_eps=meta.require_number(p + "attention.layer_norm_rms_epsilon", positive=True),
+            rope_theta=theta,
+            rope_scaling=_rope_scaling(meta, p, tensors, theta, rotary),
+            rope_style="interleaved",
+            rotary_dim=rotary,
+            tie_word_embeddings="output.weight" not in tensors,
+            bos_token_id=meta.integer("tokenizer.ggml.bos_token_id", minimum=0),
+            eos_token_ids=tuple(eos_ids),
+        )
+    except InputError as exc:
+        if str(exc).startswith(str(meta.path)):
+            raise
+        raise InputError(f"{meta.path}: {exc}") from exc
 
 
-def _rope_scaling(meta: Metadata, p: str, tensors: dict[str, Any], head_dim: int) -> RopeScaling | None:
-    kind = meta.get(p + "rope.scaling.type")
+def _rope_scaling(meta: Metadata, p: str, tensors: dict[str, Any], theta: float, rot: int) -> RopeScaling | None:
+    kind = meta.string(p + "rope.scaling.type")
     if kind is None and p + "rope.scale_linear" in meta:
         kind = "linear"
     if kind not in (None, "none"):
-        factor = meta.get(p + "rope.scaling.factor", meta.get(p + "rope.scale_linear"))
+        factor = meta.number(p + "rope.scaling.factor", meta.number(p + "rope.scale_linear"))
         if kind == "linear" and factor is not None and float(factor) == 1.0:
             kind = "none"
         else:
@@ -86,8 +100,6 @@ def _rope_scaling(meta: Metadata, p: str, tensors: dict[str, Any], head_dim: int
     t = tensors[ROPE_FREQS]
     if t.tensor_type != T.F32:
         raise UnsupportedError(f"{meta.path}: {ROPE_FREQS} has type {t.tensor_type.name}, expected F32")
-    theta = float(meta.get(p + "rope.freq_base", 10000.0))
-    rot = int(meta.get(p + "rope.dimension_count", head_dim))
     return fit_llama3_scaling(np.asarray(t.data, dtype=np.float64).reshape(-1), theta, rot, str(meta.path))
 
 
@@ -123,7 +135,7 @@ def fit_llama3_scaling(factors: np.ndarray, theta: float, rotary_dim: int, where
     else:
         a = 2.0 / (u_high - u_low)
         c = -0.5 - a * u_low
-    if not (a > 0 and c < 0):
+    if not (np.isfinite(a) and np.isfinite(c) and a > 0 and c < 0 and a / -c < 2**31):
         raise UnsupportedError(f"{where}: {ROPE_FREQS} does not follow Llama 3 RoPE scaling; it is not supported")
     old_ctx = max(1, round(a / -c))  # low == 1 when the line allows an integer context
     span = old_ctx / a

@@ -55,13 +55,9 @@ IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3"}
 BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3"}
 
 
-def _array(meta: Any, key: str, required: bool = False) -> list[Any] | None:
-    value = meta.require(key) if required else meta.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise InputError(f"{meta.path}: metadata key {key!r} must be an array")
-    return value
+def _array(meta: Any, key: str, element: str, required: bool = False) -> list[Any] | None:
+    """The array at ``key`` (elements of type ``element``: string, integer or number)."""
+    return meta.array(key, element, required=required)
 
 
 def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
@@ -81,18 +77,18 @@ def spm_merges(tokens: list[str], scores: list[float], types: list[int]) -> list
 
 
 def _spm_model(meta: Any, tokens: list[str], types: list[int]) -> Tokenizer:
-    scores = _array(meta, "tokenizer.ggml.scores")
+    scores = _array(meta, "tokenizer.ggml.scores", "number")
     if scores is None:  # no scores: earlier pieces are the better ones
         scores = [-float(i) for i in range(len(tokens))]
     if len(scores) != len(tokens):
         raise InputError(f"{meta.path}: {len(scores)} token scores for {len(tokens)} tokens")
-    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    unk_id = meta.integer("tokenizer.ggml.unknown_token_id")
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     vocab = {tok: i for i, tok in enumerate(tokens)}
     model = BPE(vocab=vocab, merges=spm_merges(tokens, scores, types), unk_token=unk,
                 fuse_unk=True, byte_fallback=True)
     tokenizer = Tokenizer(model)
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    prefix = meta.boolean("tokenizer.ggml.add_space_prefix", True)
     # SentencePiece's dummy prefix is added even when the text starts with a space (Metaspace
     # skips it then), so spaces become U+2581 in a normalizer, as llama.cpp's SPM tokenizer does.
     steps_norm: list[Any] = [normalizers.Replace(" ", "\u2581")]
@@ -107,7 +103,7 @@ def _spm_model(meta: Any, tokens: list[str], types: list[int]) -> Tokenizer:
 
 
 def _bpe_model(meta: Any, tokens: list[str], pre: str) -> Tokenizer:
-    merges_raw = _array(meta, "tokenizer.ggml.merges", required=True) or []
+    merges_raw = _array(meta, "tokenizer.ggml.merges", "string", required=True) or []
     merges = []
     for m in merges_raw:
         parts = m.split(" ")
@@ -142,15 +138,24 @@ def _post_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None) ->
 
 def build_tokenizer(meta: Any, config: ModelConfig) -> LlmcTokenizer:
     """The :class:`LlmcTokenizer` described by ``tokenizer.*`` metadata (``meta``: gguf.Metadata)."""
-    kind = meta.require("tokenizer.ggml.model")
-    tokens = _array(meta, "tokenizer.ggml.tokens", required=True) or []
+    try:
+        return _build_tokenizer(meta, config)
+    except Exception as exc:
+        if type(exc) is not Exception:  # the tokenizers library raises plain Exception for what it cannot build
+            raise
+        raise InputError(f"{meta.path}: the tokenizer.* metadata does not make a tokenizer: {exc}") from exc
+
+
+def _build_tokenizer(meta: Any, config: ModelConfig) -> LlmcTokenizer:
+    kind = meta.require_string("tokenizer.ggml.model")
+    tokens = _array(meta, "tokenizer.ggml.tokens", "string", required=True) or []
     if not tokens:
         raise InputError(f"{meta.path}: tokenizer.ggml.tokens is empty")
-    types = _array(meta, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = _array(meta, "tokenizer.ggml.token_type", "integer") or [NORMAL] * len(tokens)
     if len(types) != len(tokens):
         raise InputError(f"{meta.path}: {len(types)} token types for {len(tokens)} tokens")
     types = [int(t) for t in types]
-    pre = str(meta.get("tokenizer.ggml.pre", "default"))
+    pre = meta.string("tokenizer.ggml.pre", "default")
     if kind == "llama":
         tokenizer = _spm_model(meta, tokens, types)
         add_bos_default = True
@@ -171,18 +176,18 @@ def build_tokenizer(meta: Any, config: ModelConfig) -> LlmcTokenizer:
     )
 
     def special(key: str) -> tuple[str, int] | None:
-        value = meta.get(key)
+        value = meta.integer(key)
         if value is None:
             return None
-        if not 0 <= int(value) < len(tokens):
+        if not 0 <= value < len(tokens):
             raise InputError(f"{meta.path}: {key} {value} is outside the vocab of {len(tokens)} tokens")
-        return tokens[int(value)], int(value)
+        return tokens[value], value
 
     bos, eos = special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    add_bos = meta.boolean("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None
+    add_eos = meta.boolean("tokenizer.ggml.add_eos_token", False) and eos is not None
     tokenizer.post_processor = _post_processor(bos if add_bos else None, eos if add_eos else None)
-    template = meta.get("tokenizer.chat_template")
+    template = meta.string("tokenizer.chat_template")
     tok_meta = TokenizerMeta(
         bos_token_id=config.bos_token_id,
         eos_token_ids=list(config.eos_token_ids),

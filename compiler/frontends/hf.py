@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -53,16 +54,49 @@ def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
     return cfg[key]
 
 
+def _int(cfg: dict[str, Any], key: str, path: Path, default: int | None = None, label: str = "") -> int:
+    """``cfg[key]`` as an integer (required when ``default`` is None); wrong types name the key
+    (``label`` + key)."""
+    value = _require(cfg, key, path) if default is None else cfg.get(key)
+    if value is None:
+        return int(default)  # type: ignore[arg-type]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{path}: {label}{key} must be an integer, got {value!r}")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, path: Path, default: float, label: str = "") -> float:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{path}: {label}{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(value: Any, key: str, path: Path) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else ([] if value is None else [value])
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise InputError(f"{path}: {key} must be a token id or a list of token ids, got {value!r}")
+    return tuple(values)
+
+
 def parse_config(path: Path) -> ModelConfig:
     """Read a LlamaForCausalLM config.json into a :class:`ModelConfig`."""
     try:
         cfg = json.loads(path.read_text())
     except FileNotFoundError as exc:
         raise InputError(f"{path}: not found (a Hugging Face model folder needs config.json)") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
     archs = cfg.get("architectures") or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and cfg.get("model_type") != "llama":
+    if not isinstance(archs, list):
+        archs = [archs]
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs if isinstance(a, str)) and cfg.get("model_type") != "llama":
         raise UnsupportedError(
             f"{path}: architecture {archs or cfg.get('model_type')!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -71,46 +105,72 @@ def parse_config(path: Path) -> ModelConfig:
         raise UnsupportedError(f"{path}: Llama variants with attention or MLP biases are not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UnsupportedError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
-    heads = int(_require(cfg, "num_attention_heads", path))
-    hidden = int(_require(cfg, "hidden_size", path))
+    heads = _int(cfg, "num_attention_heads", path)
+    hidden = _int(cfg, "hidden_size", path)
+    if heads <= 0:
+        raise InputError(f"{path}: num_attention_heads must be positive, got {heads}")
     rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise InputError(f"{path}: rope_parameters must be an object, got {rope!r}")
     scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
-    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-    return ModelConfig(
-        vocab_size=int(_require(cfg, "vocab_size", path)),
-        hidden_size=hidden,
-        intermediate_size=int(_require(cfg, "intermediate_size", path)),
-        num_layers=int(_require(cfg, "num_hidden_layers", path)),
-        num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        max_position=int(cfg.get("max_position_embeddings", 2048)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
-        rope_scaling=_rope_scaling(scaling, path),
-        rope_style="half",
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=eos_ids,
-    )
+    theta_cfg = cfg if cfg.get("rope_theta") is not None else rope
+    tie = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise InputError(f"{path}: tie_word_embeddings must be true or false, got {tie!r}")
+    bos = cfg.get("bos_token_id")
+    if bos is not None and (isinstance(bos, bool) or not isinstance(bos, int) or bos < 0):
+        raise InputError(f"{path}: bos_token_id must be a token id, got {bos!r}")
+    try:
+        return ModelConfig(
+            vocab_size=_int(cfg, "vocab_size", path),
+            hidden_size=hidden,
+            intermediate_size=_int(cfg, "intermediate_size", path),
+            num_layers=_int(cfg, "num_hidden_layers", path),
+            num_heads=heads,
+            num_kv_heads=_int(cfg, "num_key_value_heads", path, heads) or heads,
+            head_dim=_int(cfg, "head_dim", path, hidden // heads) or hidden // heads,
+            max_position=_int(cfg, "max_position_embeddings", path, 2048),
+            rms_norm_eps=_float(cfg, "rms_norm_eps", path, 1e-6),
+            rope_theta=_float(theta_cfg, "rope_theta", path, 10000.0),
+            rope_scaling=_rope_scaling(scaling, path),
+            rope_style="half",
+            tie_word_embeddings=tie,
+            bos_token_id=bos,
+            eos_token_ids=_token_ids(cfg.get("eos_token_id"), "eos_token_id", path),
+        )
+    except InputError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise InputError(f"{path}: {exc}") from exc
 
 
-def _rope_scaling(scaling: dict[str, Any] | None, path: Path) -> RopeScaling | None:
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _rope_scaling(scaling: Any, path: Path) -> RopeScaling | None:
     if not scaling:
         return None
+    if not isinstance(scaling, dict):
+        raise InputError(f"{path}: rope_scaling must be an object with rope_type and its parameters, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind in (None, "default"):
         return None
     if kind != "llama3":
         raise UnsupportedError(f"{path}: rope_scaling type {kind!r} is not supported (only llama3)")
+    missing = [k for k in ROPE_SCALING_KEYS if scaling.get(k) is None]
+    if missing:
+        raise InputError(f"{path}: llama3 rope_scaling lacks {', '.join(missing)}")
+    values = {k: _float(scaling, k, path, 0.0, "rope_scaling.") for k in ROPE_SCALING_KEYS[:3]}
     return RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position=int(scaling["original_max_position_embeddings"]),
+        factor=values["factor"],
+        low_freq_factor=values["low_freq_factor"],
+        high_freq_factor=values["high_freq_factor"],
+        original_max_position=_int(scaling, "original_max_position_embeddings", path, label="rope_scaling."),
     )
+
+
+SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
+"""Safetensors dtypes of the weights llmc reads (others, e.g. BOOL, U16, F8_E4M3, are refused by name)."""
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -118,11 +178,18 @@ def _weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            data = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"{index}: not a valid safetensors index: {exc}") from exc
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise InputError(f"{index}: not a valid safetensors index: weight_map must map tensor names to file names")
+        root = folder.resolve()
         files = sorted({folder / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
+        outside = [str(f) for f in files if root not in f.resolve().parents]
+        if outside:
+            raise InputError(f"{index}: shard files must lie in the model folder, not {', '.join(outside)}")
+        missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise InputError(f"{index}: shard files missing: {', '.join(missing)}")
         return files
@@ -137,20 +204,23 @@ def _read_tensor(path: Path, name: str) -> np.ndarray:
 
 
 def load_weights(folder: Path, config: ModelConfig) -> WeightStore:
-    """Lazily load every Llama tensor under its canonical name."""
+    """Lazily load every Llama tensor under its canonical name (dtypes checked here, data read on use)."""
     store = WeightStore()
     for path in _weight_files(folder):
         try:
             with safe_open(str(path), framework="np") as f:
-                names = list(f.keys())
+                dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118
         except Exception as exc:  # safetensors raises its own error type for bad files
             raise InputError(f"{path}: cannot read safetensors file ({exc}); is it truncated?") from exc
-        for hf_name in names:
+        for hf_name, dtype in dtypes.items():
             name = canonical_name(hf_name)
             if name is None:
                 if not _IGNORED.search(hf_name):
                     log.warning("%s: ignoring tensor %s (not a Llama weight)", path, hf_name)
                 continue
+            if dtype not in SAFETENSORS_DTYPES:
+                raise UnsupportedError(f"{path}: tensor {hf_name!r} has dtype {dtype}; supported: "
+                                       f"{', '.join(SAFETENSORS_DTYPES)}")
             store.set_lazy(name, lambda p=path, n=hf_name: _read_tensor(p, n))
     if "lm_head" not in store:
         if not config.tie_word_embeddings:
@@ -176,19 +246,29 @@ def load_tokenizer(folder: Path, config: ModelConfig) -> LlmcTokenizer | None:
     if cfg_path.exists():
         try:
             tok_cfg = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise InputError(f"{cfg_path}: not valid JSON: {exc}") from exc
+        if not isinstance(tok_cfg, dict):
+            raise InputError(f"{cfg_path}: must hold a JSON object, got {type(tok_cfg).__name__}")
 
-    def token_text(value: Any) -> str | None:
-        return value.get("content") if isinstance(value, dict) else value
+    def token_text(key: str) -> str | None:
+        value = tok_cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"{cfg_path}: {key} must be a token's text, got {value!r}")
+        return value
 
-    bos, eos = token_text(tok_cfg.get("bos_token")), token_text(tok_cfg.get("eos_token"))
+    bos, eos = token_text("bos_token"), token_text("eos_token")
     eos_ids = list(config.eos_token_ids)
     if eos is not None and tokenizer.token_to_id(eos) is not None and tokenizer.token_to_id(eos) not in eos_ids:
         eos_ids.append(int(tokenizer.token_to_id(eos)))
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if template is not None and not isinstance(template, str):
+        raise InputError(f"{cfg_path}: chat_template must be a string (or a list of named templates), "
+                         f"got {type(template).__name__}")
     meta = TokenizerMeta(
         bos_token_id=config.bos_token_id,
         eos_token_ids=eos_ids,

@@ -30,12 +30,14 @@ def machine_line(report: dict[str, Any]) -> str:
               help="Batch sizes of the batch scenario (static batches decoded in lock-step).")
 @click.option("--concurrency", default="1,5,10,25,50,100", show_default=True,
               help="Numbers of requests submitted at once in the concurrency scenario.")
-@click.option("--prompt-len", default=128, show_default=True, type=int, help="Prompt tokens per sequence.")
-@click.option("--gen-len", default=128, show_default=True, type=int, help="Generated tokens per sequence.")
-@click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs before each point.")
-@click.option("--repeat", default=3, show_default=True, type=int, help="Timed runs per point.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random prompts.")
-@click.option("--threads", default=None, type=int, help="CPU threads (default: all cores).")
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(1),
+              help="Prompt tokens per sequence.")
+@click.option("--gen-len", default=128, show_default=True, type=click.IntRange(1),
+              help="Generated tokens per sequence.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed runs before each point.")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1), help="Timed runs per point.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random prompts.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads (default: all cores).")
 @click.option("--device", default=None, help="Override the artifact's device.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the report here.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Write a PNG plot here.")

@@ -27,7 +27,8 @@ QUANT_HELP = "Weight quantization: " + "; ".join(f"{m.name}: {m.doc}" for m in Q
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after every pass here.")
 @click.option("--quant", type=click.Choice(list(QUANT_MODES)), default=None,
               help=QUANT_HELP + " Default: native for a GGUF source, none otherwise.")
-@click.option("--group-size", type=int, default=32, show_default=True, help="int4 group size (32, 64, 128).")
+@click.option("--group-size", type=click.IntRange(1), default=32, show_default=True,
+              help="int4 group size (32, 64, 128).")
 @click.option("--sym/--asym", "sym", default=None, help="Symmetric or asymmetric codes (default: int8 sym, int4 asym).")
 @click.option("--calib-file", type=click.Path(path_type=Path), default=None,
               help="Calibration text (or JSON token ids) for activation-aware int4 scales.")

@@ -48,7 +48,7 @@ def _read_eval_ids(model: Any, text_file: Path | None, ids_file: Path | None) ->
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="Reference model (artifact, GGUF or folder; the last two compiled unquantized): adds KL "
                    "divergence and top-1 agreement.")
-@click.option("--window", type=int, default=None, help="Scoring window (default: the model context).")
+@click.option("--window", type=click.IntRange(2), default=None, help="Scoring window (default: the model context).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (full precision).")
 @compile_on_first_use
 def eval_cmd(artifact: Path, text_file: Path | None, ids_file: Path | None, reference: Path | None,

@@ -59,12 +59,14 @@ def _read_prompts_file(path: Path) -> list[str | list[int]]:
 @click.option("--top-k", default=0, show_default=True, type=int, help="Sample among the k most likely tokens (0: all).")
 @click.option("--top-p", default=1.0, show_default=True, type=float,
               help="Sample among the most likely tokens whose probabilities add up to p (nucleus sampling).")
-@click.option("--seed", default=None, type=int, help="Random seed of the sampler (default: a fresh one each run).")
+@click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1),
+              help="Random seed of the sampler, >= 0 (default: a fresh one each run).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating after EOS.")
 @click.option("--device", default=None, help="Override the artifact's device.")
-@click.option("--threads", default=None, type=int, help="CPU threads for the executor.")
-@click.option("--max-running", default=32, show_default=True, type=int, help="Sequences decoded together.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads for the executor.")
+@click.option("--max-running", default=32, show_default=True, type=click.IntRange(1),
+              help="Sequences decoded together.")
 @click.option("--deterministic", is_flag=True, help="Batch-invariant kernels: results independent of batching.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object (one line per prompt with --prompts-file).")
 @compile_on_first_use

@@ -13,7 +13,7 @@ import click
               help="Folder (safetensors) or .gguf file / folder for it (gguf).")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True,
               help="A Hugging Face folder (safetensors) or a GGUF file.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random weights.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random weights.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
               help="Storage dtype of the weight matrices (norms stay float32).")
 def synth(preset: str, out: Path, fmt: str, seed: int, dtype: str) -> None:

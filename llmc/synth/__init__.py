@@ -26,15 +26,16 @@ def synthesize(preset: str, out: str | Path, fmt: str = "safetensors", seed: int
     """Write the synthetic ``preset`` model; returns the folder or ``.gguf`` file written.
 
     For ``gguf``, ``out`` may be the file (ending in ``.gguf``) or a folder to put
-    ``<preset>.gguf`` in."""
+    ``<preset>.gguf`` in. An existing output is replaced only when ``llmc synth`` wrote it (else
+    :class:`InputError`, before anything is written)."""
     from llmc.synth.writers import write_gguf, write_hf
 
     p = get_preset(preset)
     storage_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"synth seed must be a non-negative integer, got {seed!r}")
     out = Path(out)
     if fmt == "safetensors":
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out}: exists and is not a folder")
         return write_hf(p, out, seed, dtype)
     if fmt == "gguf":
         path = out if out.suffix == ".gguf" else out / f"{p.name}.gguf"

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
+from llmc.compiler.atomic_output import AtomicOutput
 from llmc.synth.presets import Preset
 from llmc.synth.tokenizer import SynthVocab, build_vocab
 from llmc.synth.weights import iter_tensors, storage_dtype, tensor_specs
@@ -30,31 +30,42 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-class _AtomicPath:
-    """Write into a temporary sibling, rename into place on success."""
+SYNTH_MARKER = "llmc_synth.json"
+"""Written into every synthetic Hugging Face folder: the preset, seed, dtype and the files written,
+so that a later ``llmc synth -o`` replaces only a folder it wrote."""
+DESCRIPTION_PREFIX = "llmc synth:"
+"""How ``general.description`` of a synthetic GGUF starts (a later ``llmc synth -o`` replaces only such files)."""
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
 
-    def __enter__(self) -> Path:
-        self._remove(self.tmp)
-        self.tmp.parent.mkdir(parents=True, exist_ok=True)
-        return self.tmp
+def is_synth_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``llmc synth`` wrote and nobody added files to."""
+    try:
+        record = json.loads((path / SYNTH_MARKER).read_text())
+        listed = set(record["files"])
+        present = {p.relative_to(path).as_posix() for p in path.rglob("*") if not p.is_dir()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return present <= listed | {SYNTH_MARKER}
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None:
-            self._remove(self.tmp)
-            return
-        self._remove(self.out)
-        os.replace(self.tmp, self.out)
 
-    @staticmethod
-    def _remove(path: Path) -> None:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def is_synth_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file ``llmc synth`` wrote (its ``general.description`` says so)."""
+    from llmc.compiler.errors import LlmcError
+    from llmc.compiler.frontends.gguf_reader import Metadata, open_gguf
+
+    if not path.is_file():
+        return False
+    try:
+        description = Metadata(open_gguf(path), path).string("general.description") or ""
+    except LlmcError:
+        return False
+    return description.startswith(DESCRIPTION_PREFIX)
+
+
+def _output(out: Path, folder: bool) -> AtomicOutput:
+    test = is_synth_folder if folder else is_synth_gguf
+    what = "a folder written by llmc synth" if folder else "a GGUF file written by llmc synth"
+    return AtomicOutput(out, replaceable=test, what=what, folder=folder)
 
 
 def hf_config(preset: Preset, dtype: str) -> dict[str, object]:
@@ -64,8 +75,8 @@ def hf_config(preset: Preset, dtype: str) -> dict[str, object]:
 def write_hf(preset: Preset, out: Path, seed: int, dtype: str) -> Path:
     """A Hugging Face Llama folder: config.json, (sharded) safetensors, tokenizer files."""
     vocab = build_vocab(preset)
-    with _AtomicPath(out) as tmp:
-        tmp.mkdir(parents=True)
+    output = _output(out, folder=True)
+    with output as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config(preset, dtype), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps({
             "bos_token_id": preset.bos_token_id, "eos_token_id": preset.hf_config["eos_token_id"],
@@ -73,6 +84,10 @@ def write_hf(preset: Preset, out: Path, seed: int, dtype: str) -> Path:
         }, indent=2) + "\n")
         _write_tokenizer_files(vocab, tmp)
         _write_safetensors(preset, tmp, seed, dtype)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        (tmp / SYNTH_MARKER).write_text(json.dumps({"preset": preset.name, "seed": seed, "dtype": dtype,
+                                                    "files": files}, indent=2) + "\n")
+        output.commit()
     return out
 
 
@@ -177,10 +192,11 @@ def write_gguf(preset: Preset, out: Path, seed: int, dtype: str) -> Path:
     heads, kv = int(c["num_attention_heads"]), int(c["num_key_value_heads"])
     ftype = {"float16": gguf.LlamaFileType.MOSTLY_F16, "bfloat16": gguf.LlamaFileType.MOSTLY_BF16,
              "float32": gguf.LlamaFileType.ALL_F32}[dtype]
-    with _AtomicPath(out) as tmp:
+    output = _output(out, folder=False)
+    with output as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         writer.add_name(f"synthetic {preset.name} (seed {seed})")
-        writer.add_description(f"llmc synth: random weights with the shapes of {preset.notes}")
+        writer.add_description(f"{DESCRIPTION_PREFIX} random weights with the shapes of {preset.notes}")
         writer.add_file_type(ftype)
         writer.add_vocab_size(preset.vocab_size)
         writer.add_context_length(int(c["max_position_embeddings"]))
@@ -226,6 +242,7 @@ def write_gguf(preset: Preset, out: Path, seed: int, dtype: str) -> Path:
         if factors is not None:
             writer.write_tensor_data(factors)
         writer.close()
+        output.commit()
     return out
 
 

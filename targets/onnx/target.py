@@ -14,7 +14,8 @@ from llmc.compiler.errors import LlmcError, TargetUnavailableError, UnsupportedE
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
-from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
+from llmc.runtime.target import Capabilities, EmitResult, Target, TargetOption, lowered_ops
+from llmc.targets.onnx.session import OPT_LEVELS
 
 if TYPE_CHECKING:
     from llmc.runtime.artifact import Artifact, ArtifactWriter
@@ -33,6 +34,15 @@ class OnnxTarget(Target):
     name = "onnx"
     doc = ("ONNX Runtime: one ONNX graph with MatMulNBits, GroupQueryAttention and "
            "SkipSimplifiedLayerNormalization over a slot KV cache (CPU EP; CUDA/TensorRT EPs with onnxruntime-gpu)")
+    compile_options = (
+        TargetOption("accuracy_level", int, "MatMulNBits accuracy_level (4: int8 activations)", ACCURACY_LEVELS),
+    )
+    load_options = (
+        TargetOption("inter_op_threads", int, "ONNX Runtime inter-op threads", minimum=1),
+        TargetOption("kv_capacity", int, "tokens per KV slot (default: the model context)", minimum=1),
+        TargetOption("optimization", str, "ONNX Runtime graph optimization level", OPT_LEVELS),
+        TargetOption("tensorrt", bool, "use the TensorRT execution provider where onnxruntime-gpu has it"),
+    )
 
     def capabilities(self) -> Capabilities:
         return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", "packed_rope_attention"),

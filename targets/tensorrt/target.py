@@ -18,7 +18,7 @@ from llmc.compiler.errors import LlmcError, TargetUnavailableError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
-from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
+from llmc.runtime.target import Capabilities, EmitResult, Target, TargetOption, lowered_ops
 from llmc.targets.tensorrt.engine import PRECISIONS
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ DATA = "target/model.onnx.data"
 ENGINE = "target/model.engine"
 META = "target/tensorrt.json"
 BACKENDS = ("tensorrt", "onnxruntime")
+_KV_CAPACITY = TargetOption("kv_capacity", int, "tokens per KV slot (default: the profile's past + 1)", minimum=1)
 
 
 def _cuda_index(device: str) -> int:
@@ -49,6 +50,18 @@ class TensorRTTarget(Target):
     doc = ("TensorRT: a standard-ops ONNX graph (blocked DequantizeLinear INT4/INT8, MatMul/Softmax attention, "
            "explicit past/present KV) built into an engine where TensorRT and a GPU are installed; "
            "--device cpu-ort runs the graph under ONNX Runtime")
+    compile_options = (
+        *(TargetOption(name, int, f"optimization profile: {name.replace('_', ' ')}")
+          for name in ("max_batch", "max_sequence", "max_past", "opt_batch", "opt_sequence", "opt_past")),
+        TargetOption("precision", str, "engine precision", PRECISIONS),
+        TargetOption("attention", str, "attention: matmul (MatMul/Softmax) or onnx (the opset-23 Attention op)"),
+        TargetOption("build_engine", bool, "build the engine where TensorRT and a GPU are present (default on)"),
+        TargetOption("workspace_mib", int, "TensorRT builder workspace (MiB)", minimum=1),
+    )
+    load_options = (
+        TargetOption("backend", str, "run the engine (tensorrt) or the graph under ONNX Runtime", BACKENDS),
+        _KV_CAPACITY,
+    )
 
     def capabilities(self) -> Capabilities:
         return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention"),

@@ -17,15 +17,16 @@ float product; tests check that bound on every path.
 The extension is built on first use with ``torch.utils.cpp_extension`` (needs g++ and ninja;
 about 20 s, announced on stderr) into ``<llmc cache>/torch_extensions/llmc_qk_<hash>``: keyed by
 the sources' content, compiler flags and torch version, built from a copy of the sources in that
-folder (so every checkout with the same sources shares one build), under a file lock (two
-processes never build at once). If the build fails, or ``LLMC_NO_CPU_KERNELS=1``,
-:func:`available` is False (one warning is logged) and callers dequantize instead.
+folder (so every checkout with the same sources shares one build, and ninja's commands, which
+hold the source paths, are the same for all of them), under a file lock (two processes never
+build at once; a killed builder's lock goes with it). If the build fails, or
+``LLMC_NO_CPU_KERNELS=1``, :func:`available` is False (one warning is logged) and callers
+dequantize instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -41,7 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmc.compiler.locks import file_lock
 from llmc.compiler.paths import cache_dir
+from llmc.compiler.progress import message
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +92,52 @@ def _built_library(directory: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
+STALE_LOCK_SECONDS = 600.0
+"""torch's build lock older than this is a dead builder's (a build of the kernels takes about a minute)."""
+
+
+def _remove_stale_torch_lock(directory: Path) -> None:
+    """torch's own lock file (``lock``) stays behind when a build is killed, and every later load would
+    wait on it forever. Under llmc's lock, wait for it to go (a builder that does not take llmc's lock,
+    e.g. an older llmc) and remove it once it is older than :data:`STALE_LOCK_SECONDS`."""
+    torch_lock = directory / "lock"
+    while True:
+        try:
+            age = time.time() - torch_lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            log.warning("removing %s, left by a build that did not finish", torch_lock)
+            torch_lock.unlink(missing_ok=True)
+            return
+        time.sleep(0.5)
+
+
+def _announce(text: str) -> None:
+    message(text)
+    sys.stderr.write(f"llmc: {text}\n")
+    sys.stderr.flush()
+
+
 def _build(name: str, directory: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory.parent / f"{name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same sources
+    with file_lock(directory.parent / f"{name}.lock", waiting="waiting for another llmc process building the CPU "
+                   "kernels"):
         library = _built_library(directory, name)
         if library is not None:
             return cpp_extension._import_module_from_library(name, str(directory), True)
+        _remove_stale_torch_lock(directory)
         src = directory / "src"
         src.mkdir(exist_ok=True)
         for path in _source_files():
             shutil.copyfile(path, src / path.name)
-        sys.stderr.write(f"llmc: building CPU kernels, once, ~20 s (cached in {directory})\n")
-        sys.stderr.flush()
+        _announce(f"building CPU kernels, once, ~20 s (cached in {directory})")
         start = time.perf_counter()
         module = cpp_extension.load(name=name, sources=[str(src / s) for s in SOURCES], extra_cflags=CFLAGS,
                                     extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
-        sys.stderr.write(f"llmc: CPU kernels built in {time.perf_counter() - start:.0f} s\n")
+        _announce(f"CPU kernels built in {time.perf_counter() - start:.0f} s")
         return module
 
 

@@ -9,17 +9,28 @@ from llmc.compiler.ggml_blocks import FORMATS
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
-from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
+from llmc.runtime.target import Capabilities, EmitResult, Target, TargetOption, lowered_ops
 
 if TYPE_CHECKING:
     from llmc.runtime.artifact import Artifact, ArtifactWriter
 
 PAYLOAD = "target/torch.json"
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+QUANT_KERNELS = ("auto", "torch", "dequant")
+_BLOCK_SIZE = TargetOption("block_size", int, "tokens per KV cache block (16)", minimum=1)
+_QUANT_KERNELS = TargetOption("quant_kernels", str, "int4/int8 matmuls: auto (llmc's CPU kernels where faster), "
+                              "torch (torch's packed kernels) or dequant (dequantize on the fly)", QUANT_KERNELS)
 
 
 class TorchTarget(Target):
     name = "torch"
     doc = "PyTorch eager kernels over a paged KV cache (CPU, or CUDA when available)"
+    compile_options = (
+        TargetOption("activation_dtype", str, "dtype of activations and the KV cache", ACTIVATION_DTYPES),
+        _BLOCK_SIZE,
+        _QUANT_KERNELS,
+    )
+    load_options = (_BLOCK_SIZE, _QUANT_KERNELS)
     skipped_fusions = ("fuse-gate-up",)
     """Fusions the target can run but leaves out of its O2/O3: measured slower on torch CPU
     (docs/performance.md, "Passes: O0 vs O2"). ``--passes`` can still ask for them."""

@@ -24,7 +24,7 @@ from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
-from llmc.runtime.target import Capabilities, EmitResult, Target, lowered_ops
+from llmc.runtime.target import Capabilities, EmitResult, Target, TargetOption, lowered_ops
 from llmc.targets.tvm.schedules import CPU_SCHEDULES
 
 if TYPE_CHECKING:
@@ -38,6 +38,13 @@ PAGE_SIZE = 16
 class TvmTarget(Target):
     name = "tvm"
     doc = "Apache TVM Relax over TVM's paged KV cache: llvm (CPU) runs here; cuda and rocm cross-compile"
+    compile_options = (
+        TargetOption("arch", str, "LLVM CPU name, CUDA tag/arch or AMD gfx arch (--arch)", optional=True),
+        TargetOption("tune", int, "meta-schedule trials, cpu builds only (--tune)", minimum=0),
+        TargetOption("page_size", int, "KV cache page size in tokens (16)", minimum=1),
+        TargetOption("cpu_schedule", str, "schedule of cpu builds' matmuls", CPU_SCHEDULES, optional=True),
+        TargetOption("cuda_graph", bool, "capture the batch-1 decode in CUDA graphs (cuda builds; default on)"),
+    )
 
     def capabilities(self) -> Capabilities:
         return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", refused=("rope", "attention")),

@@ -22,7 +22,7 @@ from llmc.compiler.weights import QuantizedTensor
 from llmc.driver import CompileOptions, compile_model
 from llmc.errors import LlmcError, RequestError, TargetUnavailableError
 from llmc.runtime.artifact import WEIGHTS_FILE, Artifact
-from llmc.runtime.evaluate import evaluate
+from llmc.runtime.evaluate import EvalResult, evaluate
 from llmc.runtime.executor import StepBatch
 from llmc.runtime.generate import generate_ids
 from llmc.runtime.loader import load_model
@@ -135,9 +135,12 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, stories_eval_ids: 
     if level == 0:  # same weights, float32 arithmetic: near-identical logits
         for i, (g, w) in enumerate(zip(drive(onnx_exec, SCHEDULE), drive(torch_exec, SCHEDULE), strict=True)):
             np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")
-    ppl_onnx = evaluate(onnx_exec, stories_eval_ids).perplexity
-    ppl_torch = evaluate(torch_exec, stories_eval_ids).perplexity
-    assert abs(ppl_onnx / ppl_torch - 1) < 0.005, (ppl_onnx, ppl_torch)
+    onnx_result = evaluate(onnx_exec, stories_eval_ids, reference=torch_exec)
+    ppl_onnx, ppl_torch = onnx_result.perplexity, evaluate(torch_exec, stories_eval_ids).perplexity
+    if level == 0:  # logits within 2e-4 (above): each log-prob within 4e-4, the perplexity within e^4e-4 - 1
+        assert abs(ppl_onnx / ppl_torch - 1) < 1e-3, (ppl_onnx, ppl_torch)
+    else:
+        _check_int8_activations(arts["onnx"], stories_eval_ids, level, onnx_result, ppl_torch)
     # the payload holds llmc's packing exactly: reading it back gives the same QuantizedTensor
     stored = Artifact.load(arts["onnx"]).weights()
     reference = Artifact.load(arts["torch"]).weights()
@@ -153,6 +156,22 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, stories_eval_ids: 
             if ref.offsets is not None:
                 np.testing.assert_array_equal(w.offsets, ref.offsets)
     assert compared > 0
+
+
+def _check_int8_activations(path: Path, ids: list[int], level: int, got: EvalResult, ppl_float: float) -> None:
+    """Judge a level-4 (int8 activations) result by the arithmetic (tests/targets/int8_sim.py), not by one
+    machine: int8 rounding makes the perplexity chaotic (an fp32-level change upstream, e.g. AVX2 against
+    AVX-512 summation, moves it by tenths of a percent), so the bound is the spread of the simulated int8
+    results under fp32-rounding perturbations; the KL divergence from float activations, an average of
+    squares, is stable and bounded by the simulated ones."""
+    from tests.targets.int8_sim import int8_ensemble
+
+    ensemble = int8_ensemble(path, ids, level)
+    ratios = np.asarray([r.perplexity / ppl_float for r in ensemble])
+    spread = float(ratios.std(ddof=1))
+    assert abs(got.perplexity / ppl_float - ratios.mean()) <= 5 * spread + 1e-3, (got.perplexity, ratios)
+    kls = [r.kl_mean for r in ensemble]
+    assert got.kl_mean is not None and got.kl_mean <= 2 * max(kls), (got.kl_mean, kls)
 
 
 def test_runs_in_fresh_process_from_artifact_alone(stories_onnx: Path, stories_expected_ids: list[int],
