@@ -16,7 +16,6 @@ otherwise and the executor keeps running torch ops.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 from llmc.compiler.config import ModelConfig
 from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.graph import Function, Node, Value
-from llmc.compiler.ir.rope import cos_sin
+from llmc.compiler.ir.rope import RopeSpec
 from llmc.runtime.executor import StepBatch
 from llmc.targets.torch import qkernels
 from llmc.targets.torch.weights import PackedWeight, TorchWeight
@@ -79,31 +78,23 @@ class NativeStep:
         return logits.numpy()
 
 
-def lower_native(fn: Function, params: dict[str, TorchWeight], config: ModelConfig,
-                 rope_table: Callable[[dict[str, Any]], tuple[np.ndarray, np.ndarray]] | None = None) -> NativeStep:
+def lower_native(fn: Function, params: dict[str, TorchWeight], config: ModelConfig) -> NativeStep:
     """``fn`` as a :class:`NativeStep`; raises :class:`Unsupported` naming the op or weight it cannot take."""
     module = qkernels.load()
     if module is None:
         raise Unsupported("llmc's CPU kernels are unavailable")
     prog = module.NativeProgram(config.num_layers, config.num_kv_heads, config.head_dim)
-    return _Lowering(fn, params, config, prog, rope_table or _default_rope_table).run()
-
-
-def _default_rope_table(attrs: dict[str, Any], positions: int) -> tuple[np.ndarray, np.ndarray]:
-    cos, sin = cos_sin(np.arange(positions), attrs)
-    return cos.astype(np.float32), sin.astype(np.float32)
+    return _Lowering(fn, params, config, prog).run()
 
 
 class _Lowering:
-    def __init__(self, fn: Function, params: dict[str, TorchWeight], config: ModelConfig, prog: Any,
-                 rope_table: Callable[..., tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, fn: Function, params: dict[str, TorchWeight], config: ModelConfig, prog: Any) -> None:
         self.fn, self.params, self.config, self.prog = fn, params, config, prog
-        self.rope_table_fn = rope_table
         self.values: dict[Value, _Val] = {}
         self.free: dict[tuple[int, bool], list[int]] = defaultdict(list)
         self.width: dict[int, tuple[int, bool]] = {}
         self.refs: dict[int, int] = defaultdict(int)
-        self.ropes: dict[tuple, int] = {}
+        self.ropes: dict[RopeSpec, int] = {}
         self.count = 0
         self.last_use: dict[Value, int] = {}
         self.uses: dict[Value, int] = defaultdict(int)
@@ -151,14 +142,13 @@ class _Lowering:
         raise Unsupported(f"{what} {name!r} is a {weight.dtype} matrix, not a quantized one")
 
     def rope(self, attrs: dict[str, Any]) -> tuple[int, int, bool]:
-        keys = ("theta", "style", "rotary_dim", "scaling", "factor", "low_freq_factor", "high_freq_factor",
-                "original_max_position")
-        key = tuple(attrs.get(k) for k in keys)
-        if key not in self.ropes:
-            cos, sin = self.rope_table_fn(dict(attrs), self.config.max_position)
-            self.ropes[key] = int(self.prog.rope_table(torch.from_numpy(np.ascontiguousarray(cos, np.float32)),
-                                                       torch.from_numpy(np.ascontiguousarray(sin, np.float32))))
-        return self.ropes[key], int(attrs["rotary_dim"]), attrs["style"] == "half"
+        """The program's table for this node's RoPE setting (made once per setting), its rotary dim and style."""
+        spec = RopeSpec.from_attrs(attrs)
+        if spec not in self.ropes:
+            cos, sin = spec.cos_sin(np.arange(self.config.max_position))
+            self.ropes[spec] = int(self.prog.rope_table(torch.from_numpy(np.ascontiguousarray(cos, np.float32)),
+                                                        torch.from_numpy(np.ascontiguousarray(sin, np.float32))))
+        return self.ropes[spec], spec.rotary_dim, spec.half
 
     # -- ops -------------------------------------------------------------------------------
     def run(self) -> NativeStep:
@@ -250,6 +240,21 @@ class _Lowering:
             self.prog.attention(dst, q.view, k.view, v.view, int(a["layer"]), q.heads, k.heads, q.head_dim,
                                 float(a["scale"]), table, rot, half)
             self.bind(node.out(), _Val(dst, False, q.heads, q.head_dim))
+        elif op == "packed_rope_attention":
+            x = self.view_of(ins[0])
+            heads, kv_heads, hd = (int(a[k]) for k in ("heads", "kv_heads", "head_dim"))  # type: ignore[call-overload]
+            if x.output_rows or not self.read_once(ins[0]):
+                raise Unsupported("packed_rope_attention rotates its packed q and k in place; here they are read "
+                                  "elsewhere too")
+            buf, col, _ = x.view  # type: ignore[misc]
+            q_view = (buf, col, heads * hd)
+            k_view = (buf, col + heads * hd, kv_heads * hd)
+            v_view = (buf, col + (heads + kv_heads) * hd, kv_heads * hd)
+            table, rot, half = self.rope(a)
+            dst = self.new_view(heads * hd, False)
+            self.prog.attention(dst, q_view, k_view, v_view, int(a["layer"]), heads, kv_heads, hd,  # type: ignore
+                                float(a["scale"]), table, rot, half)  # type: ignore[arg-type]
+            self.bind(node.out(), _Val(dst, False, heads, hd))
         elif op in ELEMENTWISE:
             x = self.view_of(ins[0])
             other = self.view_of(ins[1]) if len(ins) > 1 else None

@@ -205,7 +205,7 @@ def kernel_weight(codes: np.ndarray | torch.Tensor, scales: np.ndarray | torch.T
                   offsets: np.ndarray | torch.Tensor | None, group: int, zero: int, max_code: int) -> Any:
     """A :class:`KernelWeight` for ``value = scale * (u - zero)`` (``offsets`` None) or
     ``scale * u + offset``: ``codes`` uint8 ``[out, in]``, ``scales``/``offsets`` ``[out, ceil(in / group)]``
-    float16 (kept as such) or another float type (float32); ``group`` 16 or a multiple of 32."""
+    float16 (kept as such) or another float type (float32); ``group`` as :func:`kernel_group_ok` takes."""
     as_tensor = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     scales_t = as_tensor(scales)
     if scales_t.dtype == torch.bfloat16:
@@ -214,9 +214,10 @@ def kernel_weight(codes: np.ndarray | torch.Tensor, scales: np.ndarray | torch.T
                                            int(group), int(zero), int(max_code))
 
 
-def kernel_group_ok(group: int) -> bool:
-    """Whether :func:`kernel_weight` takes scales per ``group`` inputs."""
-    return group == 16 or (group > 0 and group % 32 == 0)
+def kernel_group_ok(group: int, in_features: int) -> bool:
+    """Whether :func:`kernel_weight` takes scales per ``group`` inputs (16, a multiple of 32, or one
+    group per row) for rows of ``in_features``."""
+    return group == 16 or (group > 0 and (group % 32 == 0 or group >= in_features))
 
 
 def quantize_activations(x: torch.Tensor, isa: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:

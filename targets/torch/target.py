@@ -17,9 +17,12 @@ if TYPE_CHECKING:
 PAYLOAD = "target/torch.json"
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_KERNELS = ("auto", "torch", "dequant")
+STEP_MODES = ("auto", "ops")  # llmc.targets.torch.executor.STEP_MODES (not imported: capabilities stay cheap)
 _BLOCK_SIZE = TargetOption("block_size", int, "tokens per KV cache block (16)", minimum=1)
-_QUANT_KERNELS = TargetOption("quant_kernels", str, "int4/int8 matmuls: auto (llmc's CPU kernels where faster), "
+_QUANT_KERNELS = TargetOption("quant_kernels", str, "quantized matmuls: auto (llmc's int8-activation CPU kernels), "
                               "torch (torch's packed kernels) or dequant (dequantize on the fly)", QUANT_KERNELS)
+_STEP = TargetOption("step", str, "auto (CPU: one native call per step when every matmul runs on llmc's kernels) "
+                     "or ops (torch ops per IR op)", STEP_MODES)
 
 
 class TorchTarget(Target):
@@ -29,8 +32,9 @@ class TorchTarget(Target):
         TargetOption("activation_dtype", str, "dtype of activations and the KV cache", ACTIVATION_DTYPES),
         _BLOCK_SIZE,
         _QUANT_KERNELS,
+        _STEP,
     )
-    load_options = (_BLOCK_SIZE, _QUANT_KERNELS)
+    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, _STEP)
     skipped_fusions = ("fuse-gate-up",)
     """Fusions the target can run but leaves out of its O2/O3: measured slower on torch CPU
     (docs/performance.md, "Passes: O0 vs O2"). ``--passes`` can still ask for them."""
@@ -53,6 +57,7 @@ class TorchTarget(Target):
             "activation_dtype": options.get("activation_dtype", "float32"),
             "block_size": int(options.get("block_size", 16)),
             "quant_kernels": str(options.get("quant_kernels", "auto")),
+            "step": str(options.get("step", "auto")),
         }
         writer.path(PAYLOAD).write_text(json.dumps(opts, indent=1))
         return EmitResult(options=opts, files=[PAYLOAD])
@@ -76,4 +81,5 @@ class TorchTarget(Target):
             threads=options.get("threads"),
             deterministic=bool(options.get("deterministic", False)),
             quant_kernels=str(options.get("quant_kernels") or saved.get("quant_kernels", "auto")),
+            step=str(options.get("step") or saved.get("step", "auto")),
         )

@@ -189,8 +189,8 @@ class PackedWeight:
         return total
 
     def kernel_supported(self) -> bool:
-        """Whether llmc's CPU kernels take this weight's groups (16 or a multiple of 32 inputs)."""
-        return qkernels.kernel_group_ok(self.group)
+        """Whether llmc's CPU kernels take this weight's groups (16, a multiple of 32 inputs, or one per row)."""
+        return qkernels.kernel_group_ok(self.group, self.shape[1])
 
     def prepare_cpu_kernel(self) -> bool:
         """Build the kernel layout (once) and drop the packed form; False where it does not apply."""

@@ -72,9 +72,10 @@ class KernelWeight {
     TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8, "codes: uint8 [out, in]");
     TORCH_CHECK(scales.dim() == 2 && scales.size(0) == codes.size(0), "scales: [out, groups]");
     TORCH_CHECK(max_code >= 1 && max_code <= 255, "max_code must be in 1..255");
-    TORCH_CHECK(group == 16 || (group > 0 && group % 32 == 0), "groups of 16 or a multiple of 32 inputs");
     out_ = codes.size(0);
     in_ = codes.size(1);
+    TORCH_CHECK(group == 16 || (group > 0 && (group % 32 == 0 || group >= in_)),
+                "groups of 16, a multiple of 32 inputs, or one group per row");
     TORCH_CHECK(out_ > 0 && in_ > 0, "empty weight");
     const int64_t groups = scales.size(1);
     TORCH_CHECK(groups == (in_ + group - 1) / group, "scales hold one column per group of inputs");
