@@ -17,15 +17,12 @@ from tests.runtime.serving import ServerProcess  # noqa: E402
 def test_smollm2_chat_answers_paris(smollm2_gguf: Path, tmp_path: Path) -> None:
     from llmc.driver import CompileOptions, compile_model
 
-    # float activations: with the CPU default (int8 activations, as llama.cpp) this 135M Q4_1 model answers
-    # this chat like llama.cpp does on the same file ("L'Étoile, la Marseillaise, ..."), without Paris
-    artifact = compile_model(smollm2_gguf, tmp_path / "smol",
-                             CompileOptions(quant="native", target_options={"quant_kernels": "dequant"}))
+    artifact = compile_model(smollm2_gguf, tmp_path / "smol", CompileOptions(quant="native"))
     with ServerProcess(artifact, log=tmp_path / "server.log") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
         assert [m.id for m in client.models.list().data] == ["smol"]
         reply = client.chat.completions.create(
-            model="smol", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            model="smol", messages=[{"role": "user", "content": "Name the capital of France."}],
             max_tokens=8, temperature=0)
         assert "Paris" in reply.choices[0].message.content
         assert reply.usage.prompt_tokens > 10  # the template adds SmolLM2's default system prompt
