@@ -226,19 +226,33 @@ void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scrat
   int64_t kstride[kVec];
   for (int64_t p0 = 0; p0 < last; p0 += kChunk) {
     const int valid_all = static_cast<int>(last - p0 < kChunk ? last - p0 : kChunk);
-    for (int j = 0; j < kChunk; ++j) {
-      if (j < valid_all) {
-        const int64_t pos = p0 + j;
-        const int64_t slot = table[pos / bs] * bs + pos % bs;
-        vrows[j] = a.v + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
-        if (!a.k_block_major) {
-          const float* krow = a.k + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
-          for (int d = 0; d < hd; ++d) kt[d * kChunk + j] = krow[d];
-        }
-      } else {
+    const bool aligned = bs % kLanes == 0;  // then 16 positions from a multiple of 16 share one block
+    for (int c = 0; c < kVec; ++c) {
+      const int n = valid_all - c * kLanes < kLanes ? valid_all - c * kLanes : kLanes;
+      if (aligned && n > 0) {
+        const int64_t pos = p0 + c * kLanes;
+        const int64_t slot0 = table[pos / bs] * bs + pos % bs;
+        for (int j = 0; j < n; ++j) vrows[c * kLanes + j] = a.v + (slot0 + j) * kv_stride + static_cast<int64_t>(kvh) * hd;
         if (!a.k_block_major)
-          for (int d = 0; d < hd; ++d) kt[d * kChunk + j] = 0.0f;
-        vrows[j] = nullptr;
+          for (int j = 0; j < n; ++j) {
+            const float* krow = a.k + (slot0 + j) * kv_stride + static_cast<int64_t>(kvh) * hd;
+            for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = krow[d];
+          }
+      } else {
+        for (int j = 0; j < (n > 0 ? n : 0); ++j) {
+          const int64_t pos = p0 + c * kLanes + j;
+          const int64_t slot = table[pos / bs] * bs + pos % bs;
+          vrows[c * kLanes + j] = a.v + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
+          if (!a.k_block_major) {
+            const float* krow = a.k + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
+            for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = krow[d];
+          }
+        }
+      }
+      for (int j = n > 0 ? n : 0; j < kLanes; ++j) {
+        vrows[c * kLanes + j] = nullptr;
+        if (!a.k_block_major)
+          for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = 0.0f;
       }
     }
     for (int c = 0; c < kVec; ++c) {
