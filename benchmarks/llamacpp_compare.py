@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for engine, info in (("llmc", ours), ("llama.cpp", theirs)):
         for p in prompt_lens:
+            own_steps = steps.get(f"b1_d{p}") if engine == "llmc" else None
             results.append(row(info, "single", 1, p, gen, samples[(engine, f"prefill{p}")],
-                               samples[(engine, f"decode_b1_d{p}")], steps.get(f"b1_d{p}") if engine == "llmc" else None))
+                               samples[(engine, f"decode_b1_d{p}")], own_steps))
         results.append(row(info, "batch", batch, 64, gen, samples[(engine, "batch_prefill")],
                            samples[(engine, "batch_decode")], steps.get("batch") if engine == "llmc" else None))
     ratios: list[tuple[str, float | None, float | None, float | None, float | None]] = []
