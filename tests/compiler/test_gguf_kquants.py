@@ -50,12 +50,12 @@ def test_default_compile_keeps_every_block_as_stored(kquant_gguf: Path, tmp_path
     for gguf_name, canonical in (("blk.0.attn_q.weight", "layers.0.q"), ("blk.1.ffn_gate.weight", "layers.1.gate"),
                                  ("blk.0.attn_output.weight", "layers.0.o"), ("output.weight", "lm_head")):
         t = stored[gguf_name]
-        w = weights[canonical] if canonical in weights else None
+        w = weights.get(canonical)
         if w is None:  # fused by the pipeline (qkv): the artifact holds the rows of the fused weight
             continue
         assert isinstance(w, QuantizedTensor) and w.spec.ggml == t.tensor_type.name
         assert np.array_equal(w.qdata.reshape(-1), np.asarray(t.data).reshape(-1))  # bit for bit
-    qkv = weights["layers.0.qkv"] if "layers.0.qkv" in weights else None
+    qkv = weights.get("layers.0.qkv")
     assert qkv is None or qkv.spec.ggml is None  # q/k/v differ in type: not fused
 
 
