@@ -20,6 +20,8 @@ namespace {
 
 enum Codes { kNibble = 0, kSmall = 1, kFull = 2 };
 
+constexpr int64_t kAhead = 12;  // blocks prefetched ahead by the few-column kernels
+
 inline __m256 load_scales8(const void* base, int64_t index, bool f16) {
   if (f16) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
       static_cast<const uint16_t*>(base) + index)));
@@ -82,7 +84,17 @@ void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0,
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m256 acc[NC];
   for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+  const int64_t esz = f16 ? 2 : 4;
+  const char* sbytes = static_cast<const char*>(w.scales) + (t * nb * nsub * kRows) * esz;
+  const char* obytes = SYM ? nullptr : static_cast<const char*>(w.offsets) + (t * nb * nsub * kRows) * esz;
+  const uint8_t* tile_codes = w.codes + t * nb * cb;
   for (int64_t b = 0; b < nb; ++b) {
+    if (NC <= 2 && half == 0) {  // few columns: memory bound, fetch the tile ahead (the second half hits L1)
+      const char* next = reinterpret_cast<const char*>(tile_codes + (b + kAhead) * cb);
+      for (int l = 0; l < cb; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+      _mm_prefetch(sbytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
+      if (!SYM) _mm_prefetch(obytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
+    }
     __m256i wv[8];
     if (bits8) {
       for (int j = 0; j < 8; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * 512 + j * 64));
