@@ -9,14 +9,13 @@ import numpy as np
 
 from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
+from llmc.runtime.errors import TokenIdError
 from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import BlockAllocator
+from llmc.runtime.loader import kv_blocks_for
+from llmc.runtime.sampling import log_softmax
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+__all__ = ["EvalResult", "evaluate", "log_softmax", "reference_logits", "score", "scored_logits"]
 
 
 def scored_logits(executor: Executor, ids: list[int], window: int | None = None,
@@ -31,14 +30,14 @@ def scored_logits(executor: Executor, ids: list[int], window: int | None = None,
     if len(ids) < 2:
         raise RequestError("need at least two tokens to score")
     spec = executor.kv_spec()
-    allocator = BlockAllocator(-(-window // spec.block_size), spec.block_size)
+    allocator = BlockAllocator(kv_blocks_for(spec, 1, window), spec.block_size)
     executor.init_cache(allocator.num_blocks)
     stride = max(window // 2, 1)
     scored_until = 1  # next position to score
     start = 0
     while scored_until < len(ids):
         end = min(start + window, len(ids))
-        table = allocator.allocate(allocator.blocks_for(end - start))
+        table = allocator.allocate(kv_blocks_for(spec, 1, end - start))
         for c0 in range(start, end, chunk):
             c1 = min(c0 + chunk, end)
             layout = BatchLayout((0,), (c1 - c0,), (c1 - start,))
@@ -88,9 +87,7 @@ def evaluate(executor: Executor, ids: list[int], reference: Executor | list[tupl
             f"the reference model has a vocabulary of {reference.config.vocab_size} tokens, this one {vocab}: "
             "KL divergence needs the same tokenizer"
         )
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise RequestError(f"token ids {bad[:5]} are outside the vocabulary of {vocab}")
+    TokenIdError.check(ids, vocab)
     ref_iter: Iterator[tuple[int, np.ndarray]] | None = None
     if isinstance(reference, Executor):
         ref_iter = scored_logits(reference, ids, window)

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
+from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
 
 
@@ -37,6 +38,18 @@ class StepBatch:
             raise ValueError(f"{self.token_ids.shape[0]} token ids for a layout of {self.layout.num_tokens}")
         if len(self.block_tables) != len(self.layout.seq_ids):
             raise ValueError("one block table per sequence is required")
+
+    def check(self, vocab_size: int, max_position: int) -> None:
+        """Refuse token ids outside the vocabulary, a context beyond ``max_position`` tokens and
+        logits rows outside the step's tokens (:class:`RequestError` with the numbers): every
+        executor calls this first, so none reads out of bounds."""
+        ids, layout, rows = self.token_ids, self.layout, self.logits_rows
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise RequestError(f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+        if layout.context_lens and max(layout.context_lens) > max_position:
+            raise RequestError(f"position {max(layout.context_lens) - 1} is beyond the context of {max_position}")
+        if rows.size and (rows.min() < 0 or rows.max() >= layout.num_tokens):
+            raise RequestError(f"logits rows {rows.tolist()} are outside the {layout.num_tokens} tokens of the step")
 
     @property
     def is_decode(self) -> bool:

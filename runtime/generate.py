@@ -20,7 +20,8 @@ class GenerationResult:
 
 def generate_ids(model: LoadedModel, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
     """Generate from ``prompt_ids`` until EOS, a stop token or ``max_tokens`` (one request on an engine)."""
-    blocks = kv_blocks_for(model.executor.kv_spec(), 1, len(prompt_ids) + params.max_tokens)
+    max_tokens = params.max_new_tokens(len(prompt_ids), model.executor.config.max_position)
+    blocks = kv_blocks_for(model.executor.kv_spec(), 1, len(prompt_ids) + max(max_tokens, 0))
     config = EngineConfig(max_running=1, num_blocks=blocks, prefix_caching=False)
     with Engine(model.executor, model.tokenizer, config) as engine:
         out = engine.generate([list(prompt_ids)], params)[0]

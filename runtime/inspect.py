@@ -8,16 +8,22 @@ from typing import Any
 from llmc.runtime.artifact import IR_FILE, Artifact
 
 
+def weight_types(params: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many of a manifest's ``params`` have each quant scheme (or dtype, when not quantized)."""
+    types: dict[str, int] = {}
+    for record in params.values():
+        key = record.get("quant") or record.get("dtype", "?")
+        types[key] = types.get(key, 0) + 1
+    return types
+
+
 def summarize(path: Path) -> tuple[dict[str, Any], str]:
     """A summary dict (with a ``text`` rendering) and the IR text."""
     artifact = Artifact.load(path)
     m = artifact.manifest
     counts = artifact.module.op_counts()
     weight_bytes = sum(int(r.get("bytes", 0)) for r in m["params"].values())
-    quant: dict[str, int] = {}
-    for record in m["params"].values():
-        key = record.get("quant") or record.get("dtype", "?")
-        quant[key] = quant.get(key, 0) + 1
+    quant = weight_types(m["params"])
     summary: dict[str, Any] = {
         "path": str(path),
         "schema_version": m["schema_version"],

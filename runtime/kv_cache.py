@@ -97,6 +97,11 @@ class KVCacheManager(ABC):
     num_blocks: int
     block_size: int
 
+    @property
+    def max_sequences(self) -> int | None:
+        """The most sequences it can hold at once (None: as many as their blocks allow)."""
+        return None
+
     @abstractmethod
     def admit(self, seq_id: int, tokens: list[int]) -> int | None:
         """Start a sequence whose known tokens are ``tokens`` if the cache can hold them all
@@ -247,6 +252,10 @@ class SlotKVCache(KVCacheManager):
         self.block_size = max_tokens
         self._free = list(range(num_slots - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
+
+    @property
+    def max_sequences(self) -> int:
+        return self.num_blocks
 
     def admit(self, seq_id: int, tokens: list[int]) -> int | None:
         if not self._free:

@@ -1,6 +1,7 @@
 """The runtime spine: artifact -> executor (through the target registry), and how big its KV
 cache is. :meth:`Engine.load <llmc.runtime.engine.Engine.load>`, ``llmc run``, ``llmc eval``
-and ``llmc bench`` all load through :func:`load_model`."""
+and ``llmc bench`` all load through :func:`load_model`, and size caches with :func:`kv_blocks`,
+:func:`kv_blocks_for` or :func:`kv_cache_for` (the only places that know how)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from llmc.compiler.errors import ArtifactError, LlmcError, UnsupportedError
 from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.runtime.artifact import MANIFEST, Artifact
 from llmc.runtime.executor import Executor, KVSpec
+from llmc.runtime.kv_cache import KVCacheManager, PagedKVCache, SlotKVCache
 from llmc.runtime.registry import get_target
 from llmc.runtime.target import Capabilities, Target, check_options
 
@@ -110,3 +112,15 @@ def kv_blocks_for(spec: KVSpec, sequences: int, tokens_each: int) -> int:
     if spec.layout == "slots":
         return sequences
     return sequences * max(1, -(-tokens_each // spec.block_size))
+
+
+def kv_cache_for(executor: Executor, max_running: int, *, num_blocks: int | None = None,
+                 kv_memory: int | None = None, prefix_caching: bool = True) -> KVCacheManager:
+    """Allocate ``executor``'s cache (sized by :func:`kv_blocks`) and return the manager that hands
+    its blocks (or slots) to sequences. Prefix caching needs an executor that reads the block tables."""
+    spec = executor.kv_spec()
+    blocks = kv_blocks(spec, max_running, num_blocks=num_blocks, kv_memory=kv_memory)
+    executor.init_cache(blocks)
+    if spec.layout == "slots":  # a slot's block_size is its capacity
+        return SlotKVCache(blocks, min(spec.block_size, executor.config.max_position))
+    return PagedKVCache(blocks, spec.block_size, prefix_caching=prefix_caching and spec.uses_block_tables)

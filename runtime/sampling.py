@@ -27,9 +27,13 @@ def _is_int(value: object) -> bool:
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop (field names follow the OpenAI API)."""
+    """How to pick tokens and when to stop (field names follow the OpenAI API).
 
-    max_tokens: int = 64
+    ``max_tokens=None`` asks for the rest of the context: as many tokens as the model's context
+    leaves after the prompt (see :meth:`max_new_tokens`).
+    """
+
+    max_tokens: int | None = 64
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -48,9 +52,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop)
-        for name in ("max_tokens", "top_k"):
-            if not _is_int(getattr(self, name)):
-                raise RequestError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.max_tokens is not None and not _is_int(self.max_tokens):  # None: the rest of the context
+            raise RequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if not _is_int(self.top_k):
+            raise RequestError(f"top_k must be an integer, got {self.top_k!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
             raise RequestError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.logprobs is not None and not _is_int(self.logprobs):
@@ -62,7 +67,7 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
@@ -83,6 +88,11 @@ class SamplingParams:
             raise RequestError("stop must be a string or a list of strings")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must not be empty")
+
+    def max_new_tokens(self, prompt_tokens: int, context_length: int) -> int:
+        """The most tokens to generate after a prompt of ``prompt_tokens``: ``max_tokens``, or for
+        None what ``context_length`` leaves (which may be < 1: the engine then refuses the request)."""
+        return self.max_tokens if self.max_tokens is not None else context_length - prompt_tokens
 
     @property
     def greedy(self) -> bool:
@@ -105,8 +115,14 @@ class TokenLogprobs:
 class RequestSampler:
     """Per-request sampling state: the parameters, a private generator and penalty counts."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int]) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int],
+                 max_tokens: int | None = None) -> None:
+        """``max_tokens`` overrides ``params.max_tokens`` (the engine resolves None to the rest of the context)."""
         self.params = params
+        limit = params.max_tokens if max_tokens is None else max_tokens
+        if limit is None:
+            raise ValueError("max_tokens=None must be resolved against the context before sampling")
+        self.max_tokens: int = limit
         self.rng = np.random.default_rng(params.seed)
         self.prompt_ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
         self.output_ids: list[int] = []
@@ -117,7 +133,7 @@ class RequestSampler:
         self.output_ids.append(token)
         if token in self.stop_ids:
             return "stop"
-        if len(self.output_ids) >= self.params.max_tokens:
+        if len(self.output_ids) >= self.max_tokens:
             return "length"
         return None
 

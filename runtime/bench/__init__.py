@@ -91,7 +91,7 @@ def run_bench(artifact: str | Path, settings: BenchSettings, device: str | None 
                           name=name)
     try:
         report = new_report(settings, model_summary(backend.artifact), settings.threads, measure_bw,
-                            bandwidth_mib=bandwidth_mib, device=str(getattr(backend.executor, "device", "cpu")))
+                            bandwidth_mib=bandwidth_mib, device=str(backend.executor.device))
         points = settings.points()
         advance, close = progress_bar(len(points) * (settings.warmup + settings.repeat), quiet)
         try:

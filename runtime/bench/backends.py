@@ -1,9 +1,9 @@
 """What a benchmark drives: a :class:`Backend` runs a static batch or concurrent requests.
 
 llmc's own backend is here; peers (llama.cpp, transformers, ONNX Runtime GenAI) implement the
-same interface in ``benchmarks/peers.py``, so every engine is timed by the same harness with the
-same prompts. All decoding is greedy and ignores EOS, so every sequence produces exactly
-``gen_len`` tokens.
+same interface in ``benchmarks/peer_engines/`` (run by ``benchmarks/peers.py``), so every engine
+is timed by the same harness with the same prompts. All decoding is greedy and ignores EOS, so
+every sequence produces exactly ``gen_len`` tokens.
 """
 
 from __future__ import annotations
@@ -126,13 +126,11 @@ class LlmcBackend(Backend):
 
     def info(self) -> BackendInfo:
         from llmc.compiler.version import __version__
+        from llmc.runtime.inspect import weight_types
 
         m = self.artifact.manifest
         total, per_step, row = weight_bytes_per_step(m["params"])
-        types: dict[str, int] = {}
-        for record in m["params"].values():
-            key = record.get("quant") or record.get("dtype", "?")
-            types[key] = types.get(key, 0) + 1
+        types = weight_types(m["params"])
         return BackendInfo(
             engine="llmc",
             label=f"llmc/{self.artifact.target}:{self.name}",
@@ -195,6 +193,7 @@ class LlmcBackend(Backend):
         llama.cpp's ``n_ctx`` = slots x length), not the Engine's default of at least one
         full-context sequence (8 GiB for Llama-3.2-1B's 131,072 positions)."""
         from llmc.runtime.bench.concurrency import run_engine_requests
+        from llmc.runtime.engine import Engine, EngineConfig
 
         slots = len(prompts)
         length = max(len(p) for p in prompts) + gen_len
@@ -206,7 +205,7 @@ class LlmcBackend(Backend):
                 from llmc.runtime.loader import kv_blocks_for
 
                 config["num_blocks"] = kv_blocks_for(self.executor.kv_spec(), slots, length)
-            self._engine = _make_engine(self.executor, self.model.tokenizer, config)
+            self._engine = Engine(self.executor, self.model.tokenizer, EngineConfig.from_kwargs(**config))
             self._engine_key = key
         return run_engine_requests(self._engine, prompts, gen_len)
 
@@ -220,12 +219,3 @@ class LlmcBackend(Backend):
         self._engine = None
         self._engine_key = None
 
-
-def _make_engine(executor: Any, tokenizer: Any, config: dict[str, Any]) -> Any:
-    try:
-        from llmc.runtime.engine import Engine, EngineConfig
-    except ImportError as exc:
-        raise UnsupportedError(
-            f"the concurrency scenario needs the continuous-batching engine (llmc.runtime.engine): {exc}"
-        ) from exc
-    return Engine(executor, tokenizer, EngineConfig.from_kwargs(**config))

@@ -17,12 +17,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from llmc.compiler.errors import LlmcError
+from llmc.compiler.errors import LlmcError, RequestError
+from llmc.compiler.tokenizer import LlmcTokenizer
+from llmc.runtime.errors import EngineClosedError
 from llmc.runtime.sampling import SamplingParams
-from llmc.runtime.server.backend import Backend, Delta
-from llmc.runtime.server.errors import APIError, error_body, install_error_handlers
+from llmc.runtime.server.errors import APIError, error_body, install_error_handlers, refusal
 from llmc.runtime.server.formatting import DONE, Formatter, sse
-from llmc.runtime.server.generation import ChoiceResult, Job, RequestRun
+from llmc.runtime.server.generation import ChoiceResult, Delta, Job, RequestRun
 from llmc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
 from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from llmc.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
@@ -41,14 +42,21 @@ class ClientDisconnected(Exception):
 
 
 class ServerState:
-    """What the routes share: the engine backend, metrics, names and the API key."""
+    """What the routes share: the engine (through its public API only), metrics and names."""
 
-    def __init__(self, backend: Backend, model_name: str) -> None:
-        self.backend = backend
+    def __init__(self, engine: Any, model_name: str) -> None:
+        if engine.tokenizer is None:
+            raise LlmcError("the artifact has no tokenizer; llmc serve needs one (compile a model that ships "
+                            "tokenizer.json or a GGUF with its vocabulary)")
+        self.engine = engine
+        self.tokenizer: LlmcTokenizer = engine.tokenizer
         self.model_name = model_name
         self.created = int(time.time())
-        self.metrics = ServerMetrics(backend.stats)
-        self.token_bytes = TokenBytes(backend.tokenizer)
+        self.metrics = ServerMetrics(self.engine_stats)
+        self.token_bytes = TokenBytes(self.tokenizer)
+
+    def engine_stats(self) -> dict[str, Any]:
+        return self.engine.stats()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -57,7 +65,7 @@ class ServerState:
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc",
-                "max_model_len": self.backend.max_context}
+                "max_model_len": int(self.engine.config.max_position)}
 
 
 class EventStreamResponse(StreamingResponse):
@@ -99,7 +107,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _sampling(req: _GenerationRequest, max_tokens: int, seed: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None,
+              logprobs: int | None) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -120,45 +129,25 @@ def _sampling(req: _GenerationRequest, max_tokens: int, seed: int | None, logpro
         raise APIError(400, str(exc)) from exc
 
 
-def _check_context(state: ServerState, prompt_len: int, max_tokens: int | None, what: str) -> int:
-    """The max_tokens to use; a 400 with the numbers when the request does not fit the context."""
-    limit = state.backend.max_context
-    if max_tokens is None:
-        max_tokens = limit - prompt_len
-        if max_tokens < 1:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
-                           f"is {prompt_len} tokens, which leaves no room for the completion.",
-                           param=what, code="context_length_exceeded")
-        return max_tokens
-    if prompt_len + max_tokens > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                       f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} for the "
-                       f"completion). Please reduce the length of the {what} or max_tokens.",
-                       param="max_tokens", code="context_length_exceeded")
-    return max_tokens
-
-
-def _check_ids(state: ServerState, prompts: list[list[int]]) -> None:
-    vocab = state.backend.vocab_size
-    for p in prompts:
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary of {vocab}", param="prompt")
-
-
-def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: list[int], logprobs: int | None) -> list[Job]:
+def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: int | None,
+          logprobs: int | None) -> list[Job]:
+    """``req.n`` sequences per prompt; ``max_tokens=None`` generates up to the end of the context."""
     jobs = []
     for p, ids in enumerate(prompts):
         for i in range(req.n):
             seed = None if req.seed is None else (req.seed + i) % 2**64  # OpenAI seeds may be negative
-            jobs.append(Job(p * req.n + i, ids, _sampling(req, max_tokens[p], seed, logprobs)))
+            jobs.append(Job(p * req.n + i, ids, _sampling(req, max_tokens, seed, logprobs)))
     return jobs
 
 
-async def _respond(request: Request, run: RequestRun, build: Callable[[list[ChoiceResult]], dict[str, Any]],
+async def _respond(request: Request, run: RequestRun, what: str, build: Callable[[list[ChoiceResult]], dict[str, Any]],
                    events: Callable[[], AsyncIterator[bytes]] | None) -> Response:
-    """Start the run; then stream ``events()`` (when given) or answer ``build(results)`` as JSON."""
-    run.start()
+    """Start the run (the engine's refusals become errors in OpenAI's format; ``what`` names the
+    prompt's field); then stream ``events()`` (when given) or answer ``build(results)`` as JSON."""
+    try:
+        run.start()
+    except (RequestError, EngineClosedError) as exc:
+        raise refusal(exc, what) from exc
     if events is not None:
         return EventStreamResponse(_guarded(events(), run))
     try:
@@ -186,16 +175,17 @@ async def _guarded(events: AsyncIterator[bytes], run: RequestRun) -> AsyncIterat
         await run.close()
 
 
-def create_app(engine: Any, *, model_name: str, api_key: str | None = None, backend: Backend | None = None) -> FastAPI:
-    """An OpenAI-compatible app over ``engine`` (see :class:`llmc.runtime.server.backend.Backend`)."""
-    state = ServerState(backend or Backend(engine), model_name)
+def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> FastAPI:
+    """An OpenAI-compatible app over ``engine`` (an :class:`llmc.runtime.engine.Engine`, or any
+    object with its public API: ``tokenizer``, ``config``, ``open_stream``, ``stats``, ``is_alive``)."""
+    state = ServerState(engine, model_name)
     app = FastAPI(title="llmc", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llmc = state
     install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not state.backend.alive():
+        if not state.engine.is_alive():
             return JSONResponse({"status": "engine stopped", "model": state.model_name}, status_code=503)
         return JSONResponse({"status": "ok", "model": state.model_name})
 
@@ -230,18 +220,16 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None, back
 async def _completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
     state.check_model(body.model)
-    tokenizer = state.backend.tokenizer
+    tokenizer = state.tokenizer
     raw = body.prompts()
     if isinstance(raw[0], str):
         texts: list[str] = raw  # type: ignore[assignment]
         prompts = await run_in_threadpool(tokenizer.encode_batch, texts)
     else:
         prompts = raw  # type: ignore[assignment]
-        _check_ids(state, prompts)
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
-    requested = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    limits = [_check_context(state, len(p), requested, "prompt") for p in prompts]
-    run = RequestRun(state.backend, _jobs(body, prompts, limits, body.logprobs), f"cmpl-{uuid.uuid4().hex}",
+    max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+    run = RequestRun(state.engine, _jobs(body, prompts, max_tokens, body.logprobs), f"cmpl-{uuid.uuid4().hex}",
                      state.metrics, arrival)
     fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
     prompt_tokens = sum(len(p) for p in prompts)
@@ -266,13 +254,13 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
             yield sse(fmt.usage_chunk("text_completion", prompt_tokens, generated))
         yield DONE
 
-    return await _respond(request, run, build, events if body.stream else None)
+    return await _respond(request, run, "prompt", build, events if body.stream else None)
 
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
     state.check_model(body.model)
-    tokenizer = state.backend.tokenizer
+    tokenizer = state.tokenizer
 
     def render() -> list[int]:
         text = tokenizer.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
@@ -282,10 +270,10 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
         prompt = await run_in_threadpool(render)
     except LlmcError as exc:
         raise APIError(400, str(exc), param="messages") from exc
-    limit = _check_context(state, len(prompt), body.completion_limit(), "messages")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    run = RequestRun(state.backend, _jobs(body, [prompt], [limit], top_n), f"chatcmpl-{uuid.uuid4().hex}",
-                     state.metrics, arrival)
+    # without max_tokens the completion may fill the rest of the context (SamplingParams(max_tokens=None))
+    run = RequestRun(state.engine, _jobs(body, [prompt], body.completion_limit(), top_n),
+                     f"chatcmpl-{uuid.uuid4().hex}", state.metrics, arrival)
     fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
@@ -307,4 +295,4 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
             yield sse(fmt.usage_chunk("chat.completion.chunk", len(prompt), generated))
         yield DONE
 
-    return await _respond(request, run, build, events if body.stream else None)
+    return await _respond(request, run, "messages", build, events if body.stream else None)

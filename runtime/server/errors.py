@@ -3,6 +3,8 @@
 Handlers registered by :func:`install_error_handlers` turn every failure into that body, so a
 client library (``openai``) raises its usual exception types: 400 ``BadRequestError``, 401
 ``AuthenticationError``, 404 ``NotFoundError``, 429 ``RateLimitError``, 500 ``InternalServerError``.
+:func:`refusal` maps the engine's typed refusals (:mod:`llmc.runtime.errors`) to their status,
+``param`` and ``code``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmc.compiler.errors import LlmcError
+from llmc.runtime.errors import ContextLengthError, EngineClosedError, QueueFullError, TokenIdError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -56,6 +59,29 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 def error_response(status: int, message: str, **kwargs: Any) -> JSONResponse:
     return APIError(status, message, **kwargs).response()
+
+
+def refusal(exc: LlmcError, what: str) -> APIError:
+    """The response to the engine refusing a request at submission (a ``RequestError`` or
+    :class:`EngineClosedError`); ``what`` names the prompt's field: ``"prompt"`` or ``"messages"``."""
+    if isinstance(exc, EngineClosedError):
+        return APIError(503, "the engine has stopped; restart the server", code="engine_stopped")
+    if isinstance(exc, QueueFullError):
+        return APIError(429, f"the server is overloaded: {exc}; retry later", code="server_overloaded",
+                        headers={"retry-after": "1"})
+    if isinstance(exc, ContextLengthError):
+        limit, prompt_len, max_tokens = exc.context_length, exc.prompt_tokens, exc.max_tokens
+        if max_tokens is None:
+            return APIError(400, f"This model's maximum context length is {limit} tokens. However, your {what} "
+                            f"is {prompt_len} tokens, which leaves no room for the completion.",
+                            param=what, code="context_length_exceeded")
+        return APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                        f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} for the "
+                        f"completion). Please reduce the length of the {what} or max_tokens.",
+                        param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, TokenIdError) and what == "prompt":
+        return APIError(400, str(exc), param="prompt")
+    return APIError(400, str(exc))
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
@@ -110,4 +136,4 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no route {request.method} {request.url.path}"
         else:
             message = str(exc.detail) if exc.detail else HTTPStatus(status).phrase
-        return error_response(status, message, headers=getattr(exc, "headers", None))
+        return error_response(status, message, headers=exc.headers)

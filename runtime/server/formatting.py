@@ -6,8 +6,7 @@ import json
 import time
 from typing import Any
 
-from llmc.runtime.server.backend import Delta, TokenLogprob
-from llmc.runtime.server.generation import ChoiceResult
+from llmc.runtime.server.generation import ChoiceResult, Delta, TokenLogprob
 from llmc.runtime.server.tokens import TokenBytes
 
 DONE = b"data: [DONE]\n\n"

@@ -1,6 +1,10 @@
 """Run the sequences of one HTTP request on the engine: n choices per prompt, merged into one
 stream of ``(choice index, Delta)``, with per-sequence metrics. Closing the stream (client gone)
-cancels every sequence that has not finished."""
+cancels every sequence that has not finished.
+
+Each sequence is submitted with ``engine.open_stream`` (so a full queue or an invalid request
+raises before any response header goes out) and arrives through the engine's asyncio bridge
+(:class:`llmc.runtime.bridge.RequestStream`); cancelling it frees its KV blocks."""
 
 from __future__ import annotations
 
@@ -9,12 +13,42 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
+from llmc.runtime.bridge import RequestStream
+from llmc.runtime.outputs import StreamChunk
 from llmc.runtime.sampling import SamplingParams
-from llmc.runtime.server.backend import Backend, Delta, SequenceStream, TokenLogprob
 from llmc.runtime.server.metrics import ServerMetrics
+
+
+@dataclass
+class TokenLogprob:
+    """The chosen token's logprob and the most likely alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Delta:
+    """New output of one sequence: text, token ids, their logprobs, and how it ended (last chunk)."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+def to_delta(chunk: StreamChunk) -> Delta:
+    """One engine :class:`~llmc.runtime.outputs.StreamChunk` as a :class:`Delta`."""
+    logprobs = None
+    if chunk.logprobs is not None:
+        logprobs = [TokenLogprob(int(lp.token_id), float(lp.logprob), [(int(t), float(v)) for t, v in lp.top])
+                    for lp in chunk.logprobs]
+    return Delta(chunk.text or "", [int(t) for t in chunk.token_ids], logprobs, chunk.finish_reason)
 
 
 @dataclass
@@ -61,9 +95,9 @@ _END = object()
 class RequestRun:
     """The sequences of one request, running concurrently on the engine."""
 
-    def __init__(self, backend: Backend, jobs: list[Job], request_id: str, metrics: ServerMetrics,
+    def __init__(self, engine: Any, jobs: list[Job], request_id: str, metrics: ServerMetrics,
                  arrival: float | None = None) -> None:
-        self.backend = backend
+        self.engine = engine
         self.jobs = jobs
         self.request_id = request_id
         self.metrics = metrics
@@ -71,14 +105,15 @@ class RequestRun:
         self.timing = {job.index: _SequenceTiming(self.arrival) for job in jobs}
         self._queue: asyncio.Queue[tuple[int, Delta | BaseException | object]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._open: list[SequenceStream] = []
+        self._open: list[RequestStream] = []
 
     def start(self) -> None:
         """Submit every sequence; a refusal (a full queue, an invalid request) raises here,
         before any response header is sent, after cancelling the sequences already submitted."""
         try:
             for job in self.jobs:
-                stream = self.backend.open(job.prompt_ids, job.params, f"{self.request_id}-{job.index}")
+                stream = self.engine.open_stream(None, job.params, request_id=f"{self.request_id}-{job.index}",
+                                                 prompt_ids=job.prompt_ids)
                 self._open.append(stream)
                 self._tasks.append(asyncio.create_task(self._pump(job.index, stream)))
         except BaseException:
@@ -94,9 +129,10 @@ class RequestRun:
         for job in self.jobs:
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
-    async def _pump(self, index: int, stream: SequenceStream) -> None:
+    async def _pump(self, index: int, stream: RequestStream) -> None:
         try:
-            async for delta in stream:
+            async for chunk in stream:
+                delta = to_delta(chunk)
                 self._record(index, delta)
                 await self._queue.put((index, delta))
             await self._queue.put((index, _END))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
-from llmc.compiler.errors import LlmcError, RequestError
+from llmc.compiler.errors import LlmcError
 from llmc.runtime.executor import Executor, KVSpec, StepBatch
 from llmc.targets.onnx.lower import past_name, present_name
 from llmc.targets.onnx.session import create_session, parse_device
@@ -125,6 +125,7 @@ class OnnxExecutor(Executor):
         return slots
 
     def step(self, batch: StepBatch) -> np.ndarray:
+        batch.check(self.config.vocab_size, self.config.max_position)
         layout = batch.layout
         slots = self._slots(batch)
         past = [layout.past_len(j) for j in range(len(layout.seq_ids))]
@@ -132,8 +133,6 @@ class OnnxExecutor(Executor):
         starts = layout.starts()
         row_seq = np.repeat(np.arange(len(layout.seq_ids)), layout.query_lens)
         want = batch.logits_rows
-        if want.size and (want.min() < 0 or want.max() >= layout.num_tokens):
-            raise LlmcError(f"logits rows {want.tolist()} outside the {layout.num_tokens} tokens of the step")
         out = np.empty((len(want), self.config.vocab_size), dtype=np.float32)
         for call in calls:
             offsets = {}
@@ -153,8 +152,6 @@ class OnnxExecutor(Executor):
         starts = layout.starts()
         ids = np.concatenate([batch.token_ids[starts[j]:starts[j] + layout.query_lens[j]] for j in call.seqs])
         context = [layout.context_lens[j] for j in call.seqs]
-        if max(context) > self.config.max_position:
-            raise RequestError(f"position {max(context) - 1} is beyond the context of {self.config.max_position}")
         feeds: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
             "logits_index": np.asarray(rows, dtype=np.int64),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
-from llmc.compiler.errors import LlmcError, RequestError
+from llmc.compiler.errors import LlmcError
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.ir.interp import Interpreter
 from llmc.compiler.weights import NUMPY_DTYPES, WeightStore
@@ -88,14 +88,8 @@ class ReferenceExecutor(Executor):
         if self.keys is None or self.values is None:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
         layout, c = batch.layout, self.config
-        ids = batch.token_ids
-        if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise RequestError(f"token ids must be in [0, {c.vocab_size}), got {ids.min()}..{ids.max()}")
-        if max(layout.context_lens) > c.max_position:
-            raise RequestError(f"position {max(layout.context_lens) - 1} is beyond the context of {c.max_position}")
-        rows = batch.logits_rows
-        if rows.size and (rows.min() < 0 or rows.max() >= layout.num_tokens):
-            raise RequestError("logits rows are outside the step's tokens")
+        batch.check(c.vocab_size, c.max_position)
+        ids, rows = batch.token_ids, batch.logits_rows
         function = "decode" if batch.is_decode and "decode" in self.module.functions else "prefill"
         inputs = {"input_ids": ids, "positions": np.asarray(layout.positions(), dtype=np.int64),
                   "logits_index": rows}

@@ -159,13 +159,12 @@ class TrtGraphExecutor(Executor):
         return calls
 
     def step(self, batch: StepBatch) -> np.ndarray:
+        batch.check(self.config.vocab_size, self.config.max_position)
         layout = batch.layout
         slots = self._slots(batch)
         starts = layout.starts()
         row_seq = np.repeat(np.arange(len(layout.seq_ids)), layout.query_lens)
         want = batch.logits_rows
-        if want.size and (want.min() < 0 or want.max() >= layout.num_tokens):
-            raise LlmcError(f"logits rows {want.tolist()} outside the {layout.num_tokens} tokens of the step")
         out = np.empty((len(want), self.config.vocab_size), dtype=np.float32)
         for seqs in self.plan_calls(layout.query_lens):
             width = max(layout.query_lens[j] for j in seqs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llmc.compiler.errors import LlmcError, RequestError
+from llmc.compiler.errors import LlmcError
 from llmc.runtime.executor import StepBatch
 
 
@@ -44,8 +44,6 @@ def step_context(batch: StepBatch, block_size: int, max_position: int, device: t
     seq_of_row = np.repeat(np.arange(n_seq), qlens)
     offsets = np.arange(int(qlens.sum())) - starts[seq_of_row]  # index of each token in its chunk
     positions = past[seq_of_row] + offsets
-    if positions.size and positions.max() >= max_position:
-        raise RequestError(f"position {positions.max()} is beyond the context of {max_position}")
     max_blocks = -(-max_ctx // bs)
     tables = np.zeros((n_seq, max_blocks), dtype=np.int64)
     for j, table in enumerate(batch.block_tables):

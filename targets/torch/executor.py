@@ -183,6 +183,7 @@ class TorchExecutor(Executor):
     def step(self, batch: StepBatch) -> np.ndarray:
         if self.k_cache is None:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
+        batch.check(self.config.vocab_size, self.config.max_position)
         if self.deterministic:
             return invariant_step(self, batch)
         name = "decode" if batch.is_decode and "decode" in self.programs else "prefill"

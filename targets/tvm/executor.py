@@ -155,12 +155,8 @@ class TvmExecutor(Executor):
         if self.kv is None:
             raise LlmcError("the kv cache is not allocated; call init_cache() first")
         layout, c = batch.layout, self.config
+        batch.check(c.vocab_size, c.max_position)
         ids = batch.token_ids
-        if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
-            raise RequestError(f"token ids must be in [0, {c.vocab_size}), got {ids.min()}..{ids.max()}")
-        if max(layout.context_lens) > c.max_position:
-            raise RequestError(f"a sequence reaches {max(layout.context_lens)} tokens, beyond the context of "
-                               f"{c.max_position}")
         if layout.num_tokens > self.chunk:
             raise RequestError(f"a step of {layout.num_tokens} tokens exceeds the cache of {self.chunk} tokens")
         rows = batch.logits_rows

@@ -264,3 +264,87 @@ def test_internal_paging_executor_gets_releases_and_no_prefix_sharing() -> None:
     assert [o.token_ids for o in outs] == [reference(p, 6, VOCAB) for p in prompts]
     seqs = {s for b in ex.batches for s in b.layout.seq_ids}
     assert seqs <= set(ex.released) and len(ex.released) >= len(prompts)
+
+
+def test_refusals_are_typed_and_carry_the_numbers() -> None:
+    from llmc.runtime.errors import (
+        ContextLengthError,
+        EmptyPromptError,
+        EngineClosedError,
+        KVCacheTooSmallError,
+        TokenIdError,
+    )
+
+    ex = FakeExecutor(vocab=VOCAB, max_position=64)
+    engine = Engine(ex, config=EngineConfig(num_blocks=8, max_queue=1))
+    with engine:
+        with pytest.raises(ContextLengthError) as too_long:
+            engine.submit([5] * 60, _greedy(10), lambda item: None)
+        assert (too_long.value.prompt_tokens, too_long.value.max_tokens, too_long.value.context_length) == (60, 10, 64)
+        with pytest.raises(ContextLengthError, match="leaves no room") as no_room:
+            engine.submit([5] * 64, SamplingParams(max_tokens=None), lambda item: None)
+        assert (no_room.value.prompt_tokens, no_room.value.max_tokens) == (64, None)
+        with pytest.raises(TokenIdError) as oov:
+            engine.submit([1, VOCAB, VOCAB + 7], _greedy(1), lambda item: None)
+        assert (oov.value.token_ids, oov.value.vocab_size) == ([VOCAB, VOCAB + 7], VOCAB)
+        with pytest.raises(EmptyPromptError):
+            engine.submit([], _greedy(1), lambda item: None)
+        with pytest.raises(KVCacheTooSmallError) as small:
+            engine.submit([5] * 30, _greedy(10), lambda item: None)
+        assert (small.value.tokens, small.value.num_blocks, small.value.block_size) == (40, 8, 4)
+        ex.gate = threading.Event()
+        engine.submit([5], _greedy(1), lambda item: None)
+        with pytest.raises(QueueFullError) as full:
+            engine.submit([6], _greedy(1), lambda item: None)
+        assert full.value.max_queue == 1
+        ex.gate.set()
+        assert engine.is_alive()
+    assert not engine.is_alive()
+    with pytest.raises(EngineClosedError):
+        engine.submit([5], _greedy(1), lambda item: None)
+
+
+def test_max_tokens_none_generates_to_the_end_of_the_context() -> None:
+    prompt = _prompts(1, seed=8)[0]
+    with Engine(FakeExecutor(vocab=VOCAB, max_position=64)) as engine:
+        out = engine.generate([prompt], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length"
+    assert out.token_ids == reference(prompt, 64 - len(prompt), VOCAB)
+
+
+def test_open_stream_submits_at_once_and_cancels_on_close() -> None:
+    ex = FakeExecutor(vocab=VOCAB, delay=0.002)
+    prompt = _prompts(1, seed=9)[0]
+
+    async def main(engine: Engine) -> list:
+        with pytest.raises(RequestError, match="empty"):
+            engine.open_stream([], _greedy(3))  # refused before anything is awaited
+        chunks = [c async for c in engine.open_stream(prompt, _greedy(5), request_id="whole")]
+        stream = engine.open_stream(prompt, _greedy(150), request_id="left")
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(500):
+            if engine.stats()["requests_cancelled"] == 1:
+                break
+            await asyncio.sleep(0.002)
+        return chunks
+
+    with Engine(ex) as engine:
+        chunks = asyncio.run(main(engine))
+        assert engine.stats()["requests_cancelled"] == 1 and engine.stats()["kv_used_blocks"] == 0
+    assert [t for c in chunks for t in c.token_ids] == reference(prompt, 5, VOCAB)
+    assert chunks[-1].output is not None and chunks[-1].output.request_id == "whole"
+
+
+def test_an_engine_nobody_holds_stops_its_thread() -> None:
+    import gc
+
+    before = set(threading.enumerate())
+    engine = Engine(FakeExecutor(vocab=VOCAB))
+    (thread,) = [t for t in threading.enumerate() if t not in before and t.name == "llmc-engine"]
+    assert engine.generate([[4, 5]], _greedy(2))[0].token_ids == reference([4, 5], 2, VOCAB)
+    del engine
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()

@@ -138,3 +138,26 @@ def test_negative_and_huge_seeds_are_accepted(client: TestClient) -> None:
         b = client.post("/v1/completions", json={**body, "seed": seed, "n": 2})
         assert a.status_code == 200, a.text
         assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]
+
+
+def test_chat_without_max_tokens_fills_the_context_or_is_refused(client: TestClient,
+                                                                 tokenizer: LlmcTokenizer) -> None:
+    def chat(content: str) -> object:
+        return client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                         "temperature": 0, "ignore_eos": True})
+
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]),
+                              add_special_tokens=False)
+    ok = chat("hi")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 128 - len(prompt),
+                                  "total_tokens": 128}
+    assert ok.json()["choices"][0]["finish_reason"] == "length"
+    error = _error(chat("x" * 200), 400)
+    assert error["param"] == "messages" and error["code"] == "context_length_exceeded"
+    assert "maximum context length is 128 tokens" in str(error["message"])
+    assert "which leaves no room for the completion" in str(error["message"])
+    too_long = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 200})
+    error = _error(too_long, 400)
+    assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+    assert "(4 in the prompt, 200 for the completion)" in str(error["message"])

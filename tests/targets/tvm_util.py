@@ -68,11 +68,15 @@ def tiny_module(config: ModelConfig, weights: WeightStore) -> Module:
 
 def target_rewritten(module: Module, weights: WeightStore, target_name: str = "tvm") -> Module:
     """``module`` after only the target's own rewrites (``Target.rewrites``: the form its lowering expects)."""
+    return _rewrite(module, weights, target_name)[0]
+
+
+def _rewrite(module: Module, weights: WeightStore, target_name: str) -> tuple[Module, list[dict[str, Any]]]:
     target = get_target(target_name)
     caps = target.capabilities()
-    rewritten, _ = optimize(module, weights, CompileOptions(target=target_name, opt_level=0), caps.fused_ops,
-                            target_name, rewrites=target.rewrites(0))
-    return rewritten
+    rewritten, manager = optimize(module, weights, CompileOptions(target=target_name, opt_level=0), caps.fused_ops,
+                                  target_name, rewrites=target.rewrites(0))
+    return rewritten, [r.to_dict() for r in manager.records]
 
 
 def write_artifact(module: Module, weights: WeightStore, out: Path, target_name: str = "tvm",
@@ -80,14 +84,16 @@ def write_artifact(module: Module, weights: WeightStore, out: Path, target_name:
     """An artifact for ``module`` written straight by a target (tvm by default; no source file, no
     passes but the target's own rewrites)."""
     target = get_target(target_name)
-    module = target_rewritten(module, weights, target_name)
+    module, records = _rewrite(module, weights, target_name)
     with ArtifactWriter(out) as writer:
         writer.write_weights(module, weights)
         writer.write_ir(module)
         result = target.emit(module, weights, writer, {"device": "cpu", **options})
-        path = writer.finish({"model": dict(module.config),
+        path = writer.finish({"source": {"kind": "test", "path": "tests/targets/tvm_util.py"},
+                              "model": dict(module.config),
                               "target": {"name": target_name, "options": result.options, "files": result.files,
-                                         "notes": result.notes}})
+                                         "notes": result.notes},
+                              "pipeline": {"opt_level": 0, "custom": None, "passes": records}})
     return Artifact.load(path)
 
 
