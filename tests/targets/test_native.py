@@ -186,8 +186,12 @@ def test_bad_steps_are_refused_not_crashes(kernels) -> None:
     cfg, module, weights = model(PIPELINES[1])
     ex = TorchExecutor(module, weights)
     driver = SequenceDriver(ex, max_seqs=2)
-    with pytest.raises(RuntimeError, match="token id"):
+    with pytest.raises(RequestError, match="token ids"):  # StepBatch.check, before the native call
         driver.step({0: [cfg.vocab_size + 5]})
+    with pytest.raises(RuntimeError, match="token id"):  # and the native program's own check
+        ex.native["prefill"].program.run(torch.tensor([cfg.vocab_size]), torch.tensor([1]), torch.tensor([1]),
+                                         torch.zeros(1, 1, dtype=torch.int64), torch.tensor([0]), ex.k_cache,
+                                         ex.v_cache, ex.block_size, 1)
     with pytest.raises(RequestError, match="beyond the context"):
         driver.lengths[0] = cfg.max_position
         driver.step({0: [1]})
