@@ -73,12 +73,13 @@ class PackedWeight:
     def __init__(self, qt: QuantizedTensor, device: torch.device) -> None:
         self.spec = qt.spec
         self.shape = qt.shape
+        self.device = device
         fmt = qt.ggml_format
-        if fmt is not None:  # GGUF blocks: unsigned codes (one per byte) and sub-block scales
-            decoded = decode(qt.qdata, fmt, qt.shape)
-            self.qdata = numpy_to_torch(decoded.codes).to(device)
-            self.scales = numpy_to_torch(decoded.scales).to(device)
-            self.offsets = None if decoded.offsets is None else numpy_to_torch(decoded.offsets).to(device)
+        self._pending: QuantizedTensor | None = None
+        if fmt is not None:  # GGUF blocks: decoded on first use (one weight at a time, not all at load)
+            self._pending = qt
+            self.qdata = self.scales = torch.empty(0, dtype=torch.uint8, device=device)
+            self.offsets = None
             self.group, self.zero, self.code_bits, self._codes_unpacked = fmt.sub, fmt.zero or 0, fmt.bits, True
             self.zero_point = float(self.zero)
         else:
@@ -97,8 +98,22 @@ class PackedWeight:
         self.cpu_kernel = True  # llmc's int8-activation kernels (the executor clears it unless quant_kernels=auto)
         self._kernel: Any = None
 
+    def _decode_pending(self) -> None:
+        """GGUF blocks as unsigned codes (one per byte) and sub-block scales (:mod:`llmc.compiler.ggml_blocks`)."""
+        qt, self._pending = self._pending, None
+        if qt is None:
+            return
+        fmt = qt.ggml_format
+        assert fmt is not None
+        decoded = decode(qt.qdata, fmt, qt.shape)
+        self.qdata = numpy_to_torch(decoded.codes).to(self.device)
+        self.scales = numpy_to_torch(decoded.scales).to(self.device)
+        self.offsets = None if decoded.offsets is None else numpy_to_torch(decoded.offsets).to(self.device)
+
     @property
     def nbytes(self) -> int:
+        if self._pending is not None:
+            return self._pending.nbytes
         extra = 0 if self.offsets is None else self.offsets.numel() * self.offsets.element_size()
         return self.qdata.numel() + self.scales.numel() * self.scales.element_size() + extra
 
@@ -117,6 +132,7 @@ class PackedWeight:
             return (codes8.to(torch.float32) * s8.unsqueeze(-1)).to(dtype)  # exact: s * (q - 128)
         if not self._raw:
             raise RuntimeError("this packed weight was converted for a matmul kernel and cannot be dequantized")
+        self._decode_pending()
         qdata, scales, offsets = self.qdata, self.scales, self.offsets
         if rows is not None:
             qdata, scales = qdata[rows], scales[rows]
@@ -143,7 +159,7 @@ class PackedWeight:
         """Which of torch's matmuls :meth:`prepare_linear` would use: ``int8pack``, ``int4pack`` or
         ``dequant`` (``int4pack=False``: never the int4 kernel; GGUF blocks: always ``dequant``)."""
         out, inp = self.shape
-        if self.qdata.device.type != "cpu" or self.spec.ggml is not None:
+        if self.device.type != "cpu" or self.spec.ggml is not None:
             return "dequant"
         if self.spec.bits == 8 and self.spec.symmetric and self.spec.group_size >= inp:
             return "int8pack"
@@ -196,9 +212,10 @@ class PackedWeight:
         """Build the kernel layout (once) and drop the packed form; False where it does not apply."""
         if self._kernel is not None:
             return True
-        if (not self._raw or not self.cpu_kernel or self.qdata.device.type != "cpu" or not self.kernel_supported()
+        if (not self._raw or not self.cpu_kernel or self.device.type != "cpu" or not self.kernel_supported()
                 or not qkernels.available()):
             return False
+        self._decode_pending()
         self._kernel = qkernels.kernel_weight(self._codes(self.qdata), self.scales, self.offsets, self.group,
                                               self.zero, 2 ** self.code_bits - 1)
         self._drop_raw()
