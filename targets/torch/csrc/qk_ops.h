@@ -18,17 +18,17 @@ constexpr int kLanes = 16;
 typedef float f16v __attribute__((vector_size(64)));
 typedef int32_t i16v __attribute__((vector_size(64)));
 
-inline f16v load16(const float* p) {
+__attribute__((always_inline)) inline f16v load16(const float* p) {
   f16v v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
 
-inline f16v splat(float x) { return f16v{} + x; }
+__attribute__((always_inline)) inline f16v splat(float x) { return f16v{} + x; }
 
-inline f16v exp16(f16v x) {  // exp_f32 on 16 lanes
+__attribute__((always_inline)) inline f16v exp16(f16v x) {  // exp_f32 on 16 lanes
   const f16v lo = splat(-87.0f), hi = splat(88.0f);
   x = x < lo ? lo : (x > hi ? hi : x);
   const f16v t = x * 1.44269504088896341f;
