@@ -99,11 +99,12 @@ def test_smollm2_requantized_by_llama_cpp(kind: str, tmp_path: Path) -> None:
     assert ex.native is not None
     from pydoc_data.topics import topics
 
-    from llmc.runtime.evaluate import evaluate
+    from llmc.runtime.evaluate import evaluate, reference_logits, score
 
     ids = Artifact.load(art).tokenizer().encode(topics["if"] + topics["while"] + topics["for"])[:1024]
-    got = evaluate(ex, ids, reference=load_executor(art, quant_kernels="dequant"), window=512)
-    float_ppl = evaluate(load_executor(art, quant_kernels="dequant"), ids, window=512).perplexity
+    reference = reference_logits(load_executor(art, quant_kernels="dequant"), ids, window=512)  # float activations
+    float_ppl = score(iter(reference), ids).perplexity
+    got = evaluate(ex, ids, reference=reference, window=512)
     # int8 activations against float ones on the same blocks: measured +0.3..0.6% (8 windows of pydoc's
     # help text, every file here); 2% leaves room for a 1024-token sample's spread
     assert abs(got.perplexity / float_ppl - 1) < 0.02, (got.perplexity, float_ppl)

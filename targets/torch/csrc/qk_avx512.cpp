@@ -40,6 +40,7 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
   const bool f16 = w.f16_scales != 0;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NC];
+#pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
   const int64_t esz = f16 ? 2 : 4;
   const char* sbytes = static_cast<const char*>(w.scales) + sbase * esz;
@@ -69,6 +70,7 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
       o0 = load_scales(w.offsets, si, f16);
       if (SUB16) o1 = load_scales(w.offsets, si + kRows, f16);
     }
+#pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
       const int8_t* q = a.q + (c0 + c) * a.blocks * kBlock + b * kBlock;
       const ActMeta& m = a.meta[(c0 + c) * a.blocks + b];
@@ -102,6 +104,7 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
   }
   const int64_t left = w.out - t * kRows;
   const __mmask16 mask = left >= kRows ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+#pragma GCC unroll 8
   for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * ldy + t * kRows, mask, acc[c]);
 }
 
