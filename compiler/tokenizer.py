@@ -54,8 +54,10 @@ class LlmcTokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.tokenizer.id_to_token(int(token_id))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's chat template (jinja2, as Hugging Face does)."""
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render ``messages`` with the model's chat template (jinja2, as Hugging Face does);
+        ``tools`` (OpenAI-style function definitions) go to templates that render them."""
         if not self.meta.chat_template:
             raise LlmcError("this model has no chat template; use a plain prompt instead")
         from jinja2 import TemplateError
@@ -72,6 +74,7 @@ class LlmcTokenizer:
             return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools,
                 bos_token=self.meta.bos_token or "",
                 eos_token=self.meta.eos_token or "",
             )
@@ -82,9 +85,15 @@ class LlmcTokenizer:
     def has_chat_template(self) -> bool:
         return bool(self.meta.chat_template)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def template_renders_tools(self) -> bool:
+        """Whether the chat template renders ``tools`` itself (Llama 3.x, Qwen/Hermes templates do)."""
+        return "tools" in (self.meta.chat_template or "")
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the chat template (which places any BOS itself)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
 
     def save(self, directory: Path) -> list[str]:
         """Write ``tokenizer.json`` and the llmc metadata; returns the file names."""

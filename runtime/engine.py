@@ -24,7 +24,10 @@ Python API::
 one: prompts are then token id lists and outputs have ``text=None``), ``engine.eos_ids``.
 
 Requests: prompts are text or token id lists; ``SamplingParams(max_tokens=None)`` generates up
-to the end of the context. A request the engine cannot run raises a typed
+to the end of the context. ``SamplingParams(prompt_logprobs=N)`` scores the prompt in its prefill
+(``RequestOutput.prompt_logprobs``; ``max_tokens=0`` scores without generating), and
+``SamplingParams(constraint=Constraint.json_schema(...))`` (or ``json_object()``, ``regex(...)``,
+``grammar(...)``, :mod:`llmc.runtime.structured`) constrains the output. A request the engine cannot run raises a typed
 :class:`~llmc.errors.RequestError` at submission that carries the numbers
 (:mod:`llmc.runtime.errors`): :class:`~llmc.runtime.errors.ContextLengthError`,
 :class:`~llmc.runtime.errors.TokenIdError`, :class:`~llmc.runtime.errors.EmptyPromptError`,
@@ -51,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import threading
 import weakref
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -68,6 +72,7 @@ from llmc.runtime.requests import RequestState, Sink, check_request
 from llmc.runtime.sampling import SamplingParams
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.step_loop import StepLoop
+from llmc.runtime.structured import Constraint, GrammarCompiler
 
 __all__ = ["Engine", "EngineConfig", "Prompt", "QueueFullError", "Sink"]
 
@@ -123,6 +128,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max_running, cfg.max_num_tokens)
         self._req_ids = itertools.count()
         self._seq_ids = itertools.count()
+        self._grammar: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
         self._loop = StepLoop(executor, self.kv, self.scheduler, cfg.max_queue)
         self._loop.start()
         # close on garbage collection or at interpreter exit, before the loop thread could be
@@ -163,6 +170,18 @@ class Engine:
             raise RequestError("this model has no tokenizer; give prompts as token id lists")
         return self.tokenizer
 
+    def grammar(self) -> GrammarCompiler:
+        """The constrained-decoding compiler for this model's tokenizer (made on first use)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self._text_tokenizer(), self.config.vocab_size, self.eos_ids)
+            return self._grammar
+
+    def check_constraint(self, constraint: Constraint) -> None:
+        """Compile ``constraint`` now (it is kept for the requests that use it); raises
+        :class:`~llmc.runtime.structured.GrammarError`. Servers call it off the event loop."""
+        self.grammar().check(constraint)
+
     def submit(self, prompt: Prompt | None, params: SamplingParams | None, sink: Sink, request_id: str | None = None,
                streaming: bool = False, prompt_ids: list[int] | None = None) -> str:
         """Queue a request; ``sink`` receives StreamChunks (if ``streaming``), then the
@@ -173,9 +192,10 @@ class Engine:
         params = params or SamplingParams()
         ids = prompt_ids if prompt_ids is not None else self.encode(prompt)  # type: ignore[arg-type]
         max_tokens = check_request(ids, params, self.config.max_position, self.config.vocab_size, self.kv)
+        matcher = self.grammar().matcher(params.constraint) if params.constraint is not None else None
         rid = request_id or self._new_request_id()
         req = RequestState.create(rid, next(self._seq_ids), prompt if isinstance(prompt, str) else None, ids,
-                                  params, max_tokens, sink, streaming, self.tokenizer, self.eos_ids)
+                                  params, max_tokens, sink, streaming, self.tokenizer, self.eos_ids, matcher)
         self._loop.add(req)
         return rid
 

@@ -103,10 +103,11 @@ class KVCacheManager(ABC):
         return None
 
     @abstractmethod
-    def admit(self, seq_id: int, tokens: list[int]) -> int | None:
+    def admit(self, seq_id: int, tokens: list[int], max_cached: int | None = None) -> int | None:
         """Start a sequence whose known tokens are ``tokens`` if the cache can hold them all
         now. Returns how many leading tokens are already cached (their blocks are in the
-        table), or None when the cache cannot take the sequence now."""
+        table; at most ``max_cached`` when given), or None when the cache cannot take the
+        sequence now."""
 
     @abstractmethod
     def ensure(self, seq_id: int, num_tokens: int) -> bool:
@@ -169,10 +170,12 @@ class PagedKVCache(KVCacheManager):
             self._evictable.pop(block, None)
         self._refs[block] += 1
 
-    def _lookup(self, tokens: list[int]) -> list[tuple[int, int]]:
-        """Cached (hash, block) pairs covering a prefix of ``tokens`` (never the last token)."""
+    def _lookup(self, tokens: list[int], max_cached: int | None = None) -> list[tuple[int, int]]:
+        """Cached (hash, block) pairs covering a prefix of ``tokens`` (never the last token, nor
+        more than ``max_cached`` tokens)."""
         bs, found, prev = self.block_size, [], 0
-        for i in range((len(tokens) - 1) // bs):
+        limit = len(tokens) - 1 if max_cached is None else min(len(tokens) - 1, max_cached)
+        for i in range(limit // bs):
             chunk = tuple(tokens[i * bs : (i + 1) * bs])
             h = hash((prev, chunk))
             block = self._by_hash.get(h)
@@ -183,8 +186,8 @@ class PagedKVCache(KVCacheManager):
         return found
 
     # -- KVCacheManager -------------------------------------------------------------------
-    def admit(self, seq_id: int, tokens: list[int]) -> int | None:
-        hits = self._lookup(tokens) if self.prefix_caching else []
+    def admit(self, seq_id: int, tokens: list[int], max_cached: int | None = None) -> int | None:
+        hits = self._lookup(tokens, max_cached) if self.prefix_caching else []
         cached = len(hits) * self.block_size
         needed_total = -(-len(tokens) // self.block_size) - len(hits)
         reusable_free = sum(1 for _, b in hits if self._refs[b] == 0)  # hits now counted as available
@@ -257,7 +260,7 @@ class SlotKVCache(KVCacheManager):
     def max_sequences(self) -> int:
         return self.num_blocks
 
-    def admit(self, seq_id: int, tokens: list[int]) -> int | None:
+    def admit(self, seq_id: int, tokens: list[int], max_cached: int | None = None) -> int | None:
         if not self._free:
             return None
         self._tables[seq_id] = [self._free.pop()]

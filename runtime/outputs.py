@@ -19,6 +19,9 @@ class RequestOutput:
     ``text`` is None when the model has no tokenizer. ``token_ids`` include a final EOS or
     stop token. ``timings`` (seconds) has ``queue_s``, ``ttft_s``, ``prefill_s``,
     ``decode_s``, ``total_s``, ``prefill_tok_s``, ``decode_tok_s`` and ``tpot_s``.
+    ``prompt_logprobs`` (with ``SamplingParams(prompt_logprobs=N)``) has one entry per prompt
+    token: None for the first, then the token's logprob under the model given the tokens before
+    it and the N most likely alternatives.
     """
 
     request_id: str
@@ -32,6 +35,7 @@ class RequestOutput:
     timings: dict[str, float] = field(default_factory=dict)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the ``llmc run --json`` keys plus the rest)."""
@@ -49,6 +53,12 @@ class RequestOutput:
                 {"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(t) for t in lp.top]}
                 for lp in self.logprobs
             ]
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [
+                None if lp is None else {"token_id": lp.token_id, "logprob": lp.logprob,
+                                         "top": [list(t) for t in lp.top]}
+                for lp in self.prompt_logprobs
+            ]
         return out
 
 
@@ -56,7 +66,8 @@ class RequestOutput:
 class StreamChunk:
     """New output of a streamed request: ``text`` and ``token_ids`` are deltas.
 
-    The last chunk has ``finish_reason`` set and carries the whole ``output``.
+    The last chunk has ``finish_reason`` set and carries the whole ``output``. With
+    ``SamplingParams(prompt_logprobs=N)`` the first chunk carries ``prompt_logprobs``.
     """
 
     request_id: str
@@ -65,3 +76,4 @@ class StreamChunk:
     logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     output: RequestOutput | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

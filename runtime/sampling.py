@@ -7,6 +7,10 @@ a seeded request gives the same tokens whatever else is in the batch. Greedy row
 argmax. Logprobs are those of the model's raw distribution (before penalties and
 temperature), as the OpenAI API reports them.
 
+A constrained request (``SamplingParams(constraint=...)``, :mod:`llmc.runtime.structured`) gets
+its disallowed tokens set to -inf before sampling, through the :class:`~llmc.runtime.structured.TokenMask`
+given to :func:`sample_batch` (the step loop computes it beside the forward pass).
+
 Stop strings are applied to text by :mod:`llmc.runtime.detokenizer`; stop token ids, EOS and
 ``max_tokens`` by :meth:`RequestSampler.check_stop`.
 """
@@ -15,10 +19,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from llmc.compiler.errors import RequestError
+
+if TYPE_CHECKING:
+    from llmc.runtime.structured import Constraint, TokenMask
 
 
 def _is_int(value: object) -> bool:
@@ -31,6 +39,12 @@ class SamplingParams:
 
     ``max_tokens=None`` asks for the rest of the context: as many tokens as the model's context
     leaves after the prompt (see :meth:`max_new_tokens`).
+
+    ``logprobs=N`` reports each generated token's logprob and the N most likely alternatives;
+    ``prompt_logprobs=N`` the same for the prompt's tokens (the first has none), computed in the
+    prefill (``RequestOutput.prompt_logprobs``); with it, ``max_tokens=0`` only scores the prompt.
+    ``constraint`` (:class:`~llmc.runtime.structured.Constraint`) limits the output to a JSON
+    object, a JSON Schema, a regex or a grammar.
     """
 
     max_tokens: int | None = 64
@@ -47,6 +61,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,8 +74,16 @@ class SamplingParams:
             raise RequestError(f"top_k must be an integer, got {self.top_k!r}")
         if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**64):
             raise RequestError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if self.logprobs is not None and not _is_int(self.logprobs):
-            raise RequestError(f"logprobs must be an integer, got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= 20):
+                raise RequestError(f"{name} must be an integer between 0 and 20, got {value!r}")
+        if self.constraint is not None:
+            from llmc.runtime.structured import Constraint
+
+            if not isinstance(self.constraint, Constraint):
+                raise RequestError(f"constraint must be an llmc.runtime.structured.Constraint, got "
+                                   f"{type(self.constraint).__name__}")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -67,8 +91,9 @@ class SamplingParams:
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 1 and not (
+                self.max_tokens == 0 and self.prompt_logprobs is not None):
+            raise RequestError(f"max_tokens must be at least 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         if self.temperature < 0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -82,8 +107,6 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise RequestError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if not all(isinstance(s, str) for s in self.stop):
             raise RequestError("stop must be a string or a list of strings")
         if any(not s for s in self.stop):
@@ -205,15 +228,23 @@ def top_logprobs(logp: np.ndarray, tokens: np.ndarray, n: list[int | None]) -> l
     return out
 
 
-def sample_batch(logits: np.ndarray, samplers: list[RequestSampler]) -> tuple[np.ndarray, list[TokenLogprobs | None]]:
-    """Next token of every row of ``logits [B, V]``; returns (token ids [B], logprobs per row)."""
+def sample_batch(logits: np.ndarray, samplers: list[RequestSampler],
+                 mask: TokenMask | None = None) -> tuple[np.ndarray, list[TokenLogprobs | None]]:
+    """Next token of every row of ``logits [B, V]``; returns (token ids [B], logprobs per row).
+
+    ``mask`` limits some rows to their allowed tokens (constrained requests); logprobs stay
+    those of the model's distribution."""
     logits = np.asarray(logits, dtype=np.float32)
     want_lp = [s.params.logprobs for s in samplers]
     logp = log_softmax(logits) if any(n is not None for n in want_lp) else None
     x = logits
-    if any(s.params.has_penalties for s in samplers):
+    masked = mask is not None and bool(mask.rows)
+    if masked or any(s.params.has_penalties for s in samplers):
         x = logits.copy()
         apply_penalties(x, samplers)
+        if masked:
+            assert mask is not None
+            mask.apply(x)
     tokens = np.argmax(x, axis=1)
     rand = [r for r, s in enumerate(samplers) if not s.params.greedy]
     if rand:

@@ -47,6 +47,9 @@ class Sequence:
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    cache_limit: int | None = None
+    """At most this many leading tokens may come from prefix-cache hits (None: no limit): a
+    request that wants the logits of its prompt rows (prompt logprobs) must compute them."""
 
     @property
     def num_tokens(self) -> int:
@@ -146,7 +149,7 @@ class Scheduler:
         budget = self.max_num_tokens - out.num_tokens
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
-            cached = self.kv.admit(seq.seq_id, seq.token_ids)
+            cached = self.kv.admit(seq.seq_id, seq.token_ids, seq.cache_limit)
             if cached is None:
                 break
             seq.num_computed = cached

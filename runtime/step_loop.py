@@ -3,6 +3,13 @@
 (:mod:`llmc.runtime.sampling`) -> incremental detokenization
 (:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink.
 
+Two extras ride on the same step. Requests that want prompt logprobs get the logits of their
+prompt rows returned by the same forward pass (``logits_rows`` lists them beside the sampled
+rows; chunked prefill scores each chunk as it runs). Constrained requests
+(:mod:`llmc.runtime.structured`) need a token mask per sampled row: :class:`MaskWorker` computes
+the step's masks on a worker thread while ``executor.step`` runs (both release the GIL), and the
+sampler applies them (``sample_batch(..., mask)``) to those rows only.
+
 Callers hand requests over with :meth:`StepLoop.add` and :meth:`StepLoop.cancel` (under one
 condition variable; they never wait for a step). The loop holds no reference to the
 :class:`~llmc.runtime.engine.Engine`, so an engine nobody holds any more can be collected and
@@ -12,8 +19,10 @@ its finalizer can stop the loop.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +34,45 @@ from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.kv_cache import KVCacheManager
 from llmc.runtime.outputs import StreamChunk
 from llmc.runtime.requests import RequestState
-from llmc.runtime.sampling import sample_batch
+from llmc.runtime.sampling import log_softmax, sample_batch, top_logprobs
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from llmc.runtime.structured import ConstraintMatcher, TokenMask, compute_masks
 
 THROUGHPUT_WINDOW_S = 10.0
 """``generation_tok_s`` in :meth:`StepLoop.stats` counts the tokens of this many recent seconds."""
+
+
+@dataclass
+class StepRows:
+    """Which rows of a step's logits go where: ``sampled[i]`` samples from row ``sample_rows[i]``;
+    ``prompt[j] = (request, first position, first row, count)`` scores prompt positions."""
+
+    sampled: list[ScheduledSeq] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    prompt: list[tuple[RequestState, int, int, int]] = field(default_factory=list)
+
+
+class MaskWorker:
+    """Computes the token masks of a step's constrained rows on a worker thread.
+
+    The hook between the step loop and constrained decoding: :meth:`submit` before the forward
+    pass (the masks depend only on tokens sampled before this step), ``.result()`` after it."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, rows: list[tuple[int, ConstraintMatcher]]) -> concurrent.futures.Future[TokenMask] | None:
+        """Start the masks of ``(sample row index, matcher)`` pairs; None when there are none."""
+        if not rows:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmc-masks")
+        return self._pool.submit(compute_masks, rows, self.vocab_size)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class StepLoop:
@@ -49,6 +92,7 @@ class StepLoop:
         self._counters: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._t_start = time.perf_counter()
+        self._masks = MaskWorker(executor.config.vocab_size)
         self._thread = threading.Thread(target=self._run, name="llmc-engine", daemon=True)
 
     # -- what callers do (any thread) ----------------------------------------------------
@@ -135,6 +179,7 @@ class StepLoop:
                     if rid in self._requests:
                         self._finish(self._requests[rid], "cancelled", None)
             if closed:
+                self._masks.close()
                 return
             if self.scheduler.has_work():
                 try:
@@ -150,14 +195,21 @@ class StepLoop:
         if not out.scheduled:
             time.sleep(0.001)  # nothing fits now (cannot happen for validated requests)
             return
-        batch, sampled = self._build_batch(out)
+        batch, rows = self._build_batch(out)
         now = time.perf_counter()
         for s in out.scheduled:
             req = self._by_seq[s.seq.seq_id]
             if req.num_cached < 0:
                 req.num_cached, req.t_scheduled = s.start, now
+        constrained = []
+        for i, s in enumerate(rows.sampled):
+            matcher = self._by_seq[s.seq.seq_id].constraint
+            if matcher is not None:
+                constrained.append((i, matcher))
+        masks = self._masks.submit(constrained)  # computed while the forward pass runs
         try:
             logits = self.executor.step(batch)
+            mask = masks.result() if masks is not None else None
         except Exception as exc:  # the step failed: fail its requests, keep serving the others
             with self._cond:
                 for s in out.scheduled:
@@ -168,38 +220,83 @@ class StepLoop:
             self.scheduler.step_done(out)
             self._counters["steps"] += 1
             self._counters["computed_tokens"] += out.num_tokens
-            if sampled:
-                self._sample(logits, sampled)
+            for req, position, row, count in rows.prompt:
+                self._score_prompt(req, logits[row : row + count], position)
+            if rows.sampled:
+                self._sample(logits[rows.sample_rows], rows.sampled, mask)
 
-    def _build_batch(self, out: SchedulerOutput) -> tuple[StepBatch, list[ScheduledSeq]]:
+    def _build_batch(self, out: SchedulerOutput) -> tuple[StepBatch, StepRows]:
         tokens: list[int] = []
-        seq_ids, qlens, clens, tables, rows, sampled = [], [], [], [], [], []
+        seq_ids, qlens, clens, tables, logits_rows = [], [], [], [], []
+        rows = StepRows()
         for s in out.scheduled:
             seq = s.seq
+            first = len(tokens)
             tokens.extend(seq.token_ids[s.start : s.start + s.num_new])
             seq_ids.append(seq.seq_id)
             qlens.append(s.num_new)
             clens.append(s.start + s.num_new)
             tables.append(self.kv.table(seq.seq_id))
+            req = self._by_seq[seq.seq_id]
+            if req.prompt_rows_pending:
+                # positions [lo, hi) predict prompt tokens lo+1 .. hi: their logits come back too
+                lo = max(req.next_prompt_row(), s.start)
+                hi = min(s.start + s.num_new, seq.num_prompt_tokens - 1)
+                if hi > lo:
+                    rows.prompt.append((req, lo, len(logits_rows), hi - lo))
+                    logits_rows.extend(range(first + lo - s.start, first + hi - s.start))
             if s.sample:
-                rows.append(len(tokens) - 1)
-                sampled.append(s)
+                rows.sampled.append(s)
+                rows.sample_rows.append(len(logits_rows))
+                logits_rows.append(len(tokens) - 1)
         layout = BatchLayout(tuple(seq_ids), tuple(qlens), tuple(clens))
-        return StepBatch(np.asarray(tokens), layout, tables, np.asarray(rows, dtype=np.int64)), sampled
+        return StepBatch(np.asarray(tokens), layout, tables, np.asarray(logits_rows, dtype=np.int64)), rows
 
-    def _sample(self, logits: np.ndarray, sampled: list[ScheduledSeq]) -> None:
+    def _score_prompt(self, req: RequestState, logits: np.ndarray, position: int) -> None:
+        """Logprobs of prompt tokens ``position + 1 ...`` from the logits of the rows before them."""
+        assert req.prompt_logprobs is not None and len(req.prompt_logprobs) == position + 1
+        seq = req.seq
+        targets = np.asarray(seq.token_ids[position + 1 : position + 1 + len(logits)])
+        n = req.sampler.params.prompt_logprobs
+        req.prompt_logprobs.extend(top_logprobs(log_softmax(logits), targets, [n] * len(targets)))
+        seq.cache_limit = req.next_prompt_row() if req.prompt_rows_pending else None
+
+    def _sample(self, logits: np.ndarray, sampled: list[ScheduledSeq], mask: TokenMask | None = None) -> None:
         reqs = [self._by_seq[s.seq.seq_id] for s in sampled]
-        tokens, lps = sample_batch(logits, [r.sampler for r in reqs])
+        done = [r for r in reqs if r.sampler.max_tokens == 0]  # prompt scoring only: nothing to generate
+        if done:
+            keep = [i for i, r in enumerate(reqs) if r.sampler.max_tokens > 0]
+            for req in done:
+                self._counters["prompt_tokens"] += req.seq.num_prompt_tokens
+                req.t_first = time.perf_counter()
+                self._finish(req, "length", None)
+            if not keep:
+                return
+            if mask is not None:
+                position = {i: k for k, i in enumerate(keep)}
+                picked = [j for j, r in enumerate(mask.rows) if r in position]
+                mask = TokenMask([position[mask.rows[j]] for j in picked], mask.bits[picked])
+            logits, reqs = logits[keep], [reqs[i] for i in keep]
+        tokens, lps = sample_batch(logits, [r.sampler for r in reqs], mask)
         now = time.perf_counter()
         self._recent.append((now, len(reqs)))
         self._counters["generation_tokens"] += len(reqs)
         for req, token, lp in zip(reqs, tokens.tolist(), lps, strict=True):
-            if not req.t_first:
+            first = not req.t_first
+            if first:
                 req.t_first = now
                 self._counters["prompt_tokens"] += req.seq.num_prompt_tokens
             req.seq.token_ids.append(token)
             finish = req.sampler.check_stop(token)
             stop_reason: str | int | None = token if finish == "stop" else None
+            if req.constraint is not None:
+                if not req.constraint.advance(token):  # an engine bug: fail this request only
+                    error = RuntimeError(f"request {req.request_id}: token {token} was sampled but its constraint "
+                                         f"does not allow it ({req.constraint.error})")
+                    self._finish(req, "cancelled", None, error=error)
+                    continue
+                if req.constraint.finished and not finish:
+                    finish = "stop"  # the constrained output is complete
             delta = ""
             if req.detok is not None:
                 delta = req.detok.add(token)
@@ -211,7 +308,8 @@ class StepLoop:
             if lp is not None and req.logprobs is not None:
                 req.logprobs.append(lp)
             if req.streaming:
-                req.sink(StreamChunk(req.request_id, delta, [token], [lp] if lp is not None else None))
+                req.sink(StreamChunk(req.request_id, delta, [token], [lp] if lp is not None else None,
+                                     prompt_logprobs=req.prompt_logprobs if first else None))
             if finish:
                 self._finish(req, finish, stop_reason)
 
@@ -227,6 +325,7 @@ class StepLoop:
             return
         output = req.output(reason, stop_reason)
         if req.streaming:
-            req.sink(StreamChunk(req.request_id, "", [], None, reason, output))
+            unsent = req.prompt_logprobs if not req.seq.output_ids else None  # no chunk carried them yet
+            req.sink(StreamChunk(req.request_id, "", [], None, reason, output, prompt_logprobs=unsent))
         else:
             req.sink(output)

@@ -1,6 +1,9 @@
-"""The FastAPI application: OpenAI-compatible routes over one engine.
+"""The FastAPI application: OpenAI-compatible routes over a serving backend.
 
-``create_app(engine, model_name=...)`` builds it; ``llmc serve`` runs it with uvicorn.
+``create_app(engine, model_name=...)`` builds it over one engine in this process; ``llmc serve``
+runs it with uvicorn. :func:`create_backend_app` builds the same routes over any
+:class:`~llmc.runtime.server.backend.ServingBackend` (the scale-out deployment passes engine
+replicas reached through Ray Serve), so both deployments share every route.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from llmc.compiler.errors import LlmcError, RequestError
-from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.runtime.errors import EngineClosedError
 from llmc.runtime.sampling import SamplingParams
+from llmc.runtime.server.backend import LocalBackend, Run, ServedModel, ServingBackend, model_card, unknown_model
 from llmc.runtime.server.errors import APIError, error_body, install_error_handlers, refusal
 from llmc.runtime.server.formatting import DONE, Formatter, sse
-from llmc.runtime.server.generation import ChoiceResult, Delta, Job, RequestRun
-from llmc.runtime.server.metrics import CONTENT_TYPE, ServerMetrics
+from llmc.runtime.server.generation import ChoiceResult, Delta, Job
+from llmc.runtime.server.metrics import CONTENT_TYPE
 from llmc.runtime.server.middleware import ApiKeyMiddleware, RequestMetricsMiddleware
 from llmc.runtime.server.protocol import ChatCompletionRequest, CompletionRequest, _GenerationRequest
-from llmc.runtime.server.tokens import TokenBytes
+from llmc.runtime.server.structured import check_constraint, request_constraint
+from llmc.runtime.server.tools import ToolStreamParser, tool_format_for
+from llmc.runtime.structured import Constraint
 
 logger = logging.getLogger("llmc.server")
 
@@ -42,30 +47,24 @@ class ClientDisconnected(Exception):
 
 
 class ServerState:
-    """What the routes share: the engine (through its public API only), metrics and names."""
+    """What the routes share: the backend's models (each through its public API only) and metrics."""
 
-    def __init__(self, engine: Any, model_name: str) -> None:
-        if engine.tokenizer is None:
-            raise LlmcError("the artifact has no tokenizer; llmc serve needs one (compile a model that ships "
-                            "tokenizer.json or a GGUF with its vocabulary)")
-        self.engine = engine
-        self.tokenizer: LlmcTokenizer = engine.tokenizer
-        self.model_name = model_name
-        self.created = int(time.time())
-        self.metrics = ServerMetrics(self.engine_stats)
-        self.token_bytes = TokenBytes(self.tokenizer)
+    def __init__(self, backend: ServingBackend) -> None:
+        if not backend.models:
+            raise LlmcError("a server needs at least one model")
+        self.backend = backend
+        self.models = backend.models
+        self.default_model = next(iter(self.models.values()))
+        self.metrics = backend.metrics
 
-    def engine_stats(self) -> dict[str, Any]:
-        return self.engine.stats()
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
-
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc",
-                "max_model_len": int(self.engine.config.max_position)}
+    def check_model(self, model: str | None) -> ServedModel:
+        """The model a request names (without ``model``: the first one served); 404 if unknown."""
+        if model is None:
+            return self.default_model
+        served = self.models.get(model)
+        if served is None:
+            raise unknown_model(model, list(self.models))
+        return served
 
 
 class EventStreamResponse(StreamingResponse):
@@ -74,8 +73,8 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[bytes]) -> None:
-        super().__init__(content, headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers={"cache-control": "no-cache", "x-accel-buffering": "no", **(headers or {})})
         self._events = content
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,8 +106,8 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None,
-              logprobs: int | None) -> SamplingParams:
+def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None, logprobs: int | None,
+              prompt_logprobs: int | None = None, constraint: Constraint | None = None) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -124,42 +123,47 @@ def _sampling(req: _GenerationRequest, max_tokens: int | None, seed: int | None,
             stop_token_ids=list(req.stop_token_ids or []),
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            constraint=constraint,
         )
     except LlmcError as exc:
         raise APIError(400, str(exc)) from exc
 
 
-def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: int | None,
-          logprobs: int | None) -> list[Job]:
+def _jobs(req: _GenerationRequest, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+          prompt_logprobs: int | None = None, constraint: Constraint | None = None) -> list[Job]:
     """``req.n`` sequences per prompt; ``max_tokens=None`` generates up to the end of the context."""
     jobs = []
     for p, ids in enumerate(prompts):
         for i in range(req.n):
             seed = None if req.seed is None else (req.seed + i) % 2**64  # OpenAI seeds may be negative
-            jobs.append(Job(p * req.n + i, ids, _sampling(req, max_tokens, seed, logprobs)))
+            params = _sampling(req, max_tokens, seed, logprobs, prompt_logprobs, constraint)
+            jobs.append(Job(p * req.n + i, ids, params))
     return jobs
 
 
-async def _respond(request: Request, run: RequestRun, what: str, build: Callable[[list[ChoiceResult]], dict[str, Any]],
+async def _respond(request: Request, run: Run, what: str, build: Callable[[list[ChoiceResult]], dict[str, Any]],
                    events: Callable[[], AsyncIterator[bytes]] | None) -> Response:
     """Start the run (the engine's refusals become errors in OpenAI's format; ``what`` names the
     prompt's field); then stream ``events()`` (when given) or answer ``build(results)`` as JSON."""
     try:
-        run.start()
+        await run.start()
     except (RequestError, EngineClosedError) as exc:
-        raise refusal(exc, what) from exc
+        error = refusal(exc, what)
+        error.headers = {**(error.headers or {}), **run.headers}
+        raise error from exc
     if events is not None:
-        return EventStreamResponse(_guarded(events(), run))
+        return EventStreamResponse(_guarded(events(), run), run.headers)
     try:
         results = await _unless_disconnected(request, run.collect())
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED)
     finally:
         await run.close()
-    return JSONResponse(build(results))
+    return JSONResponse(build(results), headers=run.headers)
 
 
-async def _guarded(events: AsyncIterator[bytes], run: RequestRun) -> AsyncIterator[bytes]:
+async def _guarded(events: AsyncIterator[bytes], run: Run) -> AsyncIterator[bytes]:
     """Stream events; errors after the headers go in-band as an error event; always close the run."""
     try:
         async for event in events:
@@ -178,29 +182,33 @@ async def _guarded(events: AsyncIterator[bytes], run: RequestRun) -> AsyncIterat
 def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> FastAPI:
     """An OpenAI-compatible app over ``engine`` (an :class:`llmc.runtime.engine.Engine`, or any
     object with its public API: ``tokenizer``, ``config``, ``open_stream``, ``stats``, ``is_alive``)."""
-    state = ServerState(engine, model_name)
+    return create_backend_app(LocalBackend(engine, model_name), api_key=api_key)
+
+
+def create_backend_app(backend: ServingBackend, *, api_key: str | None = None) -> FastAPI:
+    """The same OpenAI-compatible app over any :class:`~llmc.runtime.server.backend.ServingBackend`
+    (several models, routed by the request's ``model``)."""
+    state = ServerState(backend)
     app = FastAPI(title="llmc", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llmc = state
     install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not state.engine.is_alive():
-            return JSONResponse({"status": "engine stopped", "model": state.model_name}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.model_name})
+        ok, body = await backend.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await backend.render_metrics(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [state.model_card()]}
+        return {"object": "list", "data": [model_card(m) for m in state.models.values()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        state.check_model(model_id)
-        return state.model_card()
+        return model_card(state.check_model(model_id))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -219,8 +227,10 @@ def create_app(engine: Any, *, model_name: str, api_key: str | None = None) -> F
 
 async def _completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
-    state.check_model(body.model)
-    tokenizer = state.tokenizer
+    model = state.check_model(body.model)
+    tokenizer = model.tokenizer
+    constraint = request_constraint(body)
+    await check_constraint(model, constraint)
     raw = body.prompts()
     if isinstance(raw[0], str):
         texts: list[str] = raw  # type: ignore[assignment]
@@ -229,27 +239,37 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
         prompts = raw  # type: ignore[assignment]
         texts = [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] if body.echo else []
     max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    run = RequestRun(state.engine, _jobs(body, prompts, max_tokens, body.logprobs), f"cmpl-{uuid.uuid4().hex}",
-                     state.metrics, arrival)
-    fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
+    # echo with logprobs scores the prompt in its prefill; max_tokens 0 only scores it
+    score_prompt = body.echo and body.logprobs is not None
+    prompt_logprobs = body.logprobs if score_prompt else (0 if max_tokens == 0 else None)
+    jobs = _jobs(body, prompts, max_tokens, body.logprobs, prompt_logprobs, constraint)
+    run = model.new_run(jobs, f"cmpl-{uuid.uuid4().hex}", arrival)
+    fmt = Formatter(run.request_id, model.name, model.token_bytes)
     prompt_tokens = sum(len(p) for p in prompts)
     echo = [texts[j.index // body.n] for j in run.jobs] if body.echo else None
+    scored_ids = [j.prompt_ids for j in run.jobs] if score_prompt else None
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
-        return fmt.completion(results, prompt_tokens, body.logprobs, echo)
+        return fmt.completion(results, prompt_tokens, body.logprobs, echo, scored_ids)
 
     async def events() -> AsyncIterator[bytes]:
         offsets = {j.index: 0 for j in run.jobs}
         generated = 0
-        for j in run.jobs if echo else ():
+        for j in run.jobs if echo and not score_prompt else ():
             yield sse(fmt.completion_chunk(j.index, Delta("", []), None, 0, text=echo[j.index],
                                            include_usage=body.include_usage))
         async for index, delta in run.deltas():
             generated += len(delta.token_ids)
-            if delta.text or delta.finish_reason is not None or body.logprobs is not None:
+            if echo and scored_ids is not None and delta.prompt_logprobs is not None:  # the echo leads, scored
+                assert body.logprobs is not None
+                head = fmt.prompt_logprobs(scored_ids[index], delta.prompt_logprobs, body.logprobs)
+                yield sse(fmt.completion_chunk(index, Delta("", []), body.logprobs, 0, text=echo[index],
+                                               include_usage=body.include_usage, logprobs=head))
+                offsets[index] = fmt.text_length(scored_ids[index])
+            if delta.text or delta.finish_reason is not None or (body.logprobs is not None and delta.token_ids):
                 yield sse(fmt.completion_chunk(index, delta, body.logprobs, offsets[index],
                                                include_usage=body.include_usage))
-            offsets[index] += sum(len(state.token_bytes.text_of(t)) for t in delta.token_ids)
+            offsets[index] += fmt.text_length(delta.token_ids)
         if body.include_usage:
             yield sse(fmt.usage_chunk("text_completion", prompt_tokens, generated))
         yield DONE
@@ -259,38 +279,59 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
 
 async def _chat(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     arrival = time.perf_counter()
-    state.check_model(body.model)
-    tokenizer = state.tokenizer
-
-    def render() -> list[int]:
-        text = tokenizer.apply_chat_template(body.chat_messages(), add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-
+    model = state.check_model(body.model)
+    tools = tool_format_for(model.tokenizer)
     try:
-        prompt = await run_in_threadpool(render)
+        prompt = await run_in_threadpool(tools.render, body)
     except LlmcError as exc:
         raise APIError(400, str(exc), param="messages") from exc
+    constraint = request_constraint(body)
+    if body.forces_tool_call:
+        assert body.tools is not None
+        name = body.tool_choice_name
+        called = body.tools if name == "required" else [t for t in body.tools if t.function.name == name]
+        constraint = tools.constraint(called, body.parallel_tool_calls)
+    await check_constraint(model, constraint)
+    tools_on = bool(body.tools) and body.tool_choice_name != "none"
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     # without max_tokens the completion may fill the rest of the context (SamplingParams(max_tokens=None))
-    run = RequestRun(state.engine, _jobs(body, [prompt], body.completion_limit(), top_n),
-                     f"chatcmpl-{uuid.uuid4().hex}", state.metrics, arrival)
-    fmt = Formatter(run.request_id, state.model_name, state.token_bytes)
+    run = model.new_run(_jobs(body, [prompt], body.completion_limit(), top_n, None, constraint),
+                        f"chatcmpl-{uuid.uuid4().hex}", arrival)
+    fmt = Formatter(run.request_id, model.name, model.token_bytes)
 
     def build(results: list[ChoiceResult]) -> dict[str, Any]:
-        return fmt.chat(results, len(prompt), top_n)
+        return fmt.chat(results, len(prompt), top_n, tools.parse if tools_on else None)
 
     async def events() -> AsyncIterator[bytes]:
         usage_null = body.include_usage  # with include_usage, every chunk but the last has "usage": null
+        parsers: dict[int, ToolStreamParser] = {j.index: tools.stream_parser() for j in run.jobs} if tools_on else {}
+        num_calls = {j.index: 0 for j in run.jobs}
         for j in run.jobs:
             yield sse(fmt.chat_chunk(j.index, {"role": "assistant", "content": ""}, include_usage=usage_null))
         generated = 0
         async for index, delta in run.deltas():
             generated += len(delta.token_ids)
-            if delta.text or (delta.token_ids and top_n is not None):
+            text, calls = delta.text, []
+            if index in parsers:
+                found = parsers[index].feed(delta.text)
+                if delta.finish_reason is not None:
+                    rest = parsers[index].finish()
+                    found.content += rest.content
+                    found.calls += rest.calls
+                text, calls = found.content, found.calls
+            if text or (delta.token_ids and top_n is not None):
                 lp = fmt.chat_logprobs(delta.logprobs or [], top_n) if top_n is not None else None
-                yield sse(fmt.chat_chunk(index, {"content": delta.text}, logprobs=lp, include_usage=usage_null))
+                yield sse(fmt.chat_chunk(index, {"content": text}, logprobs=lp, include_usage=usage_null))
+            for call in calls:  # a call's header, then its arguments
+                k = num_calls[index]
+                num_calls[index] += 1
+                head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+                yield sse(fmt.chat_chunk(index, {"tool_calls": [head]}, include_usage=usage_null))
+                args = {"index": k, "function": {"arguments": call.arguments}}
+                yield sse(fmt.chat_chunk(index, {"tool_calls": [args]}, include_usage=usage_null))
             if delta.finish_reason is not None:
-                yield sse(fmt.chat_chunk(index, {}, finish_reason=delta.finish_reason, include_usage=usage_null))
+                finish = "tool_calls" if num_calls[index] else delta.finish_reason
+                yield sse(fmt.chat_chunk(index, {}, finish_reason=finish, include_usage=usage_null))
         if body.include_usage:
             yield sse(fmt.usage_chunk("chat.completion.chunk", len(prompt), generated))
         yield DONE

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmc.compiler.errors import LlmcError
 from llmc.runtime.errors import ContextLengthError, EngineClosedError, QueueFullError, TokenIdError
+from llmc.runtime.structured import GrammarError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -79,6 +80,8 @@ def refusal(exc: LlmcError, what: str) -> APIError:
                         f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} for the "
                         f"completion). Please reduce the length of the {what} or max_tokens.",
                         param="max_tokens", code="context_length_exceeded")
+    if isinstance(exc, GrammarError):
+        return APIError(400, str(exc), param=exc.field, code="invalid_constraint")
     if isinstance(exc, TokenIdError) and what == "prompt":
         return APIError(400, str(exc), param="prompt")
     return APIError(400, str(exc))

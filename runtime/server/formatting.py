@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from llmc.runtime.server.generation import ChoiceResult, Delta, TokenLogprob
 from llmc.runtime.server.tokens import TokenBytes
+
+if TYPE_CHECKING:
+    from llmc.runtime.server.tools import ParsedCall
 
 DONE = b"data: [DONE]\n\n"
 
@@ -20,6 +24,11 @@ def sse(data: dict[str, Any]) -> bytes:
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+def join_logprobs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Two completion ``logprobs`` objects, one after the other."""
+    return {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
 
 
 def usage_of(results: list[ChoiceResult], prompt_tokens: int) -> dict[str, int]:
@@ -64,39 +73,66 @@ class Formatter:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
+    def prompt_logprobs(self, prompt_ids: list[int], scored: list[TokenLogprob | None],
+                        top_n: int) -> dict[str, Any]:
+        """The echoed prompt's part of a completion's ``logprobs`` (the first token has none)."""
+        first = self.tokens.text_of(prompt_ids[0])
+        head = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+        rest = [lp for lp in scored[1:] if lp is not None]
+        return join_logprobs(head, self.completion_logprobs(rest, top_n, len(first)))
+
+    def text_length(self, token_ids: list[int]) -> int:
+        """The length of the tokens' texts as the logprobs' ``text_offset`` counts them."""
+        return sum(len(self.tokens.text_of(t)) for t in token_ids)
+
     # -- completions ---------------------------------------------------------------------------
     def completion(self, results: list[ChoiceResult], prompt_tokens: int, top_n: int | None,
-                   echo_texts: list[str] | None = None) -> dict[str, Any]:
+                   echo_texts: list[str] | None = None, prompt_ids: list[list[int]] | None = None) -> dict[str, Any]:
+        """``prompt_ids[i]`` (with ``echo`` and ``top_n``) are choice ``i``'s prompt, whose logprobs lead."""
         choices = []
         for r in results:
             prefix = echo_texts[r.index] if echo_texts else ""
-            choices.append({
-                "index": r.index, "text": prefix + r.text,
-                "logprobs": None if top_n is None else self.completion_logprobs(r.logprobs, top_n, 0),
-                "finish_reason": r.finish_reason,
-            })
+            logprobs = None
+            if top_n is not None:
+                if prompt_ids is not None and r.prompt_logprobs is not None:
+                    head = self.prompt_logprobs(prompt_ids[r.index], r.prompt_logprobs, top_n)
+                    offset = self.text_length(prompt_ids[r.index])
+                    logprobs = join_logprobs(head, self.completion_logprobs(r.logprobs, top_n, offset))
+                else:
+                    logprobs = self.completion_logprobs(r.logprobs, top_n, 0)
+            choices.append({"index": r.index, "text": prefix + r.text, "logprobs": logprobs,
+                            "finish_reason": r.finish_reason})
         return {**self._head("text_completion"), "choices": choices, "usage": usage_of(results, prompt_tokens)}
 
     def completion_chunk(self, index: int, delta: Delta, top_n: int | None, offset: int, text: str | None = None,
-                         include_usage: bool = False) -> dict[str, Any]:
-        choice = {
-            "index": index, "text": delta.text if text is None else text,
-            "logprobs": None if top_n is None else self.completion_logprobs(delta.logprobs or [], top_n, offset),
-            "finish_reason": delta.finish_reason,
-        }
+                         include_usage: bool = False, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One choice's chunk; ``logprobs`` (an echoed prompt's) replaces the delta's."""
+        if logprobs is None and top_n is not None:
+            logprobs = self.completion_logprobs(delta.logprobs or [], top_n, offset)
+        choice = {"index": index, "text": delta.text if text is None else text, "logprobs": logprobs,
+                  "finish_reason": delta.finish_reason}
         chunk = {**self._head("text_completion"), "choices": [choice]}
         if include_usage:
             chunk["usage"] = None
         return chunk
 
     # -- chat ----------------------------------------------------------------------------------
-    def chat(self, results: list[ChoiceResult], prompt_tokens: int, top_n: int | None) -> dict[str, Any]:
-        choices = [{
-            "index": r.index,
-            "message": {"role": "assistant", "content": r.text, "refusal": None},
-            "logprobs": None if top_n is None else self.chat_logprobs(r.logprobs, top_n),
-            "finish_reason": r.finish_reason,
-        } for r in results]
+    def chat(self, results: list[ChoiceResult], prompt_tokens: int, top_n: int | None,
+             tool_calls: Callable[[str], tuple[str | None, list[ParsedCall]]] | None = None) -> dict[str, Any]:
+        """``tool_calls`` (with tools offered) splits an output into content and calls."""
+        choices = []
+        for r in results:
+            message: dict[str, Any] = {"role": "assistant", "content": r.text, "refusal": None}
+            finish = r.finish_reason
+            if tool_calls is not None:
+                content, calls = tool_calls(r.text)
+                if calls:
+                    message["content"] = content
+                    message["tool_calls"] = [c.to_openai() for c in calls]
+                    finish = "tool_calls"
+            choices.append({"index": r.index, "message": message,
+                            "logprobs": None if top_n is None else self.chat_logprobs(r.logprobs, top_n),
+                            "finish_reason": finish})
         return {**self._head("chat.completion"), "choices": choices, "usage": usage_of(results, prompt_tokens)}
 
     def chat_chunk(self, index: int, delta: dict[str, Any], *, logprobs: dict[str, Any] | None = None,

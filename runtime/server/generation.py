@@ -40,15 +40,21 @@ class Delta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """On a sequence's first delta when prompt logprobs were asked for: one per prompt token."""
+
+
+def _logprob(lp: Any) -> TokenLogprob:
+    return TokenLogprob(int(lp.token_id), float(lp.logprob), [(int(t), float(v)) for t, v in lp.top])
 
 
 def to_delta(chunk: StreamChunk) -> Delta:
     """One engine :class:`~llmc.runtime.outputs.StreamChunk` as a :class:`Delta`."""
-    logprobs = None
-    if chunk.logprobs is not None:
-        logprobs = [TokenLogprob(int(lp.token_id), float(lp.logprob), [(int(t), float(v)) for t, v in lp.top])
-                    for lp in chunk.logprobs]
-    return Delta(chunk.text or "", [int(t) for t in chunk.token_ids], logprobs, chunk.finish_reason)
+    logprobs = [_logprob(lp) for lp in chunk.logprobs] if chunk.logprobs is not None else None
+    prompt = None
+    if chunk.prompt_logprobs is not None:
+        prompt = [None if lp is None else _logprob(lp) for lp in chunk.prompt_logprobs]
+    return Delta(chunk.text or "", [int(t) for t in chunk.token_ids], logprobs, chunk.finish_reason, prompt)
 
 
 @dataclass
@@ -70,12 +76,15 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, delta: Delta) -> None:
         self.text += delta.text
         self.token_ids += delta.token_ids
         if delta.logprobs:
             self.logprobs += delta.logprobs
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 
@@ -106,8 +115,9 @@ class RequestRun:
         self._queue: asyncio.Queue[tuple[int, Delta | BaseException | object]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._open: list[RequestStream] = []
+        self.headers: dict[str, str] = {}  # extra response headers (none for a local engine)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Submit every sequence; a refusal (a full queue, an invalid request) raises here,
         before any response header is sent, after cancelling the sequences already submitted."""
         try:

@@ -20,14 +20,14 @@ MODEL = "tiny-chat"
 VOCAB = 99  # the printable byte-level tokenizer: every sampled id decodes to readable text
 
 
-def build_chat_model(root: Path, context: int = 4096) -> tuple[Path, Path]:
+def build_chat_model(root: Path, context: int = 4096, seed: int = 3) -> tuple[Path, Path]:
     """A random Llama with a byte-level tokenizer and a ChatML template; returns (hf folder, artifact)."""
     from llmc.driver import CompileOptions, compile_model
 
     assert byte_level_tokenizer(VOCAB, printable_only=True).get_vocab_size() == VOCAB
     hf = root / "hf"
     hf.mkdir(parents=True)
-    write_random_hf_model(hf, seed=3, vocab_size=VOCAB, max_position_embeddings=context)
+    write_random_hf_model(hf, seed=seed, vocab_size=VOCAB, max_position_embeddings=context)
     write_byte_level_tokenizer(hf, VOCAB, printable_only=True)
     return hf, compile_model(hf, root / "artifact", CompileOptions())
 

@@ -237,7 +237,9 @@ def test_error_bodies_follow_openai_format(server: ServerProcess) -> None:
     wrong_type = httpx.post(url, json={"messages": MESSAGES, "max_tokens": "many"}, headers=auth)
     assert check(wrong_type, 400)["param"] == "max_tokens"
     tools = httpx.post(url, json={"messages": MESSAGES, "tools": [{"type": "function"}]}, headers=auth)
-    assert check(tools, 400)["code"] == "unsupported_parameter"
+    assert check(tools, 400)["param"] == "tools.0.function"
+    functions = httpx.post(url, json={"messages": MESSAGES, "functions": [{"name": "f"}]}, headers=auth)
+    assert check(functions, 400)["code"] == "unsupported_parameter"
     oov = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 100000]}, headers=auth)
     assert "outside the vocabulary" in check(oov, 400)["message"]
     check(httpx.get(f"{server.url}/v1/nothing-here", headers=auth), 404)

@@ -88,7 +88,8 @@ def test_an_unexpected_exception_is_a_logged_500(client: TestClient, engine: Eng
     ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 1.0}}, "logit_bias"),
 ])
 def test_invalid_chat_requests_are_400(client: TestClient, body: dict[str, object], param: str) -> None:
