@@ -45,7 +45,7 @@ test: install-dev
 # The tvm target's tests (apache-tvm is a 96 MB wheel, so it is not in install-dev).
 test-tvm: install-dev
 	$(PIP) install -q -e '.[tvm]'
-	$(PY) -m pytest -q -p no:cacheprovider tests/targets/test_tvm.py tests/targets/test_tvm_gpu_codegen.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/targets/test_tvm.py tests/targets/test_tvm_gpu_codegen.py tests/targets/test_tvm_cuda_shapes.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

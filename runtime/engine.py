@@ -83,16 +83,22 @@ Prompt = str | list[int]
 class EngineConfig:
     """Engine options (all are keywords of :meth:`Engine.load`).
 
-    ``max_num_tokens`` is the token budget of one step; ``num_blocks`` (or ``kv_memory`` in
-    bytes) sizes the KV cache, by default enough for ``max_running`` full-context sequences
-    but at most 1 GiB; ``device``, ``threads``, ``block_size`` and ``deterministic`` go to
-    the target's loader.
+    ``max_num_tokens`` is the token budget of one step. The KV cache holds ``num_blocks`` blocks,
+    or ``kv_memory`` bytes, or (``gpu_memory_utilization``, a GPU executor) what is left of that
+    fraction of the device's memory after the weights and a step's activations; by default enough
+    for ``max_running`` sequences of ``max_model_len`` tokens but at most 1 GiB. ``max_model_len``
+    (default: the model's context) is the longest prompt + output a request may have; longer ones
+    are refused (:class:`~llmc.runtime.errors.ContextLengthError`). When the running sequences
+    outgrow the cache the newest are preempted and recomputed later, never failed. ``device``,
+    ``threads``, ``block_size`` and ``deterministic`` go to the target's loader.
     """
 
     max_running: int = 32
     max_num_tokens: int = 512
     num_blocks: int | None = None
     kv_memory: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
     block_size: int | None = None
     prefix_caching: bool = True
     deterministic: bool = False
@@ -122,8 +128,10 @@ class Engine:
         self.eos_ids = set(eos_ids if eos_ids is not None else executor.config.eos_token_ids)
         if tokenizer is not None and eos_ids is None:
             self.eos_ids |= set(tokenizer.meta.eos_token_ids)
+        self.max_model_len = self._max_model_len(cfg.max_model_len, executor.config.max_position)
         self.kv = kv_cache_for(executor, cfg.max_running, num_blocks=cfg.num_blocks, kv_memory=cfg.kv_memory,
-                               prefix_caching=cfg.prefix_caching)
+                               prefix_caching=cfg.prefix_caching, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                               max_model_len=cfg.max_model_len, max_num_tokens=cfg.max_num_tokens)
         max_running = min(cfg.max_running, self.kv.max_sequences or cfg.max_running)
         self.scheduler = Scheduler(self.kv, max_running, cfg.max_num_tokens)
         self._req_ids = itertools.count()
@@ -135,6 +143,15 @@ class Engine:
         # close on garbage collection or at interpreter exit, before the loop thread could be
         # stopped inside a step (a daemon thread killed in C++ code aborts the process)
         self._finalizer = weakref.finalize(self, self._loop.close)
+
+    @staticmethod
+    def _max_model_len(value: int | None, context: int) -> int:
+        if value is None:
+            return context
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= context:
+            raise LlmcError(f"max_model_len must be an integer from 1 to the model's context ({context}), "
+                            f"got {value!r}")
+        return value
 
     @classmethod
     def load(cls, path: str, **config: Any) -> Engine:
@@ -191,7 +208,7 @@ class Engine:
         be None). Raises the typed errors of :mod:`llmc.runtime.errors` when the request cannot run."""
         params = params or SamplingParams()
         ids = prompt_ids if prompt_ids is not None else self.encode(prompt)  # type: ignore[arg-type]
-        max_tokens = check_request(ids, params, self.config.max_position, self.config.vocab_size, self.kv)
+        max_tokens = check_request(ids, params, self.max_model_len, self.config.vocab_size, self.kv)
         matcher = self.grammar().matcher(params.constraint) if params.constraint is not None else None
         rid = request_id or self._new_request_id()
         req = RequestState.create(rid, next(self._seq_ids), prompt if isinstance(prompt, str) else None, ids,

@@ -17,8 +17,13 @@ def weight_types(params: dict[str, dict[str, Any]]) -> dict[str, int]:
     return types
 
 
-def summarize(path: Path) -> tuple[dict[str, Any], str]:
-    """A summary dict (with a ``text`` rendering) and the IR text."""
+def summarize(path: Path, memory_bytes: int = 8 << 30, lengths: list[int] | None = None,
+              ) -> tuple[dict[str, Any], str]:
+    """A summary dict (with a ``text`` rendering) and the IR text; its capacity report is for
+    ``memory_bytes`` of device memory and sequences of ``lengths`` tokens (default: 512, 2048, 8192
+    and the context, those within it)."""
+    from llmc.runtime.capacity import artifact_capacity, default_lengths
+
     artifact = Artifact.load(path)
     m = artifact.manifest
     counts = artifact.module.op_counts()
@@ -70,5 +75,9 @@ def summarize(path: Path) -> tuple[dict[str, Any], str]:
                      f"top-1 {got['top1_agreement']:.1%} on {q['tokens']} tokens of {q['eval_file']}")
     for fn_name, fn_counts in counts.items():
         lines.append(f"ops {fn_name:<8} " + ", ".join(f"{op}={n}" for op, n in fn_counts.items()))
+    capacity = artifact_capacity(artifact, memory_bytes)
+    lengths = lengths or default_lengths(artifact.config.max_position)
+    summary["capacity"] = capacity.to_dict(lengths)
+    lines.append(capacity.table(lengths))
     summary["text"] = "\n".join(lines)
     return summary, (path / IR_FILE).read_text()

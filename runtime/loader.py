@@ -84,14 +84,17 @@ def check_saved_options(artifact: Artifact, target: Target) -> None:
 
 
 def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, kv_memory: int | None = None,
-              budget: int = DEFAULT_KV_BYTES) -> int:
+              budget: int = DEFAULT_KV_BYTES, max_model_len: int | None = None) -> int:
     """Blocks (or slots) to allocate: ``num_blocks`` if given, else what ``kv_memory`` bytes hold, else
-    ``max_running`` full-context sequences capped at ``budget`` bytes.
+    ``max_running`` sequences of ``max_model_len`` tokens (default: the full context) capped at ``budget``
+    bytes.
 
-    The cap holds even when one full-context sequence does not fit (a long-context model): the cache is
-    then smaller than the context, and a request that needs more than the whole cache is refused at
-    submission with the numbers (pass ``kv_memory`` or ``num_blocks`` for a larger cache)."""
-    for name, value in (("num_blocks", num_blocks), ("kv_memory", kv_memory)):
+    The cap holds even when one such sequence does not fit (a long-context model): the cache is then
+    smaller than the context, and a request that needs more than the whole cache is refused at
+    submission with the numbers (pass ``kv_memory`` or ``num_blocks`` for a larger cache). When the
+    sequences running together need more than the cache, the newest are preempted (and recomputed
+    later), never failed."""
+    for name, value in (("num_blocks", num_blocks), ("kv_memory", kv_memory), ("max_model_len", max_model_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise LlmcError(f"{name} must be a positive integer, got {value!r}")
     if spec.layout == "slots":
@@ -101,10 +104,31 @@ def kv_blocks(spec: KVSpec, max_running: int, *, num_blocks: int | None = None, 
     elif kv_memory:
         blocks = int(kv_memory) // spec.bytes_per_block
     else:
-        blocks = min(max_running * spec.max_blocks_per_seq, max(1, budget // spec.bytes_per_block))
+        per_seq = spec.max_blocks_per_seq if max_model_len is None else -(-max_model_len // spec.block_size)
+        blocks = min(max_running * min(per_seq, spec.max_blocks_per_seq), max(1, budget // spec.bytes_per_block))
     if blocks < 1:
         raise LlmcError(f"kv_memory {kv_memory} is less than one cache block ({spec.bytes_per_block} bytes)")
     return blocks
+
+
+def kv_memory_from_utilization(executor: Executor, utilization: float, reserve: int) -> int:
+    """KV bytes when the process may use ``utilization`` of the device's memory: that share of the total,
+    less what is in use now (the weights, the runtime, other processes) and ``reserve`` (a step's
+    activations, :func:`~llmc.runtime.capacity.activation_reserve`)."""
+    if isinstance(utilization, bool) or not isinstance(utilization, (int, float)) or not 0 < utilization <= 1:
+        raise LlmcError(f"gpu_memory_utilization must be a fraction in (0, 1], got {utilization!r}")
+    memory = executor.device_memory()
+    if memory is None:
+        raise LlmcError(f"gpu_memory_utilization needs an executor on a GPU; this one runs on {executor.device}",
+                        hint="size the KV cache with kv_memory (llmc serve --kv-cache-memory) instead")
+    free, total = memory
+    kv = int(utilization * total) - (total - free) - reserve
+    if kv <= 0:
+        gib = 2**30
+        raise LlmcError(f"gpu_memory_utilization {utilization} leaves no room for the KV cache: "
+                        f"{utilization * total / gib:.2f} GiB allowed, {(total - free) / gib:.2f} GiB already in use, "
+                        f"{reserve / gib:.2f} GiB reserved for activations")
+    return kv
 
 
 def kv_blocks_for(spec: KVSpec, sequences: int, tokens_each: int) -> int:
@@ -115,11 +139,21 @@ def kv_blocks_for(spec: KVSpec, sequences: int, tokens_each: int) -> int:
 
 
 def kv_cache_for(executor: Executor, max_running: int, *, num_blocks: int | None = None,
-                 kv_memory: int | None = None, prefix_caching: bool = True) -> KVCacheManager:
-    """Allocate ``executor``'s cache (sized by :func:`kv_blocks`) and return the manager that hands
-    its blocks (or slots) to sequences. Prefix caching needs an executor that reads the block tables."""
+                 kv_memory: int | None = None, prefix_caching: bool = True,
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                 max_num_tokens: int = 512) -> KVCacheManager:
+    """Allocate ``executor``'s cache (sized by :func:`kv_blocks`, or by :func:`kv_memory_from_utilization`
+    when ``gpu_memory_utilization`` is given) and return the manager that hands its blocks (or slots) to
+    sequences. Prefix caching needs an executor that reads the block tables."""
+    from llmc.runtime.capacity import activation_reserve
+
     spec = executor.kv_spec()
-    blocks = kv_blocks(spec, max_running, num_blocks=num_blocks, kv_memory=kv_memory)
+    if gpu_memory_utilization is not None:
+        if kv_memory is not None or num_blocks is not None:
+            raise LlmcError("give one of gpu_memory_utilization, kv_memory and num_blocks, not several")
+        reserve = activation_reserve(executor.config, max_num_tokens, max_running)
+        kv_memory = kv_memory_from_utilization(executor, gpu_memory_utilization, reserve)
+    blocks = kv_blocks(spec, max_running, num_blocks=num_blocks, kv_memory=kv_memory, max_model_len=max_model_len)
     executor.init_cache(blocks)
     if spec.layout == "slots":  # a slot's block_size is its capacity
         return SlotKVCache(blocks, min(spec.block_size, executor.config.max_position))

@@ -65,6 +65,12 @@ class RequestState:
         """Whether prompt positions still wait for their logits (``prompt_logprobs`` not complete)."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.seq.num_prompt_tokens
 
+    @property
+    def on_host(self) -> bool:
+        """Whether this request's steps need their logits on the host (the step loop samples them there,
+        never overlapped): token masks, prompt logprobs, or prompt scoring alone (``max_tokens`` 0)."""
+        return self.constraint is not None or self.prompt_rows_pending or self.sampler.max_tokens == 0
+
     def next_prompt_row(self) -> int:
         """The first position whose logits are still wanted for the prompt's logprobs (position
         ``p`` predicts prompt token ``p + 1``)."""
@@ -83,7 +89,8 @@ class RequestState:
         elif params.stop:
             raise RequestError("stop strings need a tokenizer; this model has none")
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
-        seq = Sequence(seq_id, list(ids), len(ids), seq_id)
+        # max_tokens 0 (prompt scoring only): the prompt's last row still runs, in the step that finishes it
+        seq = Sequence(seq_id, list(ids), len(ids), seq_id, max_len=len(ids) + max(max_tokens, 1))
         scored: list[TokenLogprobs | None] | None = None
         if params.prompt_logprobs is not None:
             scored = [None]  # the first token has no prediction

@@ -7,6 +7,11 @@ a seeded request gives the same tokens whatever else is in the batch. Greedy row
 argmax. Logprobs are those of the model's raw distribution (before penalties and
 temperature), as the OpenAI API reports them.
 
+What one row needs is fixed in a :class:`SampleRow` when its step is launched
+(:meth:`RequestSampler.row` draws the request's next uniform there), so a sampler on another
+thread or device (an executor's ``launch``, :mod:`llmc.runtime.executor`) computes exactly what
+:func:`sample_batch` computes here from the same rows.
+
 A constrained request (``SamplingParams(constraint=...)``, :mod:`llmc.runtime.structured`) gets
 its disallowed tokens set to -inf before sampling, through the :class:`~llmc.runtime.structured.TokenMask`
 given to :func:`sample_batch` (the step loop computes it beside the forward pass).
@@ -135,6 +140,20 @@ class TokenLogprobs:
     top: list[tuple[int, float]]
 
 
+@dataclass(frozen=True)
+class SampleRow:
+    """Everything sampling one logits row needs, fixed when its step is launched.
+
+    ``uniform`` is the request's next draw from its own generator (0.0 for greedy rows, which
+    draw none); ``prompt_ids`` (sorted, unique) and ``output_ids`` (the outputs known to the
+    host) are filled only when the request has penalties (else empty)."""
+
+    params: SamplingParams
+    uniform: float = 0.0
+    prompt_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    output_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
 class RequestSampler:
     """Per-request sampling state: the parameters, a private generator and penalty counts."""
 
@@ -150,6 +169,14 @@ class RequestSampler:
         self.prompt_ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
         self.output_ids: list[int] = []
         self.stop_ids = stop_ids
+
+    def row(self) -> SampleRow:
+        """This request's :class:`SampleRow` for its next token (draws the next uniform unless greedy)."""
+        p = self.params
+        uniform = 0.0 if p.greedy else float(self.rng.random())
+        if not p.has_penalties:
+            return SampleRow(p, uniform)
+        return SampleRow(p, uniform, self.prompt_ids, np.asarray(self.output_ids, dtype=np.int64))
 
     def check_stop(self, token: int) -> str | None:
         """Record ``token``; returns ``'stop'`` or ``'length'`` when the request is done."""
@@ -168,18 +195,28 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def apply_penalties(x: np.ndarray, samplers: list[RequestSampler]) -> None:
+def row_outputs(row: SampleRow, extra: int = -1) -> np.ndarray:
+    """The row's output ids for penalties: those the host knows, plus ``extra`` (an output the
+    host has not seen yet, computed on the executor's side; -1: none)."""
+    return row.output_ids if extra < 0 else np.append(row.output_ids, np.int64(extra))
+
+
+def apply_penalties(x: np.ndarray, rows: list[SampleRow] | list[RequestSampler],
+                    extra_outputs: np.ndarray | None = None) -> None:
     """Repetition (prompt and output tokens), presence and frequency (output tokens) in place."""
-    for r, s in enumerate(samplers):
+    for r, s in enumerate(rows):
+        if isinstance(s, RequestSampler):  # its state now (no uniform is drawn)
+            s = SampleRow(s.params, 0.0, s.prompt_ids, np.asarray(s.output_ids, dtype=np.int64))
         p = s.params
         if not p.has_penalties:
             continue
+        outputs = row_outputs(s, -1 if extra_outputs is None else int(extra_outputs[r]))
         if p.repetition_penalty != 1.0:
-            seen = np.union1d(s.prompt_ids, np.asarray(s.output_ids, dtype=np.int64))
+            seen = np.union1d(s.prompt_ids, outputs)
             vals = x[r, seen]
             x[r, seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if s.output_ids and (p.presence_penalty or p.frequency_penalty):
-            ids, counts = np.unique(np.asarray(s.output_ids, dtype=np.int64), return_counts=True)
+        if outputs.size and (p.presence_penalty or p.frequency_penalty):
+            ids, counts = np.unique(outputs, return_counts=True)
             x[r, ids] -= p.frequency_penalty * counts + p.presence_penalty
 
 
@@ -228,27 +265,30 @@ def top_logprobs(logp: np.ndarray, tokens: np.ndarray, n: list[int | None]) -> l
     return out
 
 
-def sample_batch(logits: np.ndarray, samplers: list[RequestSampler],
-                 mask: TokenMask | None = None) -> tuple[np.ndarray, list[TokenLogprobs | None]]:
+def sample_batch(logits: np.ndarray, rows: list[SampleRow] | list[RequestSampler], mask: TokenMask | None = None,
+                 extra_outputs: np.ndarray | None = None) -> tuple[np.ndarray, list[TokenLogprobs | None]]:
     """Next token of every row of ``logits [B, V]``; returns (token ids [B], logprobs per row).
 
-    ``mask`` limits some rows to their allowed tokens (constrained requests); logprobs stay
-    those of the model's distribution."""
+    ``rows`` are :class:`SampleRow` s, or :class:`RequestSampler` s (each then draws its uniform
+    now); ``mask`` limits some rows to their allowed tokens (constrained requests; logprobs stay
+    those of the model's distribution); ``extra_outputs [B]`` adds one output id per row to the
+    penalties (-1: none)."""
+    rows = [r.row() if isinstance(r, RequestSampler) else r for r in rows]
     logits = np.asarray(logits, dtype=np.float32)
-    want_lp = [s.params.logprobs for s in samplers]
+    want_lp = [s.params.logprobs for s in rows]
     logp = log_softmax(logits) if any(n is not None for n in want_lp) else None
     x = logits
     masked = mask is not None and bool(mask.rows)
-    if masked or any(s.params.has_penalties for s in samplers):
+    if masked or any(s.params.has_penalties for s in rows):
         x = logits.copy()
-        apply_penalties(x, samplers)
+        apply_penalties(x, rows, extra_outputs)
         if masked:
             assert mask is not None
             mask.apply(x)
     tokens = np.argmax(x, axis=1)
-    rand = [r for r, s in enumerate(samplers) if not s.params.greedy]
+    rand = [r for r, s in enumerate(rows) if not s.params.greedy]
     if rand:
-        ps = [samplers[r].params for r in rand]
+        ps = [rows[r].params for r in rand]
         probs = filter_probs(
             x[rand],
             np.array([p.temperature for p in ps]),
@@ -256,7 +296,7 @@ def sample_batch(logits: np.ndarray, samplers: list[RequestSampler],
             np.array([p.top_p for p in ps]),
             np.array([p.min_p for p in ps]),
         )
-        uniforms = np.array([samplers[r].rng.random() for r in rand])
+        uniforms = np.array([rows[r].uniform for r in rand])
         tokens[rand] = draw(probs, uniforms)
-    lps = top_logprobs(logp, tokens, want_lp) if logp is not None else [None] * len(samplers)
+    lps = top_logprobs(logp, tokens, want_lp) if logp is not None else [None] * len(rows)
     return tokens, lps

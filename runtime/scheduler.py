@@ -17,6 +17,13 @@ is preempted: its blocks are freed and it goes back to the front of the queue, t
 recomputed (as a prefill of prompt + output so far) when there is room. Nothing ever fails
 for lack of cache memory; a request that could not fit even alone is refused up front by the
 engine. Pure Python: tested with a fake executor.
+
+**Tokens in flight.** When the engine runs the next step before the previous one's samples
+reach the host (an executor whose ``launch`` returns early, :mod:`llmc.runtime.executor`), a
+sequence sampled by the step in flight has ``num_pending = 1``: a token the device knows and the
+host does not. It counts as a known token (the next step feeds it, deferred), except for prefix
+registration, which waits until the host has it. A sequence whose pending token is its last
+(``max_len`` reached) is not scheduled again: it finishes when that token arrives.
 """
 
 from __future__ import annotations
@@ -47,18 +54,28 @@ class Sequence:
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
+    num_pending: int = 0
+    """Tokens sampled by a step in flight that the host has not received yet (0 or 1)."""
+    max_len: int | None = None
+    """The most tokens (prompt + outputs) the sequence can reach; None: unbounded."""
     cache_limit: int | None = None
     """At most this many leading tokens may come from prefix-cache hits (None: no limit): a
     request that wants the logits of its prompt rows (prompt logprobs) must compute them."""
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens: on the host, plus the pending one."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def complete(self) -> bool:
+        """Whether every token it may have is known (the last one possibly still pending)."""
+        return self.max_len is not None and self.num_tokens >= self.max_len
 
     @property
     def num_remaining(self) -> int:
         """Known tokens not yet in the cache (1 while decoding)."""
-        return len(self.token_ids) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     @property
     def output_ids(self) -> list[int]:
@@ -124,7 +141,8 @@ class Scheduler:
         """Mark the scheduled tokens computed (call after the executor ran ``out``)."""
         for s in out.scheduled:
             s.seq.num_computed = s.start + s.num_new
-            self.kv.commit(s.seq.seq_id, s.seq.token_ids, s.seq.num_computed)
+            # a pending token is computed but not known here: its block is registered on a later commit
+            self.kv.commit(s.seq.seq_id, s.seq.token_ids, min(s.seq.num_computed, len(s.seq.token_ids)))
 
     # -- scheduling -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -133,8 +151,8 @@ class Scheduler:
         decodes = [s for s in self.running if s.num_remaining == 1]
         prefills = [s for s in self.running if s.num_remaining > 1]
         for seq in decodes + prefills:
-            if seq.status != SeqStatus.RUNNING:
-                continue  # preempted earlier in this step
+            if seq.status != SeqStatus.RUNNING or seq.complete:
+                continue  # preempted earlier in this step, or only waiting for its last token
             n = min(seq.num_remaining, budget)
             if n <= 0:
                 break
@@ -149,6 +167,8 @@ class Scheduler:
         budget = self.max_num_tokens - out.num_tokens
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted while a token was in flight: it resumes once that arrives
+                break
             cached = self.kv.admit(seq.seq_id, seq.token_ids, seq.cache_limit)
             if cached is None:
                 break

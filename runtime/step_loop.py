@@ -1,14 +1,26 @@
-"""The engine's background thread: one step at a time, schedule
-(:mod:`llmc.runtime.scheduler`) -> ``executor.step`` -> batched sampling
-(:mod:`llmc.runtime.sampling`) -> incremental detokenization
+"""The engine's background thread: schedule (:mod:`llmc.runtime.scheduler`) -> build the batch
+and each sampled row's :class:`~llmc.runtime.sampling.SampleRow` -> ``executor.launch`` (the
+step and its sampling, :mod:`llmc.runtime.executor`) -> incremental detokenization
 (:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink.
 
-Two extras ride on the same step. Requests that want prompt logprobs get the logits of their
-prompt rows returned by the same forward pass (``logits_rows`` lists them beside the sampled
-rows; chunked prefill scores each chunk as it runs). Constrained requests
+**Overlap.** When ``launch`` returns a step that is not ready yet (a GPU executor), the loop
+does not wait for it: it schedules and launches the next step first, with the tokens still
+being sampled deferred (the executor feeds them from its own side), and only then waits for
+the earlier step's tokens (the one host-device sync of a step) and delivers them, while the
+device runs the later step. Stop conditions are therefore seen one step late: a request that
+stopped may have one more token computed, which is dropped, and its blocks are freed as soon
+as its stop is seen (steps run in order, so the step in flight finishes with them first). An
+executor whose ``launch`` returns ready steps (the default) runs exactly as before: launch,
+deliver, schedule the next.
+
+Two extras ride on the same step, which then runs on the host's side (``executor.step``: the
+logits come back and are sampled here; the step in flight is collected first, so none of its
+tokens is deferred). Requests that want prompt logprobs get the logits of their prompt rows
+returned by the same forward pass (``logits_rows`` lists them beside the sampled rows; chunked
+prefill scores each chunk as it runs). Constrained requests
 (:mod:`llmc.runtime.structured`) need a token mask per sampled row: :class:`MaskWorker` computes
-the step's masks on a worker thread while ``executor.step`` runs (both release the GIL), and the
-sampler applies them (``sample_batch(..., mask)``) to those rows only.
+the step's masks on a worker thread while the step runs (both release the GIL), and the
+sampler applies them (``sample_batch(..., mask=mask)``) to those rows only.
 
 Callers hand requests over with :meth:`StepLoop.add` and :meth:`StepLoop.cancel` (under one
 condition variable; they never wait for a step). The loop holds no reference to the
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,7 +43,7 @@ import numpy as np
 from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.runtime.errors import EngineClosedError, QueueFullError
-from llmc.runtime.executor import Executor, StepBatch
+from llmc.runtime.executor import Executor, PendingStep, StepBatch, StepOutput
 from llmc.runtime.kv_cache import KVCacheManager
 from llmc.runtime.outputs import StreamChunk
 from llmc.runtime.requests import RequestState
@@ -40,6 +53,16 @@ from llmc.runtime.structured import ConstraintMatcher, TokenMask, compute_masks
 
 THROUGHPUT_WINDOW_S = 10.0
 """``generation_tok_s`` in :meth:`StepLoop.stats` counts the tokens of this many recent seconds."""
+
+
+class InFlight:
+    """A launched step: what it computes, which sequences it samples, and its pending result."""
+
+    def __init__(self, out: SchedulerOutput, sampled: list[ScheduledSeq], pending: PendingStep) -> None:
+        self.out = out
+        self.sampled = sampled
+        self.pending = pending
+        self.row_of = {s.seq.seq_id: i for i, s in enumerate(sampled)}
 
 
 @dataclass
@@ -92,6 +115,7 @@ class StepLoop:
         self._counters: collections.Counter[str] = collections.Counter()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._t_start = time.perf_counter()
+        self._inflight: InFlight | None = None
         self._masks = MaskWorker(executor.config.vocab_size)
         self._thread = threading.Thread(target=self._run, name="llmc-engine", daemon=True)
 
@@ -163,7 +187,8 @@ class StepLoop:
         self.executor.bind_step_thread()
         while True:
             with self._cond:
-                while not (self._closed or self._inbox or self._cancels or self.scheduler.has_work()):
+                while not (self._closed or self._inbox or self._cancels or self.scheduler.has_work()
+                           or self._inflight is not None):
                     self._cond.wait()
                 if self._closed:
                     self._cancels.update(self._requests)
@@ -179,21 +204,38 @@ class StepLoop:
                     if rid in self._requests:
                         self._finish(self._requests[rid], "cancelled", None)
             if closed:
+                self._drain()
                 self._masks.close()
                 return
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() or self._inflight is not None:
                 try:
                     self._step()
                 except Exception as exc:  # an engine bug must fail the requests, not hang them
+                    self._drain()
                     with self._cond:
                         for req in list(self._requests.values()):
                             self._finish(req, "cancelled", None, error=exc)
 
+    def _drain(self) -> None:
+        """Wait for the step in flight, if any, dropping its results (closing, or after an error)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            with contextlib.suppress(Exception):  # its requests are being failed or cancelled anyway
+                inflight.pending.result()
+            with self._cond:
+                for s in inflight.sampled:
+                    s.seq.num_pending = 0
+
     def _step(self) -> None:
+        if self._inflight is not None and any(r.on_host for r in self._requests.values()):
+            self._collect(self._inflight)  # a step sampled on the host needs every earlier token known
         with self._cond:
             out = self.scheduler.schedule()
         if not out.scheduled:
-            time.sleep(0.001)  # nothing fits now (cannot happen for validated requests)
+            if self._inflight is not None:  # everything left waits for the step in flight
+                self._collect(self._inflight)
+            else:
+                time.sleep(0.001)  # nothing fits now (cannot happen for validated requests)
             return
         batch, rows = self._build_batch(out)
         now = time.perf_counter()
@@ -201,38 +243,69 @@ class StepLoop:
             req = self._by_seq[s.seq.seq_id]
             if req.num_cached < 0:
                 req.num_cached, req.t_scheduled = s.start, now
-        constrained = []
-        for i, s in enumerate(rows.sampled):
-            matcher = self._by_seq[s.seq.seq_id].constraint
-            if matcher is not None:
-                constrained.append((i, matcher))
-        masks = self._masks.submit(constrained)  # computed while the forward pass runs
+        previous = self._inflight
+        host = bool(rows.prompt) or any(self._by_seq[s.seq.seq_id].on_host for s in rows.sampled)
+        masks = None
+        if host:  # logits back to the host: prompt scoring, token masks
+            constrained = []
+            for i, s in enumerate(rows.sampled):
+                matcher = self._by_seq[s.seq.seq_id].constraint
+                if matcher is not None:
+                    constrained.append((i, matcher))
+            masks = self._masks.submit(constrained)  # computed while the forward pass runs
         try:
-            logits = self.executor.step(batch)
-            mask = masks.result() if masks is not None else None
+            if host:
+                assert not batch.has_deferred, "host-side steps are scheduled with no step in flight"
+                logits = self.executor.step(batch)
+                mask = masks.result() if masks is not None else None
+            else:
+                with self._cond:
+                    sample_rows = [self._by_seq[s.seq.seq_id].sampler.row() for s in rows.sampled]
+                pending = self.executor.launch(batch, sample_rows)
         except Exception as exc:  # the step failed: fail its requests, keep serving the others
+            if previous is not None:
+                self._collect(previous)
             with self._cond:
                 for s in out.scheduled:
-                    req = self._by_seq[s.seq.seq_id]
-                    self._finish(req, "cancelled", None, error=exc)
+                    req = self._by_seq.get(s.seq.seq_id)
+                    if req is not None:
+                        self._finish(req, "cancelled", None, error=exc)
             return
         with self._cond:
             self.scheduler.step_done(out)
+            for s in rows.sampled if not host else ():
+                s.seq.num_pending += 1
             self._counters["steps"] += 1
             self._counters["computed_tokens"] += out.num_tokens
-            for req, position, row, count in rows.prompt:
-                self._score_prompt(req, logits[row : row + count], position)
-            if rows.sampled:
-                self._sample(logits[rows.sample_rows], rows.sampled, mask)
+        if host:
+            with self._cond:
+                for req, position, row, count in rows.prompt:
+                    self._score_prompt(req, logits[row : row + count], position)
+                if rows.sampled:
+                    self._sample(logits[rows.sample_rows], rows.sampled, mask)
+            return
+        self._inflight = InFlight(out, rows.sampled, pending)
+        if previous is not None:
+            self._collect(previous)  # the device runs the step just launched meanwhile
+        if self._inflight is not None and self._inflight.pending.ready():
+            self._collect(self._inflight)
 
     def _build_batch(self, out: SchedulerOutput) -> tuple[StepBatch, StepRows]:
         tokens: list[int] = []
         seq_ids, qlens, clens, tables, logits_rows = [], [], [], [], []
+        deferred_rows: list[int] = []
+        deferred_from: list[int] = []
         rows = StepRows()
         for s in out.scheduled:
             seq = s.seq
             first = len(tokens)
-            tokens.extend(seq.token_ids[s.start : s.start + s.num_new])
+            known = seq.token_ids[s.start : s.start + s.num_new]
+            tokens.extend(known)
+            if len(known) < s.num_new:  # the last token is still being sampled by the step in flight
+                assert self._inflight is not None and len(known) == s.num_new - 1
+                deferred_rows.append(len(tokens))
+                deferred_from.append(self._inflight.row_of[seq.seq_id])
+                tokens.append(-1)
             seq_ids.append(seq.seq_id)
             qlens.append(s.num_new)
             clens.append(s.start + s.num_new)
@@ -250,8 +323,41 @@ class StepLoop:
                 rows.sample_rows.append(len(logits_rows))
                 logits_rows.append(len(tokens) - 1)
         layout = BatchLayout(tuple(seq_ids), tuple(qlens), tuple(clens))
-        return StepBatch(np.asarray(tokens), layout, tables, np.asarray(logits_rows, dtype=np.int64)), rows
+        batch = StepBatch(np.asarray(tokens), layout, tables, np.asarray(logits_rows, dtype=np.int64),
+                          np.asarray(deferred_rows, dtype=np.int64), np.asarray(deferred_from, dtype=np.int64))
+        return batch, rows
 
+    def _collect(self, inflight: InFlight) -> None:
+        """Wait for a launched step's tokens and deliver them (the step's requests fail if it failed)."""
+        if self._inflight is inflight:
+            self._inflight = None
+        try:
+            result = inflight.pending.result()
+        except Exception as exc:
+            with self._cond:
+                for s in inflight.sampled:
+                    s.seq.num_pending = 0
+                for s in inflight.out.scheduled:
+                    req = self._by_seq.get(s.seq.seq_id)
+                    if req is not None:
+                        self._finish(req, "cancelled", None, error=exc)
+            return
+        with self._cond:
+            self._deliver(result, inflight.sampled)
+
+    def _deliver(self, result: StepOutput, sampled: list[ScheduledSeq]) -> None:
+        """The tokens a launched step sampled, to the requests still there."""
+        reqs: list[RequestState] = []
+        tokens: list[int] = []
+        lps = []
+        for s, token, lp in zip(sampled, result.token_ids.tolist(), result.logprobs, strict=True):
+            s.seq.num_pending -= 1
+            req = self._by_seq.get(s.seq.seq_id)
+            if req is not None and req.seq is s.seq:  # else it finished (or was cancelled) meanwhile
+                reqs.append(req)
+                tokens.append(int(token))
+                lps.append(lp)
+        self._append(reqs, tokens, lps)
     def _score_prompt(self, req: RequestState, logits: np.ndarray, position: int) -> None:
         """Logprobs of prompt tokens ``position + 1 ...`` from the logits of the rows before them."""
         assert req.prompt_logprobs is not None and len(req.prompt_logprobs) == position + 1
@@ -277,11 +383,16 @@ class StepLoop:
                 picked = [j for j, r in enumerate(mask.rows) if r in position]
                 mask = TokenMask([position[mask.rows[j]] for j in picked], mask.bits[picked])
             logits, reqs = logits[keep], [reqs[i] for i in keep]
-        tokens, lps = sample_batch(logits, [r.sampler for r in reqs], mask)
+        tokens, lps = sample_batch(logits, [r.sampler for r in reqs], mask=mask)
+        self._append(reqs, tokens.tolist(), lps)
+
+    def _append(self, reqs: list[RequestState], tokens: list[int], lps: list[Any]) -> None:
+        """Each request's new token: stops, constraint, detokenization, delivery."""
         now = time.perf_counter()
-        self._recent.append((now, len(reqs)))
+        if reqs:
+            self._recent.append((now, len(reqs)))
         self._counters["generation_tokens"] += len(reqs)
-        for req, token, lp in zip(reqs, tokens.tolist(), lps, strict=True):
+        for req, token, lp in zip(reqs, tokens, lps, strict=True):
             first = not req.t_first
             if first:
                 req.t_first = now

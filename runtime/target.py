@@ -228,3 +228,18 @@ class Target(ABC):
     def read_weights(self, artifact: Artifact) -> WeightStore:
         """The params of an artifact whose payload stores them (:attr:`Capabilities.stores_weights`)."""
         raise ArtifactError(f"{artifact.path}: target {self.name!r} keeps no weights in its payload")
+
+    def kv_layout(self, artifact: Artifact) -> tuple[int, int]:
+        """(KV bytes per token, tokens per block) of an artifact's cache, without loading it (the capacity
+        report, :mod:`llmc.runtime.capacity`). The default reads the ``kv_dtype`` or ``activation_dtype``
+        compile option (float32 when neither is recorded) and a ``block_size`` option (16); a slot cache
+        (``Capabilities.kv_layout == "slots"``) holds ``kv_capacity`` tokens (the context) per sequence."""
+        from llmc.runtime.capacity import kv_bytes_per_token
+
+        options = artifact.target_options
+        dtype = str(options.get("kv_dtype") or options.get("activation_dtype") or "float32")
+        if self.capabilities().kv_layout == "slots":
+            block = int(options.get("kv_capacity") or artifact.config.max_position)
+        else:
+            block = int(options.get("block_size") or 16)
+        return kv_bytes_per_token(artifact.config, dtype), block

@@ -11,17 +11,10 @@ PY=${PY:-.venv/bin/python}
 LLMC=${LLMC:-.venv/bin/llmc}
 SHARED=${LLMC_SHARED_DIR:-../shared}
 D=.devrun
-grep -qxF "/$D/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$D/" >> .git/info/exclude; }
-rm -rf "$D" && mkdir -p "$D/whl" "$D/prebuilt" "$D/shared/models"
+rm -rf "$D" && mkdir -p "$D/prebuilt" "$D/shared/models"  # .gitignore ignores /.devrun*/
 
-# runtime-only TVM: the package without libtvm_compiler.so and sources (tvm/base.py then loads
-# only libtvm_runtime.so); the CUDA plugin is loaded by llmc (targets/tvm/build.py)
-SP=$("$PY" -c "import tvm, pathlib; print(pathlib.Path(tvm.__file__).parent.parent)")
-tar -C "$SP" -czf "$D/tvm-runtime.tgz" --exclude=tvm/lib/libtvm_compiler.so --exclude=tvm/3rdparty \
-    --exclude=tvm/src --exclude=tvm/web --exclude=tvm/include --exclude=tvm/lib64 --exclude=__pycache__ tvm
-PLAT="--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64"
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT \
-    -d "$D/whl" apache-tvm-ffi==0.1.14.post1 gguf==0.19.0 jsonschema jsonschema-specifications referencing rpds-py
+. benchmarks/gpu/runtime_bundle.sh
+bundle_runtime "$D"
 
 cp -r "$SHARED/models/stories260k" "$D/shared/models/"
 # tests/targets/test_cuda.py's model (head_dim 64: TVM's CUDA attention refuses stories260k's 8)

@@ -66,7 +66,27 @@ def compile_cmd(source: Path, out: Path, target: str, dtype: str | None, device:
     manifest = _manifest(path)
     _echo_quality(manifest)
     _echo_target_warnings(manifest)
+    _echo_capacity(path, device)
     click.echo(f"wrote {path}")
+
+
+def _echo_capacity(path: Path, device: str) -> None:
+    """How many sequences of 2048 tokens (or the context) fit: in the GPU's memory when the artifact is
+    for a GPU that is visible here, else in 8 GiB."""
+    from llmc.runtime.artifact import Artifact
+    from llmc.runtime.capacity import artifact_capacity
+
+    memory = 8 << 30
+    if device.startswith("cuda"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                memory = int(torch.cuda.get_device_properties(0).total_memory)
+        except ImportError:
+            pass
+    artifact = Artifact.load(path, verify=False)
+    click.echo(artifact_capacity(artifact, memory).line(min(2048, artifact.config.max_position)))
 
 
 def parse_target_options(items: tuple[str, ...]) -> dict[str, Any]:

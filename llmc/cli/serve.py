@@ -28,6 +28,15 @@ def _model_name(artifact: Path) -> str:
 @click.option("--max-num-tokens", default=512, show_default=True, type=click.IntRange(1), help="Token budget per step.")
 @click.option("--device", default=None, help="Override the artifact's device.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="CPU threads per engine (default: the target's).")
+@click.option("--kv-cache-memory", default=None,
+              help="KV cache size, e.g. 6GiB or 512MiB (default: --max-running sequences of --max-model-len "
+                   "tokens, at most 1 GiB).")
+@click.option("--gpu-memory-utilization", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of the GPU's memory this server may use: the KV cache gets what the weights and "
+                   "a step's activations leave of it (GPU devices only).")
+@click.option("--max-model-len", default=None, type=click.IntRange(1),
+              help="Longest prompt + output a request may have (default: the model's context); also what the "
+                   "default KV cache is sized for.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="Server log detail.")
 @click.option("--replicas", default=None, type=click.IntRange(1),
@@ -48,10 +57,14 @@ def _model_name(artifact: Path) -> str:
 @compile_on_first_use
 def serve(artifacts: tuple[Path, ...], host: str, port: int, api_key: str | None, served_model_names: tuple[str, ...],
           max_running: int, max_queue: int, max_num_tokens: int, device: str | None, threads: int | None,
+          kv_cache_memory: str | None, gpu_memory_utilization: float | None, max_model_len: int | None,
           log_level: str, replicas: int | None, ray_address: str | None, gpus_per_replica: float,
           cpus_per_replica: float, min_replicas: int | None, max_replicas: int | None,
           target_ongoing_requests: float | None, compile_target: str, quant: str | None) -> None:
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics).
+
+    When the running requests outgrow the KV cache, the newest are preempted and recomputed later
+    (never failed); a request longer than the whole cache or --max-model-len is refused.
 
     With --replicas N, the server runs on Ray Serve: N engine replicas per MODEL behind one
     endpoint, several MODELs routed by the request's "model" (see docs/scale-out.md).
@@ -73,8 +86,15 @@ def serve(artifacts: tuple[Path, ...], host: str, port: int, api_key: str | None
         raise LlmcError(f"--served-model-name is given {len(served_model_names)} time(s) for {len(artifacts)} "
                         "MODEL(s); give it once per MODEL, in order, or not at all")
     names = list(served_model_names) or [_model_name(a) for a in artifacts]
+    from llmc.compiler.errors import InputError
+    from llmc.compiler.options import parse_bytes
+
+    if kv_cache_memory is not None and gpu_memory_utilization is not None:
+        raise InputError("give --kv-cache-memory or --gpu-memory-utilization, not both")
+    kv_memory = None if kv_cache_memory is None else parse_bytes(kv_cache_memory, "--kv-cache-memory")
     engine_options = {"max_running": max_running, "max_queue": max_queue, "max_num_tokens": max_num_tokens,
-                      "device": device, "threads": threads}
+                      "device": device, "threads": threads, "kv_memory": kv_memory,
+                      "gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len}
     engine_options = {k: v for k, v in engine_options.items() if v is not None}
     if not scale_out:
         from llmc.runtime.server.serve import check_dependencies

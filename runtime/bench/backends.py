@@ -145,7 +145,7 @@ class LlmcBackend(Backend):
                      "opt_level": m.get("pipeline", {}).get("opt_level"), "source": m["source"].get("path")},
         )
 
-    # -- static batches on the executor -------------------------------------------------
+    # -- static batches on the executor (greedy steps through launch: only token ids come back) --
     def _tables(self, batch: int, tokens: int) -> list[list[int]]:
         from llmc.runtime.loader import kv_blocks_for
 
@@ -158,16 +158,18 @@ class LlmcBackend(Backend):
         self.close()  # an engine would share this executor's cache
         from llmc.compiler.ir.batch import BatchLayout
         from llmc.runtime.executor import StepBatch
+        from llmc.runtime.sampling import SampleRow, SamplingParams
 
         batch = len(prompts)
         lens = tuple(len(p) for p in prompts)
         tables = self._tables(batch, max(lens) + gen_len)
         seqs = tuple(range(batch))
         ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
+        greedy = [SampleRow(SamplingParams(temperature=0.0))] * batch  # argmax, on the executor's side
         start = time.perf_counter()
         layout = BatchLayout(seqs, lens, lens)
-        logits = self.executor.step(StepBatch(ids, layout, tables, layout.last_token_rows()))
-        tokens = logits.argmax(axis=-1)
+        prefill = StepBatch(ids, layout, tables, layout.last_token_rows())
+        tokens = self.executor.launch(prefill, greedy).result().token_ids
         first = time.perf_counter()
         out = [tokens]
         steps: list[float] = []
@@ -176,8 +178,8 @@ class LlmcBackend(Backend):
             t0 = time.perf_counter()
             ctx = [c + 1 for c in ctx]
             layout = BatchLayout(seqs, (1,) * batch, tuple(ctx))
-            logits = self.executor.step(StepBatch(tokens, layout, tables, np.arange(batch)))
-            tokens = logits.argmax(axis=-1)
+            step = StepBatch(tokens, layout, tables, np.arange(batch))
+            tokens = self.executor.launch(step, greedy).result().token_ids
             out.append(tokens)
             steps.append(time.perf_counter() - t0)
         end = time.perf_counter()

@@ -38,8 +38,10 @@ def serve(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ap
     try:
         app = create_app(engine, model_name=name, api_key=api_key)
         logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-        logger.info("serving %s as model %r on http://%s:%d (max_running=%s)", path, name, host, port,
-                    engine.engine_config.max_running)
+        kv = engine.kv
+        logger.info("serving %s as model %r on http://%s:%d (max_running=%s, max_model_len=%d, kv cache %d blocks "
+                    "of %d tokens = %d tokens)", path, name, host, port, engine.engine_config.max_running,
+                    engine.max_model_len, kv.num_blocks, kv.block_size, kv.num_blocks * kv.block_size)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         engine.close()

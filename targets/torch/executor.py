@@ -198,7 +198,11 @@ class TorchExecutor(Executor):
     def run_program(self, name: str, token_ids: torch.Tensor, logits_index: torch.Tensor,
                     ctx: StepContext) -> torch.Tensor:
         """Run the lowered function ``name`` on prepared inputs; returns its logits tensor."""
-        program = self.programs[name]
+        return self.execute(self.programs[name], token_ids, logits_index, ctx)
+
+    @staticmethod
+    def execute(program: Program, token_ids: torch.Tensor, logits_index: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Walk ``program``'s instructions over the step's inputs (``ctx``: what its kernels read)."""
         env: list[Any] = [None] * program.n_slots
         for slot, value in program.constants:
             env[slot] = value

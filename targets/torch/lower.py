@@ -99,8 +99,13 @@ class KernelEnv:
 KernelFactory = Callable[[KernelEnv, Node], Kernel]
 
 
-def lower_function(fn: Function, params: dict[str, TorchWeight], env: KernelEnv) -> Program:
-    """``fn`` as a :class:`Program` (params bound as constants); refuses ops :data:`TORCH_OPS` refuses."""
+def lower_function(fn: Function, params: dict[str, TorchWeight], env: Any,
+                   table: LoweringTable[Any] | None = None) -> Program:
+    """``fn`` as a :class:`Program` (params bound as constants); refuses ops ``table`` refuses.
+
+    ``table`` maps ops to factories ``(env, node) -> kernel`` (default :data:`TORCH_OPS`, whose factories
+    take a :class:`KernelEnv`; the CUDA decode table, :mod:`llmc.targets.torch.cuda.lowering`, its own env)."""
+    ops = TORCH_OPS if table is None else table
     slots: dict[int, int] = {}
     program: list[Instr] = []
     inputs: dict[str, int] = {}
@@ -116,7 +121,7 @@ def lower_function(fn: Function, params: dict[str, TorchWeight], env: KernelEnv)
             constants.append((base, params[str(node.attrs["name"])]))
         else:
             args = [slots[id(v.node)] + v.index for v in node.inputs]
-            program.append(Instr(TORCH_OPS.handler(node.op)(env, node), args, base, len(node.out_types)))
+            program.append(Instr(ops.handler(node.op)(env, node), args, base, len(node.out_types)))
     outputs = {name: slots[id(v.node)] + v.index for name, v in fn.outputs.items()}
     return Program(program, inputs, constants, outputs, next_slot)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from llmc.compiler.errors import LlmcError
 from llmc.compiler.ggml_blocks import FORMATS
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
@@ -18,6 +19,7 @@ PAYLOAD = "target/torch.json"
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_KERNELS = ("auto", "torch", "dequant")
 STEP_MODES = ("auto", "ops")  # llmc.targets.torch.executor.STEP_MODES (not imported: capabilities stay cheap)
+CUDA_EXECUTORS = ("graphs", "eager")
 _BLOCK_SIZE = TargetOption("block_size", int, "tokens per KV cache block (16)", minimum=1)
 _QUANT_KERNELS = TargetOption("quant_kernels", str, "quantized matmuls: auto (llmc's int8-activation CPU kernels), "
                               "torch (torch's packed kernels) or dequant (dequantize on the fly)", QUANT_KERNELS)
@@ -34,7 +36,9 @@ class TorchTarget(Target):
         _QUANT_KERNELS,
         _STEP,
     )
-    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, _STEP)
+    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, _STEP, TargetOption(
+        "cuda_executor", str, "on cuda: graphs (Triton kernels, decode steps replayed from CUDA graphs, sampling "
+        "on the device; the default) or eager (torch ops step by step, host sampling)", CUDA_EXECUTORS))
     skipped_fusions = ("fuse-gate-up",)
     """Fusions the target can run but leaves out of its O2/O3: measured slower on torch CPU
     (docs/performance.md, "Passes: O0 vs O2"). ``--passes`` can still ask for them."""
@@ -67,15 +71,23 @@ class TorchTarget(Target):
 
     def load_module(self, module: Module, weights: WeightStore, saved: dict[str, Any] | None = None,
                     **options: Any) -> Executor:
-        """A :class:`~llmc.targets.torch.executor.TorchExecutor`; ``saved`` holds the options recorded
+        """A :class:`~llmc.targets.torch.executor.TorchExecutor`, or on a CUDA GPU the
+        :class:`~llmc.targets.torch.cuda.executor.CudaTorchExecutor` (unless ``cuda_executor=eager`` or
+        ``deterministic``); ``saved`` holds the options recorded
         at compile time (an artifact's), which ``options`` override."""
         from llmc.targets.torch.executor import TorchExecutor
 
         saved = saved or {}
+        device = options.get("device") or saved.get("device", "cpu")
+        if str(device).startswith("cuda") and not options.get("deterministic") \
+                and (options.get("cuda_executor") or "graphs") == "graphs":
+            executor = cuda_executor(module, weights, device, options, saved)
+            if executor is not None:
+                return executor
         return TorchExecutor(
             module,
             weights,
-            device=options.get("device") or saved.get("device", "cpu"),
+            device=device,
             block_size=int(options.get("block_size") or saved.get("block_size", 16)),
             activation_dtype=saved.get("activation_dtype", "float32"),
             threads=options.get("threads"),
@@ -83,3 +95,24 @@ class TorchTarget(Target):
             quant_kernels=str(options.get("quant_kernels") or saved.get("quant_kernels", "auto")),
             step=str(options.get("step") or saved.get("step", "auto")),
         )
+
+
+def cuda_executor(module: Module, weights: WeightStore, device: str, options: dict[str, Any],
+                  saved: dict[str, Any]) -> Executor | None:
+    """The CUDA executor (:mod:`llmc.targets.torch.cuda`) where torch sees a GPU (else None: the torch
+    executor then refuses the device with the reason); refuses a missing triton with the fix."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from llmc.targets.torch.cuda.executor import CudaTorchExecutor
+    except ModuleNotFoundError as exc:
+        if exc.name != "triton":
+            raise
+        raise LlmcError("the torch target's CUDA executor needs triton (pip install 'llmc-toolchain[triton]'); "
+                        "or load with the option cuda_executor=eager") from exc
+    return CudaTorchExecutor(module, weights, device=device,
+                             block_size=int(options.get("block_size") or saved.get("block_size", 16)),
+                             activation_dtype=saved.get("activation_dtype", "float32"),
+                             threads=options.get("threads"))

@@ -289,7 +289,7 @@ def compile_module(mod: Any, spec: dict[str, Any], cpu_schedule: str = "gemv",
                 exe = tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, cpu_schedule, done))
                 if cpu_schedule == "gemv":
                     gemv, tiled = len(done.get("gemv", [])), len(done.get("token_matmul", []))
-                    notes = [*notes, f"gemv schedule (untuned) on {gemv} decode_1 kernels",
+                    notes = [*notes, f"gemv schedule (untuned) on {gemv} decode_b1 kernels",
                              f"token-tiled matmul schedule on {tiled} prefill/decode kernels"]
                 return exe, notes
             if cuda_graph:
@@ -323,7 +323,7 @@ def tuning_dir(spec: dict[str, Any], tune_key: str, trials: int) -> Path:
 
 def compile_tuned_module(mod: Any, spec: dict[str, Any], trials: int, tune_key: str,
                          cpu_schedule: str = "gemv") -> tuple[Any, list[str], dict[str, Any]]:
-    """Tune ``decode_1``'s kernels with meta-schedule (log cached by key), then compile with the records.
+    """Tune ``decode_b1``'s kernels with meta-schedule (log cached by key), then compile with the records.
 
     Returns the executable, manifest notes and a summary of the tuning (tasks, records, kernels
     built from them, seconds, log directory). CPU (llvm) only: tuning measures on this machine.

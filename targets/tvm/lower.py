@@ -1,15 +1,15 @@
-"""Lowering llmc IR to a TVM Relax module (``tvm.relax.frontend.nn``) over TVM's paged KV cache.
+"""Lowering llmc IR to a TVM Relax module (``tvm.relax.frontend.nn``) over llmc's paged KV cache.
 
-Every IR function becomes a Relax function of the same name taking the flattened tokens of a
-step (``input_ids [tokens]``, and ``logits_index [outputs]`` for ``prefill``), the KV cache
-object and the packed params, and returning ``(logits, kv_cache)``. A third function,
-``create_paged_kv_cache``, builds the cache (``TIRPagedKVCache``); the ``nn.Module`` that
-carries them is in :mod:`llmc.targets.tvm.model`.
+Every IR function becomes a Relax function of the same name (and ``decode`` one more per batch
+bucket, ``decode_b{N}``: :mod:`llmc.targets.tvm.model`) taking the flattened tokens of a step and
+its page tables (:mod:`llmc.targets.tvm.paged`), the KV pages of every layer and the packed
+params, and returning the logits.
 
-Each node goes through the op table :data:`TVM_OPS`. Attention goes through
-``attention_with_fused_qkv``: the cache appends k and v and applies RoPE itself
-(:mod:`llmc.targets.tvm.rope`), so the table lowers ``rope_attention`` (made by the ``fold-rope``
-rewrite the target asks for) and refuses a separate ``rope`` or plain ``attention``.
+Each node goes through the op table :data:`TVM_OPS`. Attention is TVM's paged attention kernels
+called from the graph (:func:`llmc.targets.tvm.paged.paged_attention`): RoPE is applied to q and k
+by TVM's rope kernel (:mod:`llmc.targets.tvm.rope`), so the table lowers ``rope_attention`` (made
+by the ``fold-rope`` rewrite the target asks for) and refuses a separate ``rope`` or plain
+``attention``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,15 @@ import numpy as np
 from llmc.compiler.errors import UnsupportedError
 from llmc.compiler.ir.graph import Function, Module, Node, Value
 from llmc.targets.lowering import LoweringTable, Refusal
-from llmc.targets.tvm.model import DECODE_ONE, build_model_class
+from llmc.targets.tvm.model import DECODE_ONE, activation_dtype, bucket_name, build_model_class
+from llmc.targets.tvm.paged import DECODE_INPUTS, PREFILL_INPUTS, paged_attention, paged_kernels
 from llmc.targets.tvm.rope import RopePlan, check_positions, input_node, rope_plan
 from llmc.targets.tvm.support import check_cuda_decode_attention, check_functions
+from llmc.targets.tvm.tirfix import inline_let_expressions
 
 __all__ = ["DECODE_ONE", "TVM_OPS", "Lowered", "lower_module"]
+
+PAGE_SIZE = 16
 
 
 @dataclass
@@ -40,50 +44,79 @@ class Lowered:
     kv_dtype: str
     num_layers: int
     rope: RopePlan
+    page_size: int
+    buckets: list[int]
     notes: list[str] = field(default_factory=list)
 
 
-def lower_module(module: Module, target: Any) -> Lowered:
-    """Lower ``module`` to a Relax ``IRModule`` for the TVM ``target``."""
+def lower_module(module: Module, target: Any, buckets: tuple[int, ...] = (1,), page_size: int = PAGE_SIZE) -> Lowered:
+    """Lower ``module`` to a Relax ``IRModule`` for the TVM ``target``, with a static decode function
+    for each batch size in ``buckets`` (when the module has ``decode``)."""
     from tvm.relax.frontend import nn
-    from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
     check_functions(module)
     TVM_OPS.check_module(module)
     if target.kind.name == "cuda":
         check_cuda_decode_attention(module.config)
+    config = module.config
+    n_layers, n_q, n_kv = int(config["num_layers"]), int(config["num_heads"]), int(config["num_kv_heads"])
+    head_dim = int(config["head_dim"])
     plan = rope_plan(module)
-    model = build_model_class(module, plan, target, _run_function)()
-    functions = [name for name in ("prefill", "decode") if name in module.functions]
-    if "decode" in functions:
-        functions.append(DECODE_ONE)
-    spec: dict[str, Any] = {}
-    for name in functions:
-        fn_spec: dict[str, Any] = {
-            "input_ids": nn.spec.Tensor([1] if name == DECODE_ONE else ["tokens"], "int32"),
-        }
-        if name == "prefill":
-            fn_spec["logits_index"] = nn.spec.Tensor(["outputs"], "int32")
-        fn_spec["paged_kv_cache"] = nn.spec.Object(object_type=PagedKVCache)
-        fn_spec["$"] = {"param_mode": "packed", "effect_mode": "none"}
-        spec[name] = fn_spec
-    spec["create_paged_kv_cache"] = {
-        "max_batch_size": int,
-        "max_total_seq_len": int,
-        "prefill_chunk_size": int,
-        "page_size": int,
-        "$": {"param_mode": "none", "effect_mode": "none"},
-    }
+    kv_dtype = activation_dtype(module)
+    kernels = paged_kernels(target, n_q, n_kv, head_dim, kv_dtype, plan.theta, dict(plan.rope_scaling),
+                            plan.rotary_dim, _attention_scale(module), page_size)
+    has_decode = "decode" in module.functions
+    buckets = sorted(set(buckets)) if has_decode else []
+    model = build_model_class(module, plan, target, kernels, _run_function, buckets)()
+    pages = [nn.spec.Tensor(["num_pages", 2, n_kv, page_size, head_dim], kv_dtype) for _ in range(n_layers)]
+    spec: dict[str, Any] = {"prefill": _step_spec(PREFILL_INPUTS, "tokens", "seqs", pages)}
+    if has_decode:
+        spec["decode"] = _step_spec(DECODE_INPUTS, "batch", "batch", pages)
+        for b in buckets:
+            spec[bucket_name(b)] = _step_spec(DECODE_INPUTS, b, b, pages)
     mod, named_params = model.export_tvm(spec=spec)
+    for b in buckets:
+        # every input of a bucket function is a tensor the executor keeps and updates in place: static for
+        # RewriteCUDAGraph, so the whole step (embedding to logits, attention included) is one capture
+        name = bucket_name(b)
+        mod[name] = mod[name].with_attr("num_input", 0)
+    mod, _ = inline_let_expressions(mod)  # TVM's TIR CSE mishandles them (llama3 RoPE on CUDA): see tirfix
     slots = [model.slot_of[name.split(".", 1)[1]] for name, _ in named_params]
     notes = [f"rope: {plan.style} via TVM "
              f"{plan.rope_scaling.get('rope_type', 'default')} rope"
-             + (" with q/k rotary dims permuted to rotate-half" if plan.permute else "")]
-    return Lowered(mod, slots, functions, model.kv_dtype, int(module.config["num_layers"]), plan, notes)
+             + (" with q/k rotary dims permuted to rotate-half" if plan.permute else ""),
+             f"paged attention: TVM's TIR kernels over llmc's page tables ({page_size}-token pages)"]
+    if buckets:
+        notes.append(f"static decode buckets: {', '.join(map(str, buckets))}")
+    functions = ["prefill", *(["decode"] if has_decode else []), *(bucket_name(b) for b in buckets)]
+    return Lowered(mod, slots, functions, kv_dtype, n_layers, plan, page_size, buckets, notes)
 
 
-def _run_function(model: Any, fn: Function, feeds: dict[str, Any], kv: Any, permute: bool) -> Any:
-    return FunctionLowering(model, fn, feeds, kv, permute).run()
+def _step_spec(names: tuple[str, ...], tokens: int | str, seqs: int | str, pages: list[Any]) -> dict[str, Any]:
+    """``export_tvm`` spec of a step function: int32 inputs (per token, per sequence, or the page list),
+    the pages of every layer, the packed params."""
+    from tvm.relax.frontend import nn
+
+    plus_one = seqs + 1 if isinstance(seqs, int) else f"{seqs}_plus_one"
+    shapes = {"page_indptr": plus_one, "q_indptr": plus_one, "last_page_len": seqs, "page_values": "num_page_refs",
+              "logits_index": "outputs"}
+    spec: dict[str, Any] = {name: nn.spec.Tensor([shapes.get(name, tokens)], "int32") for name in names}
+    spec["pages"] = list(pages)
+    spec["$"] = {"param_mode": "packed", "effect_mode": "none"}
+    return spec
+
+
+def _attention_scale(module: Module) -> float:
+    """The softmax scale every ``rope_attention`` shares (checked)."""
+    scales = {float(n.attrs["scale"]) for fn in module for n in fn.nodes if n.op == "rope_attention"}
+    if len(scales) != 1:
+        raise UnsupportedError(f"the tvm target needs one attention scale for all layers, found {sorted(scales)}")
+    return scales.pop()
+
+
+def _run_function(model: Any, fn: Function, inputs: dict[str, Any], pages: list[Any], permute: bool,
+                  decode: bool) -> Any:
+    return FunctionLowering(model, fn, inputs, pages, permute, decode).run()
 
 
 @dataclass(frozen=True)
@@ -96,8 +129,10 @@ class ParamRef:
 class FunctionLowering:
     """Emits one IR function's nodes as ``nn`` ops inside ``export_tvm``'s tracing."""
 
-    def __init__(self, model: Any, fn: Function, feeds: dict[str, Any], kv: Any, permute: bool) -> None:
-        self.model, self.fn, self.feeds, self.kv, self.permute = model, fn, feeds, kv, permute
+    def __init__(self, model: Any, fn: Function, inputs: dict[str, Any], pages: list[Any], permute: bool,
+                 decode: bool) -> None:
+        self.model, self.fn, self.inputs, self.pages, self.permute = model, fn, inputs, pages, permute
+        self.decode = decode
         self.env: dict[int, tuple[Any, ...]] = {}
         self.positions = input_node(fn, "positions")
 
@@ -111,8 +146,8 @@ class FunctionLowering:
         for node in self.fn.nodes:
             if node.op == "input":
                 name = str(node.attrs["name"])
-                # the cache object is passed to attention; positions come from it
-                out = None if name in ("kv_cache", "positions") else self.feeds[name]
+                # the cache is the pages; positions are read by the attention (rope) from the step inputs
+                out = None if name in ("kv_cache", "positions") else self.inputs[name]
             elif node.op == "param":
                 out = ParamRef(str(node.attrs["name"]))
             else:
@@ -170,12 +205,12 @@ class FunctionLowering:
         if self.permute:
             q = nn.op.take(q, self.model.perm, axis=2)
             k = nn.op.take(k, self.model.perm, axis=2)
-        tokens, n_q, head_dim = q.shape[0], int(q.shape[1]), int(q.shape[2])
+        n_q, n_kv, head_dim = int(q.shape[1]), int(k.shape[1]), int(q.shape[2])
+        layer = int(node.attrs["layer"])
         qkv = nn.op.concat([q, k, v], dim=1)
-        qkv = nn.op.reshape(qkv, (1, tokens, int(qkv.shape[1]), head_dim))
-        out = self.kv.attention_with_fused_qkv(int(node.attrs["layer"]), qkv, n_q,  # type: ignore[call-overload]
-                                               sm_scale=float(node.attrs["scale"]))  # type: ignore[arg-type]
-        return nn.op.reshape(out, (tokens, n_q, head_dim))
+        out, self.pages[layer] = paged_attention(self.model.kernels, qkv, self.pages[layer], self.inputs, n_q, n_kv,
+                                                 head_dim, self.decode)
+        return out
 
 
 Handler = Callable[[FunctionLowering, Node], Any]

@@ -1,25 +1,46 @@
-"""The ``nn.Module`` a module is exported through: its packed params, the paged KV cache
-constructor and one method per exported function (``prefill``, ``decode``, ``decode_1``).
+"""The ``nn.Module`` a module is exported through: its packed params and one method per exported
+function: ``prefill`` (ragged chunks, a symbolic token count), ``decode`` (one token per sequence,
+a symbolic batch) and ``decode_b{N}`` for each batch bucket ``N`` (:func:`bucket_name`): ``decode``
+specialised to ``N`` sequences, static shapes, so schedules (GEMV, low-batch GEMV), meta-schedule
+tuning and CUDA graphs apply to it; the executor pads a batch up to its bucket.
 
-Each method hands its IR function to a function lowering (:mod:`llmc.targets.tvm.lower`),
-which emits the function's nodes as ``nn`` ops inside ``export_tvm``'s tracing.
+Every function takes the step's inputs (:data:`~llmc.targets.tvm.paged.PREFILL_INPUTS` or
+:data:`~llmc.targets.tvm.paged.DECODE_INPUTS`), then ``pages`` (one KV tensor per layer, written in
+place: :mod:`llmc.targets.tvm.paged`), then the packed weights, and returns the logits. Each method
+hands its IR function to a function lowering (:mod:`llmc.targets.tvm.lower`), which emits the
+function's nodes as ``nn`` ops inside ``export_tvm``'s tracing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from llmc.compiler.ir.graph import Function, Module, ParamInfo
 from llmc.compiler.packing import TensorPart, layout_for
+from llmc.targets.tvm.paged import PagedKernels
 from llmc.targets.tvm.rope import RopePlan, interleaved_to_half
 
-DECODE_ONE = "decode_1"
-"""``decode`` specialised to one sequence: static shapes, so schedules (dlight GEMV) and
-meta-schedule tuning apply to its matrix-vector products."""
+BUCKET_PREFIX = "decode_b"
 
-RunFunction = Callable[[Any, Function, dict[str, Any], Any, bool], Any]
-"""``run(model, fn, feeds, kv_cache, permute_qk) -> logits``: lowers one IR function while tracing."""
+
+def bucket_name(batch: int) -> str:
+    """The decode function specialised to ``batch`` sequences."""
+    return f"{BUCKET_PREFIX}{batch}"
+
+
+def bucket_of(name: str) -> int | None:
+    """The batch of a bucket function's name (None for other functions)."""
+    if name.startswith(BUCKET_PREFIX) and name[len(BUCKET_PREFIX):].isdigit():
+        return int(name[len(BUCKET_PREFIX):])
+    return None
+
+
+DECODE_ONE = bucket_name(1)
+"""The batch-1 decode: its matrix-vector kernels get llmc's GEMV schedule and meta-schedule tuning on CPUs."""
+
+RunFunction = Callable[[Any, Function, dict[str, Any], list[Any], bool, bool], Any]
+"""``run(model, fn, inputs, pages, permute_qk, decode) -> logits``: lowers one IR function while tracing."""
 
 
 def param_parts(info: ParamInfo) -> list[TensorPart]:
@@ -38,14 +59,12 @@ def activation_dtype(module: Module) -> str:
     return "float32"
 
 
-def build_model_class(module: Module, plan: RopePlan, target: Any, run: RunFunction) -> type:
+def build_model_class(module: Module, plan: RopePlan, target: Any, kernels: PagedKernels, run: RunFunction,
+                      buckets: Sequence[int]) -> type:
     """An ``nn.Module`` class whose methods run the IR functions of ``module`` through ``run``."""
-    from tvm import relax
     from tvm.relax.frontend import nn
-    from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
     config = module.config
-    n_layers, n_q, n_kv = int(config["num_layers"]), int(config["num_heads"]), int(config["num_kv_heads"])
     head_dim = int(config["head_dim"])
     used = sorted(module.referenced_params())
     kv_dtype = activation_dtype(module)
@@ -54,6 +73,7 @@ def build_model_class(module: Module, plan: RopePlan, target: Any, run: RunFunct
     class LlmcModel(nn.Module):  # type: ignore[misc]
         def __init__(self) -> None:
             self.kv_dtype = kv_dtype
+            self.kernels = kernels
             self.nibble_pairs = target.kind.name == "llvm"  # 4-bit matmuls over code bytes (quantized_linear)
             self.module_params = module.params
             self.weights = nn.ParameterDict()
@@ -69,32 +89,20 @@ def build_model_class(module: Module, plan: RopePlan, target: Any, run: RunFunct
                 self.tensors[name] = parts
             self.perm = None if perm is None else nn.Tensor.from_const(perm)
 
-        def create_paged_kv_cache(self, max_batch_size: Any, max_total_seq_len: Any, prefill_chunk_size: Any,
-                                  page_size: Any) -> Any:
-            return TIRPagedKVCache(
-                attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-                prefill_chunk_size=prefill_chunk_size, page_size=page_size, support_sliding_window=0,
-                layer_partition=relax.ShapeExpr([0, n_layers]), num_hidden_layers=n_layers,
-                num_attention_heads=n_q, num_key_value_heads=n_kv, qk_head_dim=head_dim, v_head_dim=head_dim,
-                mla_original_qk_head_dim=0, mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL,
-                rope_scale=1, rope_theta=plan.theta, rope_scaling=dict(plan.rope_scaling),
-                rope_ext_factors=relax.prim_value(0), rotary_dim=plan.rotary_dim, enable_disaggregation=False,
-                dtype=kv_dtype, target=target,
-            )
+        def prefill(self, input_ids: Any, positions: Any, slots: Any, q_indptr: Any, page_indptr: Any,
+                    page_values: Any, last_page_len: Any, logits_index: Any, pages: Any) -> Any:
+            inputs = {"input_ids": input_ids, "positions": positions, "slots": slots, "q_indptr": q_indptr,
+                      "page_indptr": page_indptr, "page_values": page_values, "last_page_len": last_page_len,
+                      "logits_index": logits_index}
+            return run(self, module.functions["prefill"], inputs, list(pages), perm is not None, False)
 
-        def prefill(self, input_ids: Any, logits_index: Any, paged_kv_cache: Any) -> Any:
-            return self._run("prefill", {"input_ids": input_ids, "logits_index": logits_index}, paged_kv_cache)
+        def decode(self, input_ids: Any, positions: Any, slots: Any, page_indptr: Any, page_values: Any,
+                   last_page_len: Any, pages: Any) -> Any:
+            inputs = {"input_ids": input_ids, "positions": positions, "slots": slots, "page_indptr": page_indptr,
+                      "page_values": page_values, "last_page_len": last_page_len}
+            return run(self, module.functions["decode"], inputs, list(pages), perm is not None, True)
 
-        def decode(self, input_ids: Any, paged_kv_cache: Any) -> Any:
-            return self._run("decode", {"input_ids": input_ids}, paged_kv_cache)
-
-        def decode_1(self, input_ids: Any, paged_kv_cache: Any) -> Any:
-            return self._run("decode", {"input_ids": input_ids}, paged_kv_cache)
-
-        def _run(self, fn_name: str, feeds: dict[str, Any], kv: Any) -> Any:
-            logits = run(self, module.functions[fn_name], feeds, kv, perm is not None)
-            return logits, kv
-
-    # the weights dict is registered under this attribute name
+    for batch in buckets:  # the same method under each bucket's name; export_tvm gives each its shapes
+        setattr(LlmcModel, bucket_name(batch), LlmcModel.decode)
     LlmcModel.__name__ = "LlmcModel"
     return LlmcModel

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-DECODE_FUNCTION = "decode_1"
+DECODE_FUNCTION = "decode_b1"  # llmc.targets.tvm.model.DECODE_ONE
 LANES = (4, 8, 16, 32)
 GEMV_DEFAULT = (8, 4)
 """(lanes, rows) of the untuned GEMV schedule: the best or within a few % of it for every
@@ -40,7 +40,7 @@ def fuse(mod: Any, target: Any) -> Any:
 
 
 def decode_kernels(fused: Any) -> set[str]:
-    """Names of the PrimFuncs that ``decode_1`` calls (empty when there is no ``decode_1``)."""
+    """Names of the PrimFuncs that ``decode_b1`` calls (empty when there is no ``decode_b1``)."""
     import tvm
     from tvm import relax
 
@@ -202,7 +202,7 @@ def cpu_pipeline(target: Any, schedule: str = "gemv", database: Any = None,
     """TVM's CPU pipeline with llmc's schedules.
 
     After fusion: the ``database``'s tuning records (meta-schedule), then for ``gemv`` or a
-    tuned build the untuned GEMV schedule on ``decode_1``'s remaining matmul kernels and the
+    tuned build the untuned GEMV schedule on ``decode_b1``'s remaining matmul kernels and the
     token-tiled schedule on the symbolic-token ones (``prefill``, batched ``decode``), then for
     ``dlight`` dlight's CPU GEMV/reduction rules on whatever is still unscheduled. ``record``
     (if given) receives the kernels scheduled by each step (``tuned``, ``gemv``, ``token_matmul``).

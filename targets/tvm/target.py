@@ -8,9 +8,11 @@ Options (``CompileOptions.target_options`` / ``llmc compile --arch --tune``): ``
 with fixed choices, no tuning, see :mod:`llmc.targets.tvm.schedules`; ``dlight``: dlight's CPU
 GEMV/reduction rules, with minutes of LLVM codegen for their unrolling; ``tvm``: TVM's own CPU
 pipeline, which leaves kernels unscheduled, 4.4x slower decode on SmolLM2),
-``cuda_graph`` (cuda only, default on: TVM's RewriteCUDAGraph captures the static-shape batch-1
-decode's kernels between KV-cache calls in CUDA graphs; measured +41% decode tok/s on an H100,
-docs/performance.md; ``--target-option cuda_graph=0`` turns it off).
+``decode_buckets`` (the batch sizes that get a static decode function ``decode_b{N}``, comma
+separated; the executor pads a decode batch up to the smallest bucket that holds it; default
+1,2,4,...,256 for cuda, 1 for cpu and rocm), ``cuda_graph`` (cuda only, default on: TVM's
+RewriteCUDAGraph captures each bucket's whole decode step, attention over the paged cache
+included, as one CUDA graph; ``--target-option cuda_graph=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
 from llmc.runtime.target import Capabilities, EmitResult, Target, TargetOption, lowered_ops
+from llmc.targets.tvm.graphs import graph_coverage
+from llmc.targets.tvm.model import bucket_name
 from llmc.targets.tvm.schedules import CPU_SCHEDULES
 
 if TYPE_CHECKING:
@@ -33,6 +37,9 @@ if TYPE_CHECKING:
 LIBRARY = "target/tvm/model.so"
 PAYLOAD = "target/tvm/tvm.json"
 PAGE_SIZE = 16
+CUDA_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Decode batch buckets of CUDA builds (each a static function captured as one CUDA graph)."""
+MAX_BUCKET = 1024
 
 
 class TvmTarget(Target):
@@ -43,7 +50,10 @@ class TvmTarget(Target):
         TargetOption("tune", int, "meta-schedule trials, cpu builds only (--tune)", minimum=0),
         TargetOption("page_size", int, "KV cache page size in tokens (16)", minimum=1),
         TargetOption("cpu_schedule", str, "schedule of cpu builds' matmuls", CPU_SCHEDULES, optional=True),
-        TargetOption("cuda_graph", bool, "capture the batch-1 decode in CUDA graphs (cuda builds; default on)"),
+        TargetOption("decode_buckets", str, "batch sizes with a static decode function, e.g. 1,2,4,8 "
+                     "(default 1,2,...,256 for cuda, 1 otherwise)", optional=True),
+        TargetOption("cuda_graph", bool, "capture each decode bucket's step as one CUDA graph (cuda builds; "
+                     "default on)"),
     )
 
     def capabilities(self) -> Capabilities:
@@ -79,12 +89,13 @@ class TvmTarget(Target):
         if cpu_schedule is not None and (kind != "cpu" or cpu_schedule not in CPU_SCHEDULES):
             raise UnsupportedError(f"cpu_schedule (cpu builds only) must be one of {', '.join(CPU_SCHEDULES)}, "
                                    f"not {cpu_schedule!r} for a {kind} build")
+        buckets = _buckets(options.get("decode_buckets"), CUDA_BUCKETS if kind == "cuda" else (1,))
         cuda_graph = _flag("cuda_graph", options.get("cuda_graph"), default=kind == "cuda")
         if cuda_graph and kind != "cuda":
             raise UnsupportedError(f"cuda_graph is a CUDA option; this build is for {kind}")
         target = build.make_target(spec)
         start = time.perf_counter()
-        lowered = lower_module(module, target)
+        lowered = lower_module(module, target, buckets, page_size)
         # the log belongs to the kernels: key it by llmc's IR and by the lowered TVM module
         # (a change in how llmc lowers an op must not reuse records of the old kernels)
         tune_key = f"{print_module(module)}\n{_script_digest(lowered.mod)}" if tune else ""
@@ -97,6 +108,13 @@ class TvmTarget(Target):
         exe.export_library(str(lib))
         seconds = time.perf_counter() - start
         device_code = _check_device_code(exe, lib, kind) if kind != "cpu" else None
+        coverage = None
+        if cuda_graph:
+            graphs = graph_coverage(exe.as_text(), [bucket_name(b) for b in lowered.buckets])
+            coverage = {name: cov.to_dict() for name, cov in graphs.items()}
+            notes = [*notes, *(f"cuda graph of {name}: {c['captured_kernel_calls']} kernel calls in {c['graphs']} "
+                               f"graph(s), {len(c['outside'])} outside ({', '.join(c['outside']) or 'none'})"
+                               for name, c in coverage.items())]
         import tvm
 
         payload = {
@@ -107,19 +125,28 @@ class TvmTarget(Target):
             "functions": lowered.functions,
             "param_slots": [list(s) for s in lowered.param_slots],
             "page_size": page_size,
+            "decode_buckets": lowered.buckets,
             "kv_dtype": lowered.kv_dtype,
             "rope": lowered.rope.to_dict(),
             "tune_trials": tune,
             "tuning": tuning,
             "cuda_graph": cuda_graph,
+            "graph_coverage": coverage,
             "device_code": device_code,
             "compile_seconds": round(seconds, 2),
         }
         writer.path(PAYLOAD).write_text(json.dumps(payload, indent=1))
         opts = {"device": kind, "arch": spec.get("mcpu") or spec.get("arch") or spec.get("tag"),
                 "target": spec, "tune": tune, "page_size": page_size, "cpu_schedule": cpu_schedule,
-                "cuda_graph": cuda_graph}
+                "decode_buckets": ",".join(map(str, lowered.buckets)), "cuda_graph": cuda_graph}
         return EmitResult(options=opts, files=[LIBRARY, PAYLOAD], notes=lowered.notes + notes)
+
+    def kv_layout(self, artifact: Artifact) -> tuple[int, int]:
+        """TVM's paged cache: pages of ``page_size`` tokens in the lowered ``kv_dtype`` (the payload's)."""
+        from llmc.runtime.capacity import kv_bytes_per_token
+
+        payload = json.loads(artifact.file(PAYLOAD).read_text())
+        return kv_bytes_per_token(artifact.config, str(payload["kv_dtype"])), int(payload["page_size"])
 
     def load(self, artifact: Artifact, **options: Any) -> Executor:
         from llmc.runtime.registry import require_available
@@ -135,6 +162,20 @@ def _script_digest(mod: Any) -> str:
     import hashlib
 
     return hashlib.sha256(mod.script().encode()).hexdigest()
+
+
+def _buckets(value: Any, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The ``decode_buckets`` option: comma-separated batch sizes (1 always included)."""
+    if value is None or value == "":
+        return default
+    try:
+        sizes = {int(part) for part in str(value).replace(" ", "").split(",") if part}
+    except ValueError:
+        sizes = set()
+    if not sizes or min(sizes) < 1 or max(sizes) > MAX_BUCKET:
+        raise UnsupportedError(f"target option decode_buckets expects batch sizes between 1 and {MAX_BUCKET} "
+                               f"separated by commas (e.g. 1,2,4,8), got {value!r}")
+    return tuple(sorted(sizes | {1}))
 
 
 def _flag(name: str, value: Any, default: bool) -> bool:

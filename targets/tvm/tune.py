@@ -1,6 +1,6 @@
 """Meta-schedule tuning of the batch-1 decode kernels for the tvm target's CPU (llvm) builds.
 
-What is tuned: the static-shape matmul kernels of ``decode_1`` (q/k/v/o, gate/up, down,
+What is tuned: the static-shape matmul kernels of ``decode_b1`` (q/k/v/o, gate/up, down,
 lm_head, each with whatever TVM fused into it), taken from the module *after* TVM's
 legalization and fusion, so the tuned workloads are exactly the PrimFuncs that the build
 compiles (a record for an unfused matmul never matches a fused ``matmul + add`` kernel).
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from llmc.compiler.errors import TargetUnavailableError, UnsupportedError
-from llmc.targets.tvm.schedules import cpu_pipeline, decode_kernels, fuse, gemv_fits, gemv_space
+from llmc.targets.tvm.schedules import DECODE_FUNCTION, cpu_pipeline, decode_kernels, fuse, gemv_fits, gemv_space
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,14 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
 
 
 def decode_tasks(fused: Any, target: Any) -> list[Any]:
-    """The static-shape matmul tasks that ``decode_1`` calls (each with its fused epilogue)."""
+    """The static-shape matmul tasks that ``decode_b1`` calls (each with its fused epilogue)."""
     from tvm.s_tir import meta_schedule as ms
 
     called = decode_kernels(fused)
     if not called:
         raise UnsupportedError("--tune tunes the batch-1 decode function, but the module has no decode function")
     decode_only = fused.__class__({gv: f for gv, f in fused.functions.items()
-                                   if gv.name_hint == "decode_1" or gv.name_hint in called})
+                                   if gv.name_hint == DECODE_FUNCTION or gv.name_hint in called})
     tasks = ms.relax_integration.extract_tasks(decode_only, target)
     return [t for t in tasks if "matmul" in t.task_name and _static(t.dispatched[0]["main"])]
 
@@ -147,7 +147,7 @@ def tune(tasks: list[Any], work: Path, trials: int) -> float:
 
 
 def compile_tuned(mod: Any, target: Any, trials: int, work: Path, rest: str = "gemv") -> tuple[Any, TuneReport]:
-    """Tune ``decode_1``'s kernels (or reuse the log in ``work``), then build with the records applied.
+    """Tune ``decode_b1``'s kernels (or reuse the log in ``work``), then build with the records applied.
 
     ``rest`` (``gemv``, ``dlight`` or ``tvm``) schedules the kernels that are not decode matmuls,
     as ``cpu_schedule`` does for untuned builds.
@@ -182,7 +182,7 @@ def compile_tuned(mod: Any, target: Any, trials: int, work: Path, rest: str = "g
     report.applied = scheduled.get("tuned", [])
     report.untuned_gemv = scheduled.get("gemv", [])
     report.notes.append(
-        f"meta-schedule: {'reused' if report.reused else 'tuned'} {len(tasks)} decode_1 kernels "
+        f"meta-schedule: {'reused' if report.reused else 'tuned'} {len(tasks)} decode_b1 kernels "
         f"({trials} trials, {report.seconds:.0f} s of tuning, log {work}); "
         f"{len(report.applied)} kernels built from {report.records} tuning records"
         + (f", {len(report.untuned_gemv)} with the untuned GEMV schedule" if report.untuned_gemv else "")

@@ -7,13 +7,15 @@ missing write changes the output (or trips an assertion), exactly as it would wi
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 
 import numpy as np
 
 from llmc.compiler.config import ModelConfig
-from llmc.runtime.executor import Executor, KVSpec, StepBatch
+from llmc.runtime.executor import Executor, FutureStep, KVSpec, PendingStep, StepBatch, StepOutput, sample_step
+from llmc.runtime.sampling import SampleRow
 
 
 def next_token(context: list[int], vocab: int, eos: int | None = None) -> int:
@@ -90,3 +92,61 @@ class FakeExecutor(Executor):
         for r, row in enumerate(batch.logits_rows):
             logits[r, next_token(row_ctx[int(row)], self.config.vocab_size, self.eos)] = 5.0
         return logits
+
+
+class WorkerThreadLaunch:
+    """Mixin for an :class:`Executor`: ``launch`` queues the step and its sampling on one worker thread
+    and returns at once, as a GPU executor's does, so the engine overlaps and defers tokens. The batch
+    is copied at launch; deferred rows are filled on the worker from the previous step's samples."""
+
+    launches = 0
+    deferred_launches = 0
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _last: concurrent.futures.Future[StepOutput] | None = None
+
+    def launch(self, batch: StepBatch, rows: list[SampleRow]) -> PendingStep:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llmc-test-step")
+        snapshot = StepBatch(batch.token_ids.copy(), batch.layout, [list(t) for t in batch.block_tables],
+                             batch.logits_rows.copy(), batch.deferred_rows.copy(), batch.deferred_from.copy())
+        previous = self._last
+
+        def run() -> StepOutput:
+            resolved = snapshot
+            if snapshot.has_deferred:
+                assert previous is not None, "deferred rows without a previous step"
+                resolved = snapshot.resolve_deferred(previous.result().token_ids)
+            return sample_step(self.step(resolved), resolved, rows)  # type: ignore[attr-defined]
+
+        self._last = self._pool.submit(run)
+        self.launches += 1
+        self.deferred_launches += int(batch.has_deferred)
+        return FutureStep(self._last)
+
+
+class ThreadedFakeExecutor(WorkerThreadLaunch, FakeExecutor):
+    """The fake executor with launches on a worker thread."""
+
+
+class OnWorkerThread(WorkerThreadLaunch, Executor):
+    """Any executor, its steps launched on a worker thread (everything else delegated)."""
+
+    def __init__(self, inner: Executor) -> None:
+        self.inner = inner
+        self.config = inner.config
+        self.device = inner.device
+
+    def kv_spec(self) -> KVSpec:
+        return self.inner.kv_spec()
+
+    def init_cache(self, num_blocks: int) -> None:
+        self.inner.init_cache(num_blocks)
+
+    def step(self, batch: StepBatch) -> np.ndarray:
+        return self.inner.step(batch)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        self.inner.copy_blocks(pairs)
+
+    def release(self, seq_id: int) -> None:
+        self.inner.release(seq_id)

@@ -1,4 +1,8 @@
-"""Engine mechanics over a fake executor: batching, KV exhaustion, cancellation, streaming, errors."""
+"""Engine mechanics over a fake executor: batching, KV exhaustion, cancellation, streaming, errors.
+
+Every test runs twice: with the fake's synchronous ``launch`` (the contract's default) and with
+launches on a worker thread (``ThreadedFakeExecutor``), where the engine overlaps steps and defers
+the tokens still being sampled; both must give the same results."""
 
 from __future__ import annotations
 
@@ -11,9 +15,20 @@ import pytest
 from llmc.errors import RequestError
 from llmc.runtime.engine import Engine, EngineConfig, QueueFullError
 from llmc.runtime.sampling import SamplingParams
-from tests.runtime.fakes import FakeExecutor, reference
+from tests.runtime import fakes
+from tests.runtime.fakes import FakeExecutor, ThreadedFakeExecutor, reference
 
 VOCAB = 64
+
+
+@pytest.fixture(autouse=True, params=["sync", "worker-thread"])
+def launch_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``FakeExecutor`` in these tests is the synchronous fake or the one launching on a worker thread."""
+    if request.param == "worker-thread":
+        monkeypatch.setitem(globals(), "FakeExecutor", ThreadedFakeExecutor)
+    else:
+        monkeypatch.setitem(globals(), "FakeExecutor", fakes.FakeExecutor)
+    return str(request.param)
 
 
 def _prompts(n: int, seed: int = 0, shared: int = 0) -> list[list[int]]:

@@ -133,3 +133,31 @@ def test_json_schema_on_the_python_api(chat_model: tuple[Path, Path]) -> None:
     for out in outs:
         jsonschema.validate(json.loads(out.text), schema)
         assert out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_constrained_and_scored_requests_beside_overlapped_steps(tokenizer: LlmcTokenizer, overlapped: bool) -> None:
+    """With an executor whose steps finish after launch, steps holding a constrained or prompt-scored
+    request run on the host (the step in flight collected first, no deferred rows); the others still
+    overlap. Outputs equal the synchronous executor's."""
+    from tests.runtime.fakes import ThreadedFakeExecutor
+
+    pattern = r"[a-z]{2}[0-9]{3}"
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=1.0, seed=3, constraint=Constraint.regex(pattern)),
+              SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=1, ignore_eos=True),
+              SamplingParams(max_tokens=25, temperature=0.7, seed=4, ignore_eos=True)]
+    results = []
+    for cls in (FakeExecutor, ThreadedFakeExecutor if overlapped else FakeExecutor):
+        ex = cls(vocab=VOCAB, max_position=256)
+        with Engine(ex, tokenizer, EngineConfig(max_running=8)) as engine:
+            results.append(engine.generate(["abc", "hello", "xyz", "hi"], params))
+            assert engine.stats()["kv_used_blocks"] == 0
+    for a, b in zip(*results, strict=True):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+        assert a.prompt_logprobs == b.prompt_logprobs
+    assert re.fullmatch(pattern, results[1][1].text)
+    if overlapped:
+        assert ex.deferred_launches > 0  # the free requests overlapped once the others had finished
+        for batch in ex.batches:
+            assert not (batch.has_deferred and len(batch.logits_rows) > len(batch.layout.seq_ids))  # scored: host

@@ -30,7 +30,7 @@ from tests.targets.tvm_util import (
 
 pytestmark = pytest.mark.tvm
 
-# one sequence decoding alone (the static-shape ``decode_1`` that tuning targets), then a
+# one sequence decoding alone (the static-shape ``decode_b1`` that tuning targets), then a
 # ragged mixed batch and a two-sequence decode (the dynamic ``prefill`` and ``decode``)
 STEPS: list[dict[int, list[int]]] = [
     {0: [1, 5, 9, 33, 7]}, {0: [11]}, {0: [64]}, {0: [3]},
@@ -95,8 +95,8 @@ def test_gemv_schedule_matches_torch_and_interpreter(tmp_path: Path) -> None:
     module = tiny_module(config, weights)
     art = write_artifact(module, weights, tmp_path / "gemv")
     assert art.manifest["target"]["options"]["cpu_schedule"] == "gemv"
-    # q, k/v, o+add, gate+silu*up, up, down+add, lm_head: every decode_1 matmul kernel
-    assert "gemv schedule (untuned) on 7 decode_1 kernels" in art.manifest["target"]["notes"]
+    # q, k/v, o+add, gate+silu*up, up, down+add, lm_head: every decode_b1 matmul kernel
+    assert "gemv schedule (untuned) on 7 decode_b1 kernels" in art.manifest["target"]["notes"]
     # the same matmuls over a symbolic token count (prefill, batched decode): STEPS has odd counts,
     # so the predicated last token tile runs too
     assert "token-tiled matmul schedule on 7 prefill/decode kernels" in art.manifest["target"]["notes"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,66 @@ def write_artifact(module: Module, weights: WeightStore, out: Path, target_name:
 
 
 LLAMA3 = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=16)
+
+
+
+def preset_config(preset: str, **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a ``llmc synth`` preset (a real model's shapes), with overrides
+    (e.g. fewer ``num_layers``)."""
+    import json
+    import tempfile
+
+    from llmc.compiler.frontends.hf import parse_config
+    from llmc.synth import get_preset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(get_preset(preset).hf_config))
+        config = parse_config(path)
+    return replace(config, **overrides)
+
+
+def zero_weights(config: ModelConfig, dtype: str = "float16") -> WeightStore:
+    """Weights of ``config``'s shapes, all zero (``np.zeros`` pages are not touched until written, so a
+    real model's shapes cost no memory): for compiles, whose kernels depend on shapes and dtypes only."""
+    store = WeightStore()
+    for name, shape in param_shapes(config).items():
+        store[name] = np.zeros(shape, np.float32 if len(shape) == 1 else NUMPY_DTYPES[dtype])
+    return store
+
+
+def compiled_module(config: ModelConfig, weights: WeightStore, quant: str = "none", target_name: str = "tvm") -> Module:
+    """``config``'s module through the driver's pipeline for ``target_name`` as ``llmc compile`` runs it
+    (the target's O2 passes, its rewrites, then ``--quant`` last)."""
+    from llmc.driver import quantize_pass
+
+    target = get_target(target_name)
+    options = CompileOptions(target=target_name, quant=quant)
+    module, _ = optimize(tiny_module(config, weights), weights, options, target.capabilities().fused_ops,
+                         target_name, target.preferred_passes(2), quantize_pass(options, None, False),
+                         target.rewrites(2))
+    return module
+
+
+class LibraryWriter:
+    """The one part of :class:`ArtifactWriter` a target's ``emit`` uses (``path``), writing into a
+    folder: for compiles checked by their target payload alone (no weights, no manifest)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, relative: str) -> Path:
+        p = self.root / relative
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def emit_payload(module: Module, root: Path, target_name: str = "tvm", **options: Any) -> dict[str, Any]:
+    """Emit ``module`` with ``target_name`` into ``root`` (``options``: its target options, device
+    included); returns the tvm payload (``target/tvm/tvm.json``) and the emit result's notes under
+    ``notes``."""
+    import json
+
+    result = get_target(target_name).emit(module, WeightStore(), LibraryWriter(root), options)
+    payload = json.loads((root / "target" / "tvm" / "tvm.json").read_text())
+    return {**payload, "notes": result.notes}
