@@ -30,7 +30,7 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml build_backend/llmc_build_bac
 install: $(VENV)/.installed
 
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(PIP) install -q -e '.[dev,onnx,serve,bench,ray]'
+	$(PIP) install -q -e '.[dev,onnx,serve,bench,ray,triton]'
 	touch $@
 
 install-dev: $(VENV)/.installed-dev
