@@ -14,10 +14,10 @@ The group-wise layout (:class:`GroupLayout`, every :class:`QuantSpec` today):
 ``w[o, i] = scales[o, g] * (q[o, i] - zero_point)`` (symmetric, ``zero_point = 2**(bits-1)``)
 or ``scales[o, g] * q[o, i] + offsets[o, g]`` (asymmetric), with ``g = i // group_size``.
 
-:func:`layout_for` picks a spec's layout. A new packed format (GGUF K-quant super-blocks, say)
-adds a layout class with the same interface (``parts``, ``check``, ``unpack``) and a branch in
-:func:`layout_for`; code that only moves parts around (tvm's param slots, artifact records)
-then works unchanged.
+:func:`layout_for` picks a spec's layout. A new packed format adds a layout class with the same
+interface (``parts``, ``check``, ``unpack``) and a branch in :func:`layout_for`; code that only
+moves parts around (tvm's param slots, artifact records) then works unchanged. GGUF tensors kept
+in their own block format (a spec with ``ggml`` set) have :class:`BlockLayout`.
 """
 
 from __future__ import annotations
@@ -108,14 +108,58 @@ class GroupLayout:
         return unpack_codes(qdata, self.spec.bits, stack)
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """A GGUF tensor kept in its own block format (:data:`llmc.compiler.ggml_blocks.FORMATS`): one
+    part, ``qdata``, uint8 ``[out, row bytes]``, the blocks as stored, each carrying its scales;
+    ``scales`` is empty (``[out, 0]``) and there are no offsets. :mod:`llmc.compiler.ggml_blocks`
+    decodes it exactly."""
+
+    spec: QuantSpec
+    shape: tuple[int, int]
+
+    @property
+    def row_bytes(self) -> int:
+        from llmc.compiler.ggml_blocks import block_format
+
+        assert self.spec.ggml is not None
+        return block_format(self.spec.ggml).row_bytes(self.shape[1])
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return PART_ORDER[:1]
+
+    def parts(self) -> tuple[TensorPart, ...]:
+        return (TensorPart("qdata", (self.shape[0], self.row_bytes), "uint8"),)
+
+    def check(self, qdata: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None) -> None:
+        """Raise ValueError unless ``qdata`` holds whole blocks of this shape, ``scales`` is ``[out, 0]``
+        and ``offsets`` is None."""
+        out = self.shape[0]
+        if qdata.dtype != np.uint8 or qdata.shape != (out, self.row_bytes):
+            raise ValueError(f"{self.spec.ggml} blocks must be uint8 {(out, self.row_bytes)}, got "
+                             f"{qdata.dtype} {qdata.shape}")
+        if scales.shape != (out, 0) or offsets is not None:
+            raise ValueError("GGUF block tensors keep their scales in the blocks (scales [out, 0], no offsets)")
+
+    def unpack(self, qdata: Any, stack: Callable[..., Any] = np.stack) -> Any:
+        """The unsigned codes ``[out, in]`` of the blocks (numpy only)."""
+        from llmc.compiler.ggml_blocks import block_format, decode
+
+        assert self.spec.ggml is not None
+        return decode(np.asarray(qdata), block_format(self.spec.ggml), self.shape).codes
+
+
 def zero_point(bits: int) -> int:
     """The code meaning 0 for ``bits``-bit symmetric codes: ``2**(bits-1)``, the top bit (XOR with it
     turns unsigned ``q`` into the two's-complement ``q - 2**(bits-1)`` and back)."""
     return 2 ** (bits - 1)
 
 
-def layout_for(spec: QuantSpec, shape: tuple[int, int]) -> GroupLayout:
-    """The packed layout of a weight of ``shape`` quantized as ``spec``."""
+def layout_for(spec: QuantSpec, shape: tuple[int, int]) -> GroupLayout | BlockLayout:
+    """The packed layout of a weight of ``shape`` quantized as ``spec`` (GGUF blocks: :class:`BlockLayout`)."""
+    if spec.ggml is not None:
+        return BlockLayout(spec, (int(shape[0]), int(shape[1])))
     return GroupLayout(spec, (int(shape[0]), int(shape[1])))
 
 

@@ -39,12 +39,18 @@ QUANT_MODES: dict[str, QuantMode] = {m.name: m for m in (
     QuantMode("int8", "8-bit codes per output channel (symmetric unless --asym)", bits=8),
     QuantMode("int4", "4-bit codes in groups of --group-size (asymmetric unless --sym; AWQ with --calib-file)",
               bits=4),
-    QuantMode("native", "keep a GGUF's quantized blocks (Q8_0, Q4_0, Q4_1) as stored"),
+    QuantMode("native", "keep a GGUF's quantized blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K) as stored "
+                        "(the default for a GGUF source)"),
 )}
 PASS_MODES = tuple(name for name, mode in QUANT_MODES.items() if mode.runs_pass)
 """The modes the ``quantize`` pass implements."""
 FLOAT32_SCHEMES = ("none", "fp32", "float32")
 """Scheme spellings that keep (or restore) float32 in quantization plans and overrides."""
+
+
+def default_quant(is_gguf: bool) -> str:
+    """The mode a compile gets without ``--quant``: a GGUF keeps its blocks, anything else its weights."""
+    return "native" if is_gguf else "none"
 
 
 def quant_mode(name: str) -> QuantMode:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from llmc.compiler.ggml_blocks import BlockFormat, block_format
+from llmc.compiler.ggml_blocks import dequantize as ggml_dequantize
 from llmc.compiler.ir.types import QuantSpec
-from llmc.compiler.packing import GroupLayout, layout_for, pack_codes, unpack_codes
+from llmc.compiler.packing import BlockLayout, GroupLayout, layout_for, pack_codes, unpack_codes
 
 __all__ = ["NUMPY_DTYPES", "Loader", "QuantizedTensor", "Weight", "WeightStore", "as_float", "dtype_name",
            "pack_codes", "unpack_codes"]
@@ -41,6 +43,11 @@ class QuantizedTensor:
     or ``[out, in // 2]`` (4-bit, low nibble first); ``scales`` and ``offsets`` ``[out,
     ceil(in / group_size)]``; ``offsets`` is None for symmetric specs. The last group may be
     shorter than ``group_size``.
+
+    A spec with ``ggml`` set (:meth:`QuantSpec.for_ggml`, made by :meth:`from_ggml`) holds a
+    GGUF tensor as stored instead (:class:`~llmc.compiler.packing.BlockLayout`): ``qdata`` is its
+    blocks, uint8 ``[out, row bytes]`` (:mod:`llmc.compiler.ggml_blocks`), ``scales`` is empty
+    (``[out, 0]``: the blocks carry their scales) and ``offsets`` is None.
     """
 
     spec: QuantSpec
@@ -49,11 +56,24 @@ class QuantizedTensor:
     scales: np.ndarray
     offsets: np.ndarray | None = None
 
+    @classmethod
+    def from_ggml(cls, ggml_type: str, shape: tuple[int, int], blocks: np.ndarray) -> QuantizedTensor:
+        """A GGUF tensor of ggml type ``ggml_type`` kept as its stored ``blocks``."""
+        spec = QuantSpec.for_ggml(ggml_type)
+        out, inp = shape
+        raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(out, block_format(ggml_type).row_bytes(inp))
+        return cls(spec, (out, inp), raw, np.zeros((out, 0), dtype=np.float16))
+
+    @property
+    def ggml_format(self) -> BlockFormat | None:
+        """The block format when this holds GGUF blocks as stored, else None."""
+        return None if self.spec.ggml is None else block_format(self.spec.ggml)
+
     def __post_init__(self) -> None:
         self.layout.check(self.qdata, self.scales, self.offsets)
 
     @property
-    def layout(self) -> GroupLayout:
+    def layout(self) -> GroupLayout | BlockLayout:
         """The packed layout of this weight (part names, shapes, dtypes, unpacking)."""
         return layout_for(self.spec, self.shape)
 
@@ -75,7 +95,11 @@ class QuantizedTensor:
         return self.layout.unpack(self.qdata)
 
     def dequantize(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """The float weight ``[out, in]``; computed in float32, then cast."""
+        """The float weight ``[out, in]``; computed in float32, then cast (GGUF blocks: bit-identical
+        to ``gguf.quants.dequantize``)."""
+        fmt = self.ggml_format
+        if fmt is not None:
+            return ggml_dequantize(self.qdata, fmt, self.shape).astype(dtype, copy=False)
         codes = self.unpacked().astype(np.float32)
         group = self.spec.group_size
         inp = self.shape[1]

@@ -69,7 +69,7 @@ def _demo(data_dir: Path, max_tokens: int) -> int:
     print(f"artifact: {artifact} (--quant native, {size / 1e6:.1f} MB, {done})")
     model = load_model(str(artifact))
     assert model.tokenizer is not None, "the GGUF carries its tokenizer"
-    question = "What is the capital of France?"
+    question = "Name the capital of France."
     chat = model.tokenizer.apply_chat_template([{"role": "user", "content": question}])
     t0 = time.perf_counter()
     print(f"\n[chat] user: {question}\n[chat] assistant: {_generate(model, chat, max_tokens).strip()}")

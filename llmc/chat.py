@@ -5,7 +5,7 @@ system prompt and a history kept within the context; and streaming from plain (n
 
     with load("model.gguf") as engine:
         chat = ChatSession(engine, system="Answer in one sentence.")
-        for piece in chat.send("What is the capital of France?"):
+        for piece in chat.send("Name the capital of France."):
             print(piece, end="", flush=True)
 """
 

@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from llmc.compiler.errors import LlmcError, UnsupportedError
+from llmc.compiler.frontends.gguf_tensors import adapt_for_target
 from llmc.compiler.frontends.llama import build_module, declare_params
-from llmc.compiler.frontends.source import ModelSource, load_source
+from llmc.compiler.frontends.source import ModelSource, is_gguf_file, load_source
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.progress import step
-from llmc.compiler.quant_modes import PASS_MODES, quant_mode
+from llmc.compiler.quant_modes import PASS_MODES, default_quant, quant_mode
 from llmc.compiler.token_ids import read_tokens
 from llmc.compiler.tokenizer import LlmcTokenizer
 from llmc.compiler.weights import NUMPY_DTYPES, QuantizedTensor, WeightStore
@@ -29,7 +30,7 @@ from llmc.passes.quant_plan import QuantPlan
 from llmc.passes.quantize import QuantizePass
 from llmc.runtime.artifact import ArtifactWriter, sha256_file
 from llmc.runtime.registry import get_target
-from llmc.runtime.target import Target, check_options
+from llmc.runtime.target import Capabilities, Target, check_options
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ class CompileOptions:
     dump_ir: Path | None = None
     device: str = "cpu"
     target_options: dict[str, Any] = field(default_factory=dict)
-    quant: str = "none"
-    """A :data:`~llmc.compiler.quant_modes.QUANT_MODES` name."""
+    quant: str | None = None
+    """A :data:`~llmc.compiler.quant_modes.QUANT_MODES` name; None: ``native`` for a GGUF source,
+    ``none`` otherwise (:func:`~llmc.compiler.quant_modes.default_quant`)."""
     group_size: int = 32
     sym: bool | None = None
     """Symmetric quantization (None: int8 symmetric, int4 asymmetric)."""
@@ -59,7 +61,14 @@ class CompileOptions:
     auto_escalate: bool = False
 
     def __post_init__(self) -> None:
-        quant_mode(self.quant)
+        if self.quant is not None:
+            quant_mode(self.quant)
+
+    def for_source(self, source_path: str | Path) -> CompileOptions:
+        """These options with ``quant`` resolved for ``source_path`` (see :attr:`quant`)."""
+        if self.quant is not None:
+            return self
+        return replace(self, quant=default_quant(is_gguf_file(source_path)))
 
     def manifest_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -144,10 +153,40 @@ def check_target_options(options: CompileOptions, target: Target) -> dict[str, A
     return check_options(target, options.target_options, "compile")
 
 
+def adapt_blocks(weights: WeightStore, caps: Capabilities, target: str) -> list[str]:
+    """Convert kept GGUF blocks the target does not run as stored (:attr:`Capabilities.gguf_blocks`);
+    returns one note per converted block type."""
+    converted: dict[str, list[str]] = {}
+    for name in list(weights):
+        adapted, note = adapt_for_target(weights[name], caps.gguf_blocks)
+        if adapted is not weights[name]:
+            weights[name] = adapted
+        if note is not None:
+            converted.setdefault(note.split()[0], []).append(f"{name}: {note}")
+    notes = []
+    for kind, items in converted.items():
+        notes.append(f"target {target!r} does not run {kind} blocks: {len(items)} tensors dequantized to float32 "
+                     f"({'; '.join(items[:3])}{'; ...' if len(items) > 3 else ''})")
+        log.warning("%s", notes[-1])
+    return notes
+
+
+def dequantized_note(source: ModelSource, weights: WeightStore, matrices: list[str]) -> str | None:
+    """``--quant none`` on a GGUF with quantized tensors: how much bigger the float32 weights are."""
+    if source.kind != "gguf":
+        return None
+    stored = source.files[0].stat().st_size
+    dense = sum(np.asarray(weights[n]).nbytes for n in matrices if not isinstance(weights[n], QuantizedTensor))
+    if dense <= stored * 1.2:
+        return None
+    return (f"--quant none dequantizes {source.path.name}'s quantized blocks to float32: {dense / 1e6:.0f} MB of "
+            f"matrices from a {stored / 1e6:.0f} MB file (without --quant the blocks are kept as stored)")
+
+
 def compile_model(source_path: str | Path, out: str | Path, options: CompileOptions | None = None) -> Path:
     """Compile a model file or folder into an artifact directory (``options``: the defaults when
-    None: torch, CPU, -O2, weights as stored); returns its path."""
-    options = options or CompileOptions()
+    None: torch, CPU, -O2, a GGUF's blocks kept as stored); returns its path."""
+    options = (options or CompileOptions()).for_source(source_path)
     target = get_target(options.target)
     caps = target.capabilities()
     options = replace(options, target_options=check_target_options(options, target))
@@ -160,6 +199,7 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
     if options.quant == "native" and source.kind != "gguf":
         raise LlmcError(f"{source_path}: --quant native keeps GGUF quant blocks; this source is {source.kind!r}, "
                         "not a GGUF file")
+    block_notes = adapt_blocks(source.weights, caps, target.name) if options.quant == "native" else []
     gate = AccuracyGate.from_options(options.eval_file, options.max_ppl_increase, options.auto_escalate,
                                      source.tokenizer)
     quantize = quantize_pass(options, source.tokenizer, keep_inputs=gate is not None)
@@ -180,7 +220,11 @@ def compile_model(source_path: str | Path, out: str | Path, options: CompileOpti
             "params": describe_weights(source.weights, matrices),
         }
     elif options.quant == "native":
-        extra["quantization"] = {"mode": "native", "params": describe_weights(source.weights, matrices)}
+        extra["quantization"] = {"mode": "native", "params": describe_weights(source.weights, matrices),
+                                 "notes": block_notes}
+    elif options.quant == "none" and (note := dequantized_note(source, source.weights, matrices)) is not None:
+        log.warning("%s", note)
+        extra["quantization"] = {"mode": "none", "notes": [note]}
     if gate is not None:
         reference = quantize.input_weights if quantize is not None else {}
         outcome = gate.run(module, source.weights, reference, quantize)

@@ -3,7 +3,7 @@
 Used by the projection fusions: the fused weight is a new param whose rows are the rows of
 its parts in order. Plain arrays must share dtype and input width; quantized weights must
 share their :class:`QuantSpec` (then rows, scales and offsets concatenate exactly, since
-quantization groups run along the input dim).
+quantization groups run along the input dim; GGUF blocks likewise, row by row).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def concat_rows(parts: Sequence[Weight]) -> Weight:
         spec, inp = qts[0].spec, qts[0].shape[1]
         if any(q.spec != spec or q.shape[1] != inp for q in qts):
             raise ValueError("quantized weights differ in spec or input width")
-        offsets = None if spec.symmetric else np.concatenate([q.offsets for q in qts])  # type: ignore[misc]
+        offsets = None if qts[0].offsets is None else np.concatenate([q.offsets for q in qts])  # type: ignore[misc]
         return QuantizedTensor(
             spec,
             (sum(q.shape[0] for q in qts), inp),

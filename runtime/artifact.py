@@ -2,6 +2,7 @@
 
     manifest.json            format, schema version, versions, checksums, config, target, ...
     weights/model.safetensors  params by IR name; quantized ones as NAME.qdata/.scales/.offsets
+                             (GGUF blocks kept as stored: NAME.qdata only)
     tokenizer/               tokenizer.json + llmc_tokenizer.json (when the model has one)
     ir/final.ir              the IR after the pass pipeline
     target/                  the target's payload
@@ -60,7 +61,8 @@ def flatten_weights(weights: dict[str, Weight]) -> tuple[dict[str, np.ndarray], 
     for name, w in weights.items():
         if isinstance(w, QuantizedTensor):
             tensors[f"{name}.qdata"] = w.qdata
-            tensors[f"{name}.scales"] = w.scales
+            if w.ggml_format is None:  # GGUF blocks carry their scales
+                tensors[f"{name}.scales"] = w.scales
             if w.offsets is not None:
                 tensors[f"{name}.offsets"] = w.offsets
             records[name] = {"shape": list(w.shape), "quant": w.spec.describe(),
@@ -434,6 +436,8 @@ def _load_weight(path: str, name: str, record: dict[str, Any]) -> Weight:
             if "quant" not in record:
                 return _checked(f.get_tensor(name), record, name, path)
             spec = QuantSpec.parse(record["quant"], record["scale_dtype"])
+            if spec.ggml is not None:  # GGUF blocks as stored: they carry their scales
+                return QuantizedTensor.from_ggml(spec.ggml, tuple(record["shape"]), f.get_tensor(f"{name}.qdata"))
             offsets = f.get_tensor(f"{name}.offsets") if not spec.symmetric else None
             return QuantizedTensor(spec, tuple(record["shape"]), f.get_tensor(f"{name}.qdata"),
                                    f.get_tensor(f"{name}.scales"), offsets)

@@ -47,6 +47,10 @@ class Capabilities:
     """``paged``: blocks of a shared pool per sequence; ``slots``: one fixed-capacity slot per sequence."""
     quant_modes: frozenset[str] = ALL_QUANT_MODES
     """The ``--quant`` modes whose weights it lowers (:data:`llmc.compiler.quant_modes.QUANT_MODES`)."""
+    gguf_blocks: frozenset[str] = frozenset()
+    """GGUF block types (:data:`llmc.compiler.ggml_blocks.FORMATS` names) it runs as stored with
+    ``--quant native``; the driver converts others to llmc's int4/int8 layout where that is exact
+    (Q8_0, Q4_0, Q4_1) and dequantizes the rest to float32, with a note."""
     deterministic: bool = False
     """Whether it has a batch-invariant mode (greedy results independent of batching)."""
     stores_weights: bool = False
@@ -71,7 +75,8 @@ class Capabilities:
 
     def to_dict(self) -> dict[str, Any]:
         return {"fused_ops": sorted(self.fused_ops), "devices": list(self.devices), "kv_layout": self.kv_layout,
-                "quant_modes": sorted(self.quant_modes), "deterministic": self.deterministic,
+                "quant_modes": sorted(self.quant_modes), "gguf_blocks": sorted(self.gguf_blocks),
+                "deterministic": self.deterministic,
                 "stores_weights": self.stores_weights, "runs_in_memory": self.runs_in_memory}
 
 

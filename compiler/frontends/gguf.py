@@ -14,7 +14,7 @@ from llmc.compiler.frontends.source import ModelSource
 
 
 def load_gguf(path: str | Path, native_quant: bool = False) -> ModelSource:
-    """Load a GGUF ``llama`` model; ``native_quant`` keeps Q8_0/Q4_0/Q4_1 blocks quantized."""
+    """Load a GGUF ``llama`` model; ``native_quant`` keeps quantized blocks as stored."""
     from llmc.compiler.frontends.gguf_tokenizer import build_tokenizer
 
     path = Path(path)

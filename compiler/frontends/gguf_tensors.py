@@ -1,8 +1,10 @@
 """A GGUF file's tensors as llmc weights under canonical names.
 
-Q8_0, Q4_0 and Q4_1 blocks can be kept as :class:`QuantizedTensor` bit for bit
-(``native_quant=True``); every other type, and every type when ``native_quant`` is False, is
-dequantized with ``gguf.quants``. Tensors load lazily from the memory map.
+With ``native_quant=True`` the quantized block types of :data:`llmc.compiler.ggml_blocks.FORMATS`
+are kept as stored (:meth:`QuantizedTensor.from_ggml`) and F16/BF16 stay half precision; else
+every type is dequantized to float32 with ``gguf.quants``. :func:`adapt_for_target` turns kept
+blocks into what a target runs when it does not run that block type itself (llmc's own int4/int8
+layout where exact, float32 otherwise). Tensors load lazily from the memory map.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
 
 from llmc.compiler.errors import UnsupportedError
+from llmc.compiler.ggml_blocks import FORMATS, LLMC_LAYOUT_TYPES
 from llmc.compiler.ir.types import QuantSpec
 from llmc.compiler.weights import QuantizedTensor, Weight, WeightStore, pack_codes
 
@@ -27,7 +30,8 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 DEQUANTIZED_TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1,
                      T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-NATIVE_TYPES = (T.Q8_0, T.Q4_0, T.Q4_1)
+NATIVE_TYPES = tuple(T[name] for name in FORMATS)
+"""Quantized types kept as stored with ``native_quant``."""
 
 _LAYER_NAMES = {
     "attn_norm": "attn_norm",
@@ -60,29 +64,46 @@ def _logical_shape(t: Any) -> tuple[int, ...]:
 
 
 def native_quantized(t: Any, path: Path) -> QuantizedTensor:
-    """A Q8_0, Q4_0 or Q4_1 tensor as :class:`QuantizedTensor`, bit for bit (no requantization)."""
+    """A tensor of a :data:`NATIVE_TYPES` type as its stored blocks (no requantization)."""
     shape = _logical_shape(t)
     if len(shape) != 2:
         raise UnsupportedError(f"{path}: tensor {t.name!r} is {len(shape)}-D; native quant blocks need 2-D")
-    out, inp = shape
-    raw = np.asarray(t.data, dtype=np.uint8)
-    qtype = t.tensor_type
-    if qtype == T.Q8_0:
-        blocks = raw.reshape(out, inp // 32, 34)
-        scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(out, -1)
-        codes = (blocks[..., 2:] ^ np.uint8(0x80)).reshape(out, inp)  # int8 v -> uint8 v + 128
-        return QuantizedTensor(QuantSpec(8, 32, True), shape, np.ascontiguousarray(codes), scales)
-    head = 2 if qtype == T.Q4_0 else 4
-    blocks = raw.reshape(out, inp // 32, head + 16)
+    return QuantizedTensor.from_ggml(t.tensor_type.name, (shape[0], shape[1]), np.asarray(t.data, dtype=np.uint8))
+
+
+def llmc_layout(qt: QuantizedTensor) -> QuantizedTensor:
+    """Q8_0, Q4_0 or Q4_1 blocks in llmc's own int8/int4 group layout, bit for bit."""
+    fmt = qt.ggml_format
+    if fmt is None or fmt.name not in LLMC_LAYOUT_TYPES:
+        raise ValueError(f"llmc's group layout holds {', '.join(LLMC_LAYOUT_TYPES)} blocks, not {qt.spec.describe()}")
+    out, inp = qt.shape
+    blocks = qt.qdata.reshape(out, inp // 32, fmt.nbytes)
     scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16).reshape(out, -1)
+    if fmt.name == "Q8_0":
+        codes = (blocks[..., 2:] ^ np.uint8(0x80)).reshape(out, inp)  # int8 v -> uint8 v + 128
+        return QuantizedTensor(QuantSpec(8, 32, True), qt.shape, np.ascontiguousarray(codes), scales)
+    head = 2 if fmt.name == "Q4_0" else 4
     qs = blocks[..., head:]
     # ggml: element j of a block is the low nibble of byte j, element j + 16 its high nibble
     codes = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1).reshape(out, inp)
     packed = pack_codes(codes, 4)
-    if qtype == T.Q4_0:
-        return QuantizedTensor(QuantSpec(4, 32, True), shape, packed, scales)
+    if fmt.name == "Q4_0":
+        return QuantizedTensor(QuantSpec(4, 32, True), qt.shape, packed, scales)
     offsets = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).reshape(out, -1)
-    return QuantizedTensor(QuantSpec(4, 32, False), shape, packed, scales, offsets)
+    return QuantizedTensor(QuantSpec(4, 32, False), qt.shape, packed, scales, offsets)
+
+
+def adapt_for_target(weight: Weight, runs: frozenset[str]) -> tuple[Weight, str | None]:
+    """``weight`` as a target that runs the ggml block types ``runs`` takes it, and a note when
+    blocks were converted (llmc's layout, exact) or dequantized (float32)."""
+    fmt = weight.ggml_format if isinstance(weight, QuantizedTensor) else None
+    if fmt is None or fmt.name in runs:
+        return weight, None
+    assert isinstance(weight, QuantizedTensor)
+    if fmt.name in LLMC_LAYOUT_TYPES:
+        return llmc_layout(weight), None
+    dense = weight.dequantize(np.float32)
+    return dense, f"{fmt.name} blocks dequantized to float32 ({weight.nbytes / 1e6:.1f} -> {dense.nbytes / 1e6:.1f} MB)"
 
 
 def read_tensor(t: Any, path: Path, native_quant: bool) -> Weight:

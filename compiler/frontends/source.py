@@ -27,7 +27,7 @@ class ModelSource:
 def load_source(path: str | Path, native_quant: bool = False) -> ModelSource:
     """Load a model from a Hugging Face folder or a ``.gguf`` file.
 
-    ``native_quant`` keeps GGUF Q8_0/Q4_0/Q4_1 blocks quantized (else they are dequantized).
+    ``native_quant`` keeps a GGUF's quantized blocks as stored (else they are dequantized).
     """
     path = Path(path)
     if not path.exists():
@@ -36,13 +36,19 @@ def load_source(path: str | Path, native_quant: bool = False) -> ModelSource:
         from llmc.compiler.frontends.hf import load_hf_folder
 
         return load_hf_folder(path)
-    if path.suffix == ".gguf" or _has_gguf_magic(path):
+    if is_gguf_file(path):
         from llmc.compiler.frontends.gguf import load_gguf
 
         return load_gguf(path, native_quant=native_quant)
     raise InputError(f"{path}: not a model folder or a GGUF file")
 
 
-def _has_gguf_magic(path: Path) -> bool:
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file named ``*.gguf`` or starting with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix == ".gguf":
+        return True
     with path.open("rb") as f:
         return f.read(4) == b"GGUF"

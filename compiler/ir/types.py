@@ -19,14 +19,35 @@ class QuantSpec:
     integers and ``g = i // group_size``. 4-bit values are packed two per byte along the
     input dim, the low nibble holding the even index. This one form holds llmc's own
     INT8/INT4 schemes and GGUF's Q8_0, Q4_0 and Q4_1 blocks exactly.
+
+    With ``ggml`` set (a name of :data:`llmc.compiler.ggml_blocks.FORMATS`, e.g. ``"Q4_K"``)
+    the weight is a GGUF tensor kept in its own block format instead: see
+    :meth:`for_ggml`; ``bits``, ``group_size`` and ``symmetric`` then describe that format.
     """
 
     bits: int
     group_size: int
     symmetric: bool
     scale_dtype: str = "float16"
+    ggml: str | None = None
+
+    @classmethod
+    def for_ggml(cls, name: str) -> QuantSpec:
+        """The spec of ggml block type ``name``: its code width, block size and symmetry."""
+        from llmc.compiler.ggml_blocks import block_format
+
+        fmt = block_format(name)
+        return cls(fmt.bits, fmt.block, fmt.symmetric, "float16", fmt.name)
 
     def __post_init__(self) -> None:
+        if self.ggml is not None:
+            from llmc.compiler.ggml_blocks import block_format
+
+            fmt = block_format(self.ggml)
+            if (self.bits, self.group_size, self.symmetric, self.scale_dtype, self.ggml) != (
+                    fmt.bits, fmt.block, fmt.symmetric, "float16", fmt.name):
+                raise ValueError(f"not the spec of ggml type {fmt.name}: {self}")
+            return
         if self.bits not in (4, 8):
             raise ValueError(f"quantized weights have 4 or 8 bits, not {self.bits}")
         if self.group_size <= 0 or self.group_size % 2:
@@ -35,12 +56,16 @@ class QuantSpec:
             raise ValueError(f"scale dtype {self.scale_dtype!r} is not a float type")
 
     def describe(self) -> str:
-        """Short text form, e.g. ``int4g32a`` (``a`` asymmetric, ``s`` symmetric)."""
+        """Short text form, e.g. ``int4g32a`` (``a`` asymmetric, ``s`` symmetric), ``ggml_q4_k``."""
+        if self.ggml is not None:
+            return f"ggml_{self.ggml.lower()}"
         return f"int{self.bits}g{self.group_size}{'s' if self.symmetric else 'a'}"
 
     @classmethod
     def parse(cls, text: str, scale_dtype: str = "float16") -> QuantSpec:
         """Inverse of :meth:`describe`."""
+        if text.startswith("ggml_"):
+            return cls.for_ggml(text[5:].upper())
         if not (text.startswith("int") and "g" in text and text[-1] in "sa"):
             raise ValueError(f"not a quant spec: {text!r}")
         bits, group = text[3:-1].split("g")

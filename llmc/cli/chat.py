@@ -91,7 +91,7 @@ def chat(artifact: Path, system: str | None, **options: Any) -> None:
     answers are printed one after another:
 
     \b
-        printf 'What is the capital of France?\\n' | llmc chat model.gguf --max-tokens 24 --temperature 0
+        printf 'Name the capital of France.\\n' | llmc chat model.gguf --max-tokens 24 --temperature 0
 
     The conversation is kept within the model's context: when it would not fit, the oldest turns
     are left out (with a note). MODEL_HELP

@@ -25,7 +25,8 @@ QUANT_HELP = "Weight quantization: " + "; ".join(f"{m.name}: {m.doc}" for m in Q
 @click.option("--opt-level", type=click.IntRange(0, 3), default=2, show_default=True, help="Pipeline O0..O3.")
 @click.option("--passes", default=None, help='Custom pipeline, e.g. "dce,fuse-qkv,fuse-gate-up".')
 @click.option("--dump-ir", type=click.Path(path_type=Path), default=None, help="Write the IR after every pass here.")
-@click.option("--quant", type=click.Choice(list(QUANT_MODES)), default="none", show_default=True, help=QUANT_HELP)
+@click.option("--quant", type=click.Choice(list(QUANT_MODES)), default=None,
+              help=QUANT_HELP + " Default: native for a GGUF source, none otherwise.")
 @click.option("--group-size", type=click.IntRange(1), default=32, show_default=True,
               help="int4 group size (32, 64, 128).")
 @click.option("--sym/--asym", "sym", default=None, help="Symmetric or asymmetric codes (default: int8 sym, int4 asym).")
@@ -45,7 +46,7 @@ QUANT_HELP = "Weight quantization: " + "; ".join(f"{m.name}: {m.doc}" for m in Q
 @click.option("--target-option", "target_option", multiple=True,
               help="KEY=VALUE passed to the target, e.g. accuracy_level=4 (onnx: int8 activations) (repeatable).")
 def compile_cmd(source: Path, out: Path, target: str, dtype: str | None, device: str, opt_level: int,
-                passes: str | None, dump_ir: Path | None, quant: str, group_size: int, sym: bool | None,
+                passes: str | None, dump_ir: Path | None, quant: str | None, group_size: int, sym: bool | None,
                 calib_file: Path | None, quant_override: tuple[str, ...], eval_file: Path | None,
                 max_ppl_increase: str | None, auto_escalate: bool, arch: str | None, tune: int,
                 target_option: tuple[str, ...]) -> None:

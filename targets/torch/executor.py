@@ -1,15 +1,22 @@
-"""Runs IR functions with torch ops over a paged KV cache.
+"""Runs IR functions with torch ops over a paged KV cache, or as llmc's native step program.
 
 At load, each function is lowered once into a flat list of instructions (a kernel plus
 operand slots, :mod:`llmc.targets.torch.lower`); a step then only walks that list. Attention
 (:mod:`llmc.targets.torch.attention`) gathers each sequence's cached keys through its block
 table into a padded batch and calls scaled_dot_product_attention with a causal, length-aware
 mask, so prefill chunks and decode tokens of many sequences share one call per layer.
+
+On CPU, when every matmul weight runs on llmc's int8-activation kernels and the mode is not
+deterministic, each function is also lowered to the native step program
+(:mod:`llmc.targets.torch.native`): a step is then one C++ call (no per-op framework work) on
+one persistent thread pool, and the key cache holds each block's keys transposed, which only
+native steps read. ``step="ops"`` keeps the torch ops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +32,7 @@ from llmc.targets.torch import qkernels
 from llmc.targets.torch.attention import StepContext, paged_attention, step_context
 from llmc.targets.torch.invariant import invariant_attend, invariant_step
 from llmc.targets.torch.lower import TORCH_OPS, KernelEnv, Program, RopeTables, lower_function
+from llmc.targets.torch.native import NativeStep, Unsupported, lower_native
 from llmc.targets.torch.weights import (
     PackedWeight,
     TorchWeight,
@@ -32,6 +40,11 @@ from llmc.targets.torch.weights import (
     release_transients_to_os,
     to_torch_weight,
 )
+
+log = logging.getLogger(__name__)
+
+STEP_MODES = ("auto", "ops")
+"""``auto``: the native step program where it applies; ``ops``: torch ops per IR op."""
 
 
 class TorchExecutor(Executor):
@@ -47,12 +60,16 @@ class TorchExecutor(Executor):
         threads: int | None = None,
         deterministic: bool = False,
         quant_kernels: str = "auto",
+        step: str = "auto",
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
+        if step not in STEP_MODES:
+            raise LlmcError(f"step must be one of {', '.join(STEP_MODES)}, not {step!r}")
         self.step_threads = threads or torch.get_num_threads()
         with serial_torch():
             self._load(module, weights, device, block_size, activation_dtype, deterministic, quant_kernels)
+            self._lower_native(step == "auto")
         if threads:
             torch.set_num_threads(threads)
 
@@ -87,6 +104,25 @@ class TorchExecutor(Executor):
         env = KernelEnv(self.act_dtype, RopeTables(self.config.max_position, self.act_dtype, self.torch_device),
                         self._attend)
         self.programs: dict[str, Program] = {fn.name: lower_function(fn, self.params, env) for fn in module}
+
+    def _lower_native(self, wanted: bool) -> None:
+        """Lower every function to the native step program where it applies (else keep torch ops;
+        :attr:`native_reason` says why)."""
+        self.native: dict[str, NativeStep] | None = None
+        self.native_reason: str | None = "step=ops" if not wanted else None
+        if wanted:
+            if self.deterministic:
+                self.native_reason = "deterministic mode runs the batch-invariant torch kernels"
+            elif self.torch_device.type != "cpu" or self.act_dtype != torch.float32:
+                self.native_reason = "native steps run float32 activations on the CPU"
+            else:
+                try:
+                    self.native = {fn.name: lower_native(fn, self.params, self.config) for fn in self.module}
+                except Unsupported as exc:
+                    self.native_reason = str(exc)
+        if self.native_reason:
+            log.info("torch executor runs torch ops per IR op: %s", self.native_reason)
+        self.k_block_major = self.native is not None and self.block_size % 16 == 0
 
     def _prepare_kernels(self, module: Module, int4pack: bool) -> None:
         """Move packed weights read only by ``linear`` into torch's low-precision kernel layouts."""
@@ -151,6 +187,9 @@ class TorchExecutor(Executor):
         if self.deterministic:
             return invariant_step(self, batch)
         name = "decode" if batch.is_decode and "decode" in self.programs else "prefill"
+        if self.native is not None:
+            return self.native[name].run(batch, self.k_cache, self.v_cache, self.block_size, self.step_threads,
+                                         self.k_block_major)
         ctx = step_context(batch, self.block_size, self.config.max_position, self.torch_device)
         token_ids = torch.from_numpy(batch.token_ids).to(self.torch_device)
         logits_index = torch.from_numpy(batch.logits_rows).to(self.torch_device)

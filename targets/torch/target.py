@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from llmc.compiler.errors import LlmcError
+from llmc.compiler.ggml_blocks import FORMATS
 from llmc.compiler.ir.graph import Module
 from llmc.compiler.weights import WeightStore
 from llmc.runtime.executor import Executor
@@ -17,10 +18,13 @@ if TYPE_CHECKING:
 PAYLOAD = "target/torch.json"
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_KERNELS = ("auto", "torch", "dequant")
+STEP_MODES = ("auto", "ops")  # llmc.targets.torch.executor.STEP_MODES (not imported: capabilities stay cheap)
 CUDA_EXECUTORS = ("graphs", "eager")
 _BLOCK_SIZE = TargetOption("block_size", int, "tokens per KV cache block (16)", minimum=1)
-_QUANT_KERNELS = TargetOption("quant_kernels", str, "int4/int8 matmuls: auto (llmc's CPU kernels where faster), "
+_QUANT_KERNELS = TargetOption("quant_kernels", str, "quantized matmuls: auto (llmc's int8-activation CPU kernels), "
                               "torch (torch's packed kernels) or dequant (dequantize on the fly)", QUANT_KERNELS)
+_STEP = TargetOption("step", str, "auto (CPU: one native call per step when every matmul runs on llmc's kernels) "
+                     "or ops (torch ops per IR op)", STEP_MODES)
 
 
 class TorchTarget(Target):
@@ -30,8 +34,9 @@ class TorchTarget(Target):
         TargetOption("activation_dtype", str, "dtype of activations and the KV cache", ACTIVATION_DTYPES),
         _BLOCK_SIZE,
         _QUANT_KERNELS,
+        _STEP,
     )
-    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, TargetOption(
+    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, _STEP, TargetOption(
         "cuda_executor", str, "on cuda: graphs (Triton kernels, decode steps replayed from CUDA graphs, sampling "
         "on the device; the default) or eager (torch ops step by step, host sampling)", CUDA_EXECUTORS))
     skipped_fusions = ("fuse-gate-up",)
@@ -40,8 +45,8 @@ class TorchTarget(Target):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(ops=lowered_ops("add_rms_norm", "swiglu", "rope_attention", "packed_rope_attention"),
-                            devices=("cpu", "cuda"),
-                            kv_layout="paged", deterministic=True, runs_in_memory=True)
+                            devices=("cpu", "cuda"), kv_layout="paged", gguf_blocks=frozenset(FORMATS),
+                            deterministic=True, runs_in_memory=True)
 
     def preferred_passes(self, opt_level: int) -> list[str] | None:
         if opt_level < 2:
@@ -56,6 +61,7 @@ class TorchTarget(Target):
             "activation_dtype": options.get("activation_dtype", "float32"),
             "block_size": int(options.get("block_size", 16)),
             "quant_kernels": str(options.get("quant_kernels", "auto")),
+            "step": str(options.get("step", "auto")),
         }
         writer.path(PAYLOAD).write_text(json.dumps(opts, indent=1))
         return EmitResult(options=opts, files=[PAYLOAD])
@@ -87,6 +93,7 @@ class TorchTarget(Target):
             threads=options.get("threads"),
             deterministic=bool(options.get("deterministic", False)),
             quant_kernels=str(options.get("quant_kernels") or saved.get("quant_kernels", "auto")),
+            step=str(options.get("step") or saved.get("step", "auto")),
         )
 
 

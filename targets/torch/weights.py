@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from llmc.compiler.ggml_blocks import decode
 from llmc.compiler.packing import unpack_codes
 from llmc.compiler.weights import QuantizedTensor, Weight
 from llmc.targets.torch import qkernels
@@ -57,74 +60,106 @@ def int4pack_is_fast() -> bool:
 
 
 class PackedWeight:
-    """A quantized ``[out, in]`` weight kept packed; dequantized one layer at a time.
+    """A quantized ``[out, in]`` weight kept packed: llmc's group layout or GGUF blocks.
 
-    ``w = scale * (q - 2**(bits-1))`` (symmetric) or ``w = scale * q + offset``.
-    On CPU, float32 inputs of at most ``CPU_KERNEL_MAX_ROWS`` rows go to llmc's C++ kernel
-    (targets/torch/qkernels.py) on the llmc layout when it is available and ``cpu_kernel`` is set.
+    Values are ``scale * (q - zero)`` (symmetric) or ``scale * q + offset`` with a scale per group
+    of inputs (:class:`~llmc.compiler.ir.types.QuantSpec`; GGUF blocks are decoded to this form
+    exactly, :mod:`llmc.compiler.ggml_blocks`). On CPU with ``cpu_kernel`` set and float32 inputs,
+    :meth:`linear` runs llmc's int8-activation kernels (targets/torch/qkernels.py) on a kernel
+    layout built once (the packed form is then dropped); otherwise the weight is dequantized one
+    layer at a time.
     """
-
-    CPU_KERNEL_MAX_ROWS = 32
-    """Above this many rows one dequantization + float32 ``F.linear`` beats the GEMV kernel
-    (benchmarks/qkernels.py; docs/performance.md, "CPU quantized kernels")."""
 
     def __init__(self, qt: QuantizedTensor, device: torch.device) -> None:
         self.spec = qt.spec
         self.shape = qt.shape
-        self.zero_point = float(qt.layout.zero_point)
-        self.qdata = numpy_to_torch(qt.qdata).to(device)
-        self.scales = numpy_to_torch(qt.scales).to(device)
-        self.offsets = None if qt.offsets is None else numpy_to_torch(qt.offsets).to(device)
-        self._raw = True  # the llmc layout above is still held
+        self.device = device
+        fmt = qt.ggml_format
+        self._pending: QuantizedTensor | None = None
+        if fmt is not None:  # GGUF blocks: decoded on first use (one weight at a time, not all at load)
+            self._pending = qt
+            self.qdata = self.scales = torch.empty(0, dtype=torch.uint8, device=device)
+            self.offsets = None
+            self.group, self.zero, self.code_bits, self._codes_unpacked = fmt.sub, fmt.zero or 0, fmt.bits, True
+            self.zero_point = float(self.zero)
+        else:
+            self.zero_point = float(qt.layout.zero_point)
+            self.qdata = numpy_to_torch(qt.qdata).to(device)
+            self.scales = numpy_to_torch(qt.scales).to(device)
+            self.offsets = None if qt.offsets is None else numpy_to_torch(qt.offsets).to(device)
+            self.group, self.code_bits = qt.spec.group_size, qt.spec.bits
+            self.zero = int(self.zero_point) if qt.spec.symmetric else 0
+            self._codes_unpacked = qt.spec.bits == 8
+        self._raw = True  # the packed form above is still held
         self._int8: torch.Tensor | None = None
         self._scale32: torch.Tensor | None = None
         self._int4: torch.Tensor | None = None
         self._scale_zeros: torch.Tensor | None = None
-        self.cpu_kernel = True  # llmc's C++ kernel for few rows (the executor clears it unless quant_kernels=auto)
-        self._kernel_scales: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.cpu_kernel = True  # llmc's int8-activation kernels (the executor clears it unless quant_kernels=auto)
+        self._kernel: Any = None
+
+    def _decode_pending(self) -> None:
+        """GGUF blocks as unsigned codes (one per byte) and sub-block scales (:mod:`llmc.compiler.ggml_blocks`)."""
+        qt, self._pending = self._pending, None
+        if qt is None:
+            return
+        fmt = qt.ggml_format
+        assert fmt is not None
+        decoded = decode(qt.qdata, fmt, qt.shape)
+        self.qdata = numpy_to_torch(decoded.codes).to(self.device)
+        self.scales = numpy_to_torch(decoded.scales).to(self.device)
+        self.offsets = None if decoded.offsets is None else numpy_to_torch(decoded.offsets).to(self.device)
 
     @property
     def nbytes(self) -> int:
+        if self._pending is not None:
+            return self._pending.nbytes
         extra = 0 if self.offsets is None else self.offsets.numel() * self.offsets.element_size()
         return self.qdata.numel() + self.scales.numel() * self.scales.element_size() + extra
 
     def _codes(self, qdata: torch.Tensor) -> torch.Tensor:
+        if self._codes_unpacked:
+            return qdata
         return unpack_codes(qdata, self.spec.bits, torch.stack)
 
     def dequantize(self, dtype: torch.dtype, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float weight (or only ``rows`` of it), computed in float32 then cast."""
+        if self._kernel is not None and not self._raw:
+            ids = torch.arange(self.shape[0]) if rows is None else rows.cpu()
+            return self._kernel.rows(ids).to(dtype)
         if not self._raw and self._int8 is not None and self._scale32 is not None:
             codes8, s8 = (self._int8, self._scale32) if rows is None else (self._int8[rows], self._scale32[rows])
             return (codes8.to(torch.float32) * s8.unsqueeze(-1)).to(dtype)  # exact: s * (q - 128)
         if not self._raw:
             raise RuntimeError("this packed weight was converted for a matmul kernel and cannot be dequantized")
+        self._decode_pending()
         qdata, scales, offsets = self.qdata, self.scales, self.offsets
         if rows is not None:
             qdata, scales = qdata[rows], scales[rows]
             offsets = None if offsets is None else offsets[rows]
-        codes = self._codes(qdata).to(torch.float32)
-        inp, group = self.shape[1], self.spec.group_size
+        codes = self._codes(qdata)
+        inp, group = self.shape[1], self.group
+        s = scales.to(torch.float32)
         if inp % group == 0:  # whole groups: broadcast scales over [..., groups, group] (no repeat)
             g = codes.reshape(*codes.shape[:-1], inp // group, group)
-            s3 = scales.to(torch.float32).unsqueeze(-1)
             if offsets is None:
-                w = g.sub_(self.zero_point).mul_(s3)
+                w = (g.to(torch.int16) - self.zero).to(torch.float32).mul_(s.unsqueeze(-1))
             else:
-                w = g.mul_(s3).add_(offsets.to(torch.float32).unsqueeze(-1))
+                w = g.to(torch.float32).mul_(s.unsqueeze(-1)).add_(offsets.to(torch.float32).unsqueeze(-1))
             return w.reshape(codes.shape).to(dtype)
-        s = scales.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
+        s = s.repeat_interleave(group, dim=-1)[..., :inp]
         if offsets is None:
-            w = s * (codes - self.zero_point)
+            w = s * (codes.to(torch.int16) - self.zero).to(torch.float32)
         else:
-            w = s * codes + offsets.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
+            w = s * codes.to(torch.float32) + offsets.to(torch.float32).repeat_interleave(group, dim=-1)[..., :inp]
         return w.to(dtype)
 
     # -- low-precision matmul kernels ---------------------------------------------------
     def kernel_name(self, int4pack: bool = True) -> str:
-        """Which matmul :meth:`linear` uses: ``int8pack``, ``int4pack`` or ``dequant``
-        (``int4pack=False``: never the int4 kernel)."""
+        """Which of torch's matmuls :meth:`prepare_linear` would use: ``int8pack``, ``int4pack`` or
+        ``dequant`` (``int4pack=False``: never the int4 kernel; GGUF blocks: always ``dequant``)."""
         out, inp = self.shape
-        if self.qdata.device.type != "cpu":
+        if self.device.type != "cpu" or self.spec.ggml is not None:
             return "dequant"
         if self.spec.bits == 8 and self.spec.symmetric and self.spec.group_size >= inp:
             return "int8pack"
@@ -162,30 +197,40 @@ class PackedWeight:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes this weight holds in memory now (kernel layout or llmc layout)."""
-        total = self.nbytes
-        shared = {t.data_ptr() for t in (self.scales, self.offsets) if t is not None}
-        extra = [t for t in self._kernel_scales or () if t is not None and t.data_ptr() not in shared]
-        for t in (self._int8, self._scale32, self._int4, self._scale_zeros, *extra):
+        """Bytes this weight holds in memory now (kernel layouts or the packed form)."""
+        total = self.nbytes + (0 if self._kernel is None else int(self._kernel.nbytes))
+        for t in (self._int8, self._scale32, self._int4, self._scale_zeros):
             if t is not None:
                 total += t.numel() * t.element_size()
         return total
 
-    def _cpu_kernel_linear(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x @ w.T`` by llmc's C++ kernel, or None where it does not apply or is unavailable."""
-        if (not self._raw or not self.cpu_kernel or x.dtype != torch.float32 or x.device.type != "cpu"
-                or x.numel() // max(1, x.shape[-1]) > self.CPU_KERNEL_MAX_ROWS or not qkernels.available()):
-            return None
-        if self._kernel_scales is None:  # float32 scales/offsets once (shared when already float32)
-            as32 = lambda t: None if t is None else t.to(torch.float32).contiguous()
-            self._kernel_scales = (as32(self.scales), as32(self.offsets))
-        scales, offsets = self._kernel_scales
-        y = qkernels.qgemv(x.reshape(-1, x.shape[-1]), self.qdata, scales, offsets, self.spec.bits,
-                           self.spec.group_size, self.shape[0])
-        return y.reshape(*x.shape[:-1], self.shape[0])
+    def kernel_supported(self) -> bool:
+        """Whether llmc's CPU kernels take this weight's groups (16, a multiple of 32 inputs, or one per row)."""
+        return qkernels.kernel_group_ok(self.group, self.shape[1])
+
+    def prepare_cpu_kernel(self) -> bool:
+        """Build the kernel layout (once) and drop the packed form; False where it does not apply."""
+        if self._kernel is not None:
+            return True
+        if (not self._raw or not self.cpu_kernel or self.device.type != "cpu" or not self.kernel_supported()
+                or not qkernels.available()):
+            return False
+        self._decode_pending()
+        self._kernel = qkernels.kernel_weight(self._codes(self.qdata), self.scales, self.offsets, self.group,
+                                              self.zero, 2 ** self.code_bits - 1)
+        self._drop_raw()
+        return True
+
+    @property
+    def kernel(self) -> Any:
+        """The :func:`~llmc.targets.torch.qkernels.kernel_weight` of this weight, or None before
+        :meth:`prepare_cpu_kernel` (or where the kernels do not apply)."""
+        return self._kernel
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ w.T`` with a low-precision kernel when prepared, else dequantizing this layer."""
+        if x.dtype == torch.float32 and x.device.type == "cpu" and self.cpu_kernel and self.prepare_cpu_kernel():
+            return self._kernel.linear(x)
         if self._int8 is not None and self._scale32 is not None and x.dtype == torch.float32:
             if x.shape[0] > INT8PACK_MAX_ROWS:  # prefill: one dequantization beats the GEMV kernel
                 return torch.nn.functional.linear(x, self.dequantize(torch.float32))
@@ -193,11 +238,8 @@ class PackedWeight:
         if self._int4 is not None and self._scale_zeros is not None and x.dtype == torch.float32:
             return torch._weight_int4pack_mm_for_cpu(x.contiguous(), self._int4, self.spec.group_size,
                                                      self._scale_zeros)
-        if not self._raw:
+        if not self._raw and self._kernel is None:
             raise RuntimeError("packed weight was converted for float32 kernels; input is " + str(x.dtype))
-        y = self._cpu_kernel_linear(x)
-        if y is not None:
-            return y
         return torch.nn.functional.linear(x, self.dequantize(x.dtype))
 
 

@@ -98,7 +98,7 @@ def test_an_instruct_model_without_its_template_gets_a_hint(smollm2_gguf: Path, 
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.strip() == ""  # SmolLM2-Instruct ends at once without its template
     assert "hint: the answer is empty" in plain.stderr and "--chat" in plain.stderr
-    chat = _llmc("run", str(smollm2_gguf), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "24",
+    chat = _llmc("run", str(smollm2_gguf), "--chat", "--prompt", "Name the capital of France.", "--max-tokens", "24",
                  "--temperature", "0", cache=cache)
     assert chat.returncode == 0, chat.stderr
     assert "Paris" in chat.stdout and "hint" not in chat.stderr

@@ -89,6 +89,8 @@ def hf_to_gguf(hf: Path, out: Path, qtypes: dict[str, GGMLQuantizationType] | No
             w.add_tensor(name, array)
         elif qtype == GGMLQuantizationType.F16:
             w.add_tensor(name, array.astype(np.float16))
+        elif qtype.name in K_QUANTS:
+            w.add_tensor(name, kquantize(array, qtype.name), raw_dtype=qtype)
         else:
             w.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
 
@@ -109,3 +111,99 @@ def hf_to_gguf(hf: Path, out: Path, qtypes: dict[str, GGMLQuantizationType] | No
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+# -- K-quants: gguf-py dequantizes them but has no quantizer; this simple one (per-sub-block
+# min/max, 6-bit or 4-bit sub-scales under a float16 super-scale) writes valid blocks whose values
+# approximate the float weights, so test models built from them stay sane.
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values.astype(np.float16)).view(np.uint8).reshape(-1, 2)
+
+
+def _asym(x: np.ndarray, sub: int, qmax: int, smax: int) -> tuple[np.ndarray, ...]:
+    """x [n, 256] -> codes [n, 256], sub-scales and sub-mins [n, 256 // sub] (ints <= smax), d, dmin [n]."""
+    n = x.shape[0]
+    xs = x.reshape(n, -1, sub)
+    lo, hi = np.minimum(xs.min(-1), 0.0), xs.max(-1)
+    scale, mins = (hi - lo) / qmax, -lo
+    d = (scale.max(-1) / smax).astype(np.float16).astype(np.float32)
+    dmin = (mins.max(-1) / smax).astype(np.float16).astype(np.float32)
+    safe = lambda a: np.where(a == 0, 1.0, a)
+    sc = np.clip(np.round(scale / safe(d)[:, None]), 0, smax)
+    mc = np.clip(np.round(mins / safe(dmin)[:, None]), 0, smax)
+    step = safe(d[:, None] * sc)[..., None]
+    q = np.clip(np.round((xs + (dmin[:, None] * mc)[..., None]) / step), 0, qmax)
+    return q.reshape(n, -1).astype(np.uint8), sc.astype(np.uint8), mc.astype(np.uint8), d, dmin
+
+
+def _sym(x: np.ndarray, sub: int, half: int, smax: int) -> tuple[np.ndarray, ...]:
+    """Symmetric: value = d * s * (q - half); codes [n, 256] in 0..2*half-1, sub-scales [n, 256 // sub] in 0..smax."""
+    n = x.shape[0]
+    xs = x.reshape(n, -1, sub)
+    scale = np.abs(xs).max(-1) / half
+    d = (scale.max(-1) / smax).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scale / np.where(d == 0, 1.0, d)[:, None]), 0, smax)
+    step = np.where(d[:, None] * sc == 0, 1.0, d[:, None] * sc)[..., None]
+    q = np.clip(np.round(xs / step) + half, 0, 2 * half - 1)
+    return q.reshape(n, -1).astype(np.uint8), sc.astype(np.uint8), d
+
+
+def _pack_crumbs(q: np.ndarray) -> np.ndarray:
+    """2-bit codes [n, 256] -> 64 bytes: element h*128 + s*32 + j in bits 2s of byte h*32 + j."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _pack_bits(bits: np.ndarray) -> np.ndarray:
+    """1-bit [n, 256] -> 32 bytes: element s*32 + j in bit s of byte j."""
+    b = bits.reshape(-1, 8, 32).astype(np.uint8)
+    return np.bitwise_or.reduce(b << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1)
+
+
+def _pack_nibbles(q: np.ndarray, groups: int, width: int) -> np.ndarray:
+    """4-bit codes: group g's low nibbles are elements 2g*width.., its high nibbles the next width."""
+    q = q.reshape(-1, groups, 2, width).astype(np.uint8)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], -1)
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K: eight 6-bit scales and mins in 12 bytes (the inverse of gguf-py's get_scale_min)."""
+    d_ = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    m_ = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    md = (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)
+    return np.concatenate([d_, m_, md], axis=1).astype(np.uint8)
+
+
+def kquantize(w: np.ndarray, qtype: str) -> np.ndarray:
+    """Float ``w [out, in]`` (``in`` a multiple of 256) as ggml ``qtype`` blocks, uint8 ``[out, row bytes]``."""
+    out = w.shape[0]
+    x = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, 256)
+    if qtype == "Q2_K":
+        q, sc, mc, d, dmin = _asym(x, 16, 3, 15)
+        blocks = [sc | (mc << 4), _pack_crumbs(q), _f16_bytes(d), _f16_bytes(dmin)]
+    elif qtype == "Q3_K":
+        q, sc, d = _sym(x, 16, 4, 31)
+        s6 = sc.astype(np.uint8) + 32  # stored with an offset of 32
+        low = (s6[:, :8] & 15) | ((s6[:, 8:] & 15) << 4)
+        high = s6 >> 4  # scale t*4 + k: bits 2t of byte k
+        hs = high.reshape(-1, 4, 4)
+        packed_high = hs[:, 0] | (hs[:, 1] << 2) | (hs[:, 2] << 4) | (hs[:, 3] << 6)
+        blocks = [_pack_bits(q >> 2), _pack_crumbs(q & 3), low, packed_high, _f16_bytes(d)]
+    elif qtype in ("Q4_K", "Q5_K"):
+        q, sc, mc, d, dmin = _asym(x, 32, 15 if qtype == "Q4_K" else 31, 63)
+        head = [_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(sc, mc)]
+        if qtype == "Q4_K":
+            blocks = [*head, _pack_nibbles(q, 4, 32)]
+        else:
+            blocks = [*head, _pack_bits(q >> 4), _pack_nibbles(q & 15, 4, 32)]
+    elif qtype == "Q6_K":
+        q, sc, d = _sym(x, 16, 32, 127)
+        ql = _pack_nibbles(q & 15, 2, 64)
+        qh = _pack_crumbs(q >> 4)
+        blocks = [ql, qh, sc.astype(np.int8).view(np.uint8), _f16_bytes(d)]
+    else:
+        raise ValueError(f"not a K-quant: {qtype}")
+    return np.concatenate(blocks, axis=1).reshape(out, -1)

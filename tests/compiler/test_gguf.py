@@ -26,6 +26,7 @@ from llmc.runtime.artifact import Artifact
 from llmc.runtime.executor import Executor, StepBatch
 from llmc.runtime.registry import get_target
 from tests.compiler.gguf_util import hf_to_gguf, llama3_rope_freqs
+from tests.helpers import assert_int8_activation_close
 from tests.models import write_random_hf_model
 
 PROMPT = [1, 5, 17, 99, 3, 64, 42, 7, 120, 33, 8, 2]
@@ -154,6 +155,8 @@ def test_fit_llama3_scaling_reproduces_llama_cpp_factors() -> None:
 def test_native_blocks_dequantize_bit_exactly(qtype: Q, tmp_path: Path) -> None:
     from gguf import GGUFWriter
 
+    from llmc.compiler.frontends.gguf_tensors import llmc_layout
+
     rng = np.random.default_rng(int(qtype))
     w = (rng.standard_normal((24, 160)) * rng.uniform(0.01, 3.0, (24, 1))).astype(np.float32)
     w[3, :32] = 0.0  # an all-zero block (scale 0)
@@ -166,15 +169,17 @@ def test_native_blocks_dequantize_bit_exactly(qtype: Q, tmp_path: Path) -> None:
     writer.close()
     (t,) = open_gguf(path).tensors
     native = read_tensor(t, path, native_quant=True)
-    assert isinstance(native, QuantizedTensor)
-    assert native.spec.group_size == 32 and native.spec.bits == (8 if qtype == Q.Q8_0 else 4)
-    assert native.spec.symmetric == (qtype != Q.Q4_1) and native.scales.dtype == np.float16
+    assert isinstance(native, QuantizedTensor) and native.spec.ggml == qtype.name
+    assert np.array_equal(native.qdata.reshape(-1), np.asarray(t.data).reshape(-1))  # the blocks as stored
     expected = gguf_dequantize(np.asarray(t.data), qtype)
-    assert np.array_equal(native.dequantize(), expected)
     assert native.dequantize().view(np.uint32).tobytes() == expected.astype(np.float32).view(np.uint32).tobytes()
+    ours = llmc_layout(native)  # what targets without GGUF blocks get: llmc's int4/int8 groups, exactly
+    assert ours.spec.group_size == 32 and ours.spec.bits == (8 if qtype == Q.Q8_0 else 4) and ours.spec.ggml is None
+    assert ours.spec.symmetric == (qtype != Q.Q4_1) and ours.scales.dtype == np.float16
+    assert ours.dequantize().view(np.uint32).tobytes() == expected.astype(np.float32).view(np.uint32).tobytes()
     dense = read_tensor(t, path, native_quant=False)
     assert isinstance(dense, np.ndarray) and dense.dtype == np.float32 and np.array_equal(dense, expected)
-    assert native.nbytes == t.n_bytes
+    assert native.nbytes == ours.nbytes == t.n_bytes
 
 
 def test_native_quant_model_equals_dequantized_fp32(random_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -184,16 +189,20 @@ def test_native_quant_model_equals_dequantized_fp32(random_pair: tuple[Path, Pat
     assert isinstance(native.weights["embed"], QuantizedTensor)
     assert isinstance(native.weights["lm_head"], QuantizedTensor)
     assert all(not isinstance(w, QuantizedTensor) for w in load_gguf(gguf).weights.values())
-    dense_torch = artifact_logits(gguf, tmp_path / "dense", PROMPT)
-    native_torch = artifact_logits(gguf, tmp_path / "native", PROMPT, quant="native")
-    np.testing.assert_allclose(native_torch, dense_torch, atol=1e-5, rtol=0)
+    dense_torch = artifact_logits(gguf, tmp_path / "dense", PROMPT, quant="none")
+    exact = artifact_logits(gguf, tmp_path / "exact", PROMPT, target_options={"quant_kernels": "dequant"})
+    np.testing.assert_allclose(exact, dense_torch, atol=1e-5, rtol=0)
     np.testing.assert_allclose(interpreter_logits(gguf, PROMPT, native_quant=True), dense_torch, atol=1e-4, rtol=0)
+    # the default (the GGUF's blocks, int8 activations on CPU): within the int8 activations' error
+    native_torch = artifact_logits(gguf, tmp_path / "native", PROMPT)
+    assert_int8_activation_close(native_torch, dense_torch)
     # the blocks really are quantized: the logits moved away from the float model's
     assert np.abs(dense_torch - hf_logits(hf, PROMPT)).max() > 1e-3
     native_art = tmp_path / "native"
     dense_art = tmp_path / "dense"
     size = {p: sum(f.stat().st_size for f in (p / "weights").iterdir()) for p in (native_art, dense_art)}
     assert size[native_art] < size[dense_art] / 3
+    assert size[native_art] <= 1.15 * gguf.stat().st_size
 
 
 def test_native_quant_rejects_hf_source(random_pair: tuple[Path, Path], tmp_path: Path) -> None:
@@ -239,7 +248,7 @@ def test_smollm2_native_quant_completes_paris(smollm2_gguf: Path, tmp_path: Path
     assert result.exit_code == 0, result.output
     weights = Artifact.load(out).weights()
     down = weights["layers.0.down"]
-    assert isinstance(down, QuantizedTensor) and down.spec.describe() == "int4g32a"
+    assert isinstance(down, QuantizedTensor) and down.spec.describe() == "ggml_q4_1"
     result = runner.invoke(main, ["run", str(out), "--prompt", "The capital of France is", "--max-tokens", "3",
                                   "--temperature", "0", "--json"])
     assert result.exit_code == 0, result.output
@@ -273,5 +282,9 @@ def test_other_types_dequantize_with_gguf(qtype: Q, tmp_path: Path) -> None:
     assert isinstance(dense, np.ndarray) and dense.dtype == np.float32 and dense.shape == (rows, cols)
     assert np.array_equal(dense, expected, equal_nan=True)
     kept = read_tensor(t, path, native_quant=True)
-    assert not isinstance(kept, QuantizedTensor)
-    assert np.array_equal(np.asarray(kept, dtype=np.float32), expected, equal_nan=True)
+    if qtype == Q.BF16:
+        assert not isinstance(kept, QuantizedTensor)
+        assert np.array_equal(np.asarray(kept, dtype=np.float32), expected, equal_nan=True)
+    else:  # kept as stored, decoded exactly
+        assert isinstance(kept, QuantizedTensor) and kept.spec.ggml == qtype.name and kept.nbytes == raw.nbytes
+        assert np.array_equal(kept.dequantize(), expected, equal_nan=True)

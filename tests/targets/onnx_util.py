@@ -32,6 +32,11 @@ SCHEDULE: list[list[tuple[int, list[int]]]] = [
 ]
 
 
+FLOAT_ACTIVATIONS = {"quant_kernels": "dequant"}
+"""Load options of a torch artifact whose quantized matmuls then run on float32 activations: the exact
+reference for other targets' float kernels (the torch target's CPU default quantizes activations to int8)."""
+
+
 def load_executor(path: Path, **options: object) -> Executor:
     """The executor of the artifact at ``path`` (its own target), with load ``options``."""
     artifact = Artifact.load(path)

@@ -28,7 +28,14 @@ from llmc.runtime.generate import generate_ids
 from llmc.runtime.loader import load_model
 from llmc.runtime.sampling import SamplingParams
 from tests.models import write_random_hf_model
-from tests.targets.onnx_util import SCHEDULE, compile_transformed, drive, load_executor, quantize_source
+from tests.targets.onnx_util import (
+    FLOAT_ACTIVATIONS,
+    SCHEDULE,
+    compile_transformed,
+    drive,
+    load_executor,
+    quantize_source,
+)
 
 pytestmark = pytest.mark.onnx
 
@@ -131,7 +138,7 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, stories_eval_ids: 
     meta = json.loads((arts["onnx"] / "target" / "onnx.json").read_text())
     nbits = meta["onnx_ops"].get("com.microsoft.MatMulNBits", 0)
     assert nbits > 0 if (bits == 4 or level == 4) else nbits == 0
-    onnx_exec, torch_exec = load_executor(arts["onnx"]), load_executor(arts["torch"])
+    onnx_exec, torch_exec = load_executor(arts["onnx"]), load_executor(arts["torch"], **FLOAT_ACTIVATIONS)
     if level == 0:  # same weights, float32 arithmetic: near-identical logits
         for i, (g, w) in enumerate(zip(drive(onnx_exec, SCHEDULE), drive(torch_exec, SCHEDULE), strict=True)):
             np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")

@@ -30,7 +30,15 @@ from llmc.targets.tensorrt.engine import Profile, profile_shapes
 from llmc.targets.tensorrt.lower import TENSORRT_OPS
 from llmc.targets.tensorrt.quant import codes_from_transposed, transposed_codes
 from tests.models import write_random_hf_model
-from tests.targets.onnx_util import SCHEDULE, compile_transformed, drive, load_executor, quantize_source, rtn_quantize
+from tests.targets.onnx_util import (
+    FLOAT_ACTIVATIONS,
+    SCHEDULE,
+    compile_transformed,
+    drive,
+    load_executor,
+    quantize_source,
+    rtn_quantize,
+)
 
 pytestmark = pytest.mark.onnx
 
@@ -164,7 +172,7 @@ def test_quantized_matches_torch(case: str, stories_hf: Path, tmp_path: Path, mo
         assert {a.name: a.i for a in dq[0].attribute}.get("block_size") == 32
     # same weights in, float32 arithmetic: near-identical logits
     got = drive(load_executor(arts["tensorrt"], device="cpu-ort"), SCHEDULE)
-    want = drive(load_executor(arts["torch"]), SCHEDULE)
+    want = drive(load_executor(arts["torch"], **FLOAT_ACTIVATIONS), SCHEDULE)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=0, err_msg=f"{case} step {i}")
     stored, reference = Artifact.load(arts["tensorrt"]).weights(), Artifact.load(arts["torch"]).weights()
@@ -211,7 +219,7 @@ def test_quant_flag_of_the_driver(stories_hf: Path, tmp_path: Path) -> None:
             for t in ("torch", "tensorrt")}
     assert_tensorrt_ready(arts["tensorrt"])
     got = drive(load_executor(arts["tensorrt"], device="cpu-ort"), SCHEDULE[:2])
-    want = drive(load_executor(arts["torch"]), SCHEDULE[:2])
+    want = drive(load_executor(arts["torch"], **FLOAT_ACTIVATIONS), SCHEDULE[:2])
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-4, rtol=0)
 

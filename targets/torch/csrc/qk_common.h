@@ -1,0 +1,132 @@
+// llmc's CPU kernels for quantized weights x int8-quantized activations: shared declarations.
+//
+// Weights ("kernel layout"): any group-quantized [out, in] matrix whose values are
+//   sym:  scale * (u - zero)        asym: scale * u + offset
+// with unsigned codes u (up to 8 bits) and one scale (and offset) per 32 inputs ("sub32") or per
+// 16 inputs ("sub16"). Every GGUF block type llmc runs and llmc's own int4/int8 groups decode to
+// this form exactly (compiler/ggml_blocks.py). Rows are stored in tiles of 16 interleaved rows so
+// that one 512-bit integer dot product (vpdpbusd) computes 4 inputs of 16 rows at once and the
+// float accumulators hold 16 rows' outputs: no horizontal sums.
+//   codes  : [tiles][blocks][CB]   blocks = in_pad / 32; CB = 256 (4-bit codes) or 512 (8-bit)
+//            8-bit: chunk j (0..7) of 64 bytes holds byte (r*4 + i) = u(r, 4j + i)
+//            4-bit: chunk j (0..3) of 64 bytes holds byte (r*4 + i) = u(r, 4j + i) | u(r, 16 + 4j + i) << 4
+//   scales : [tiles][blocks][nsub][16]  (float16 or float32), nsub = 1 (sub32) or 2 (sub16, k 0-15 / 16-31)
+//   offsets: like scales (asym only)
+// Activations: each input row (a "column" of the product) is quantized per 32 values to int8
+// q = round(x / d), d = max|x| / 127, with the sums of q per 16 and per 32 (ActMeta).
+// Per block the kernels compute the exact integer sum S = sum u*q and then
+//   sym:  acc = fma(float(S - zero * s), scale * d, acc)
+//   asym: acc = fma(float(S), scale * d, acc); acc = fma(offset, d * s, acc)
+// in this order for every ISA, so the scalar, AVX2 and AVX-512 paths give identical bits.
+//
+// This header is included by translation units compiled for different ISAs: it declares plain
+// structs and functions only (no inline code that the linker could merge across ISAs).
+#pragma once
+
+#include <cstdint>
+
+namespace llmc_qk {
+
+constexpr int kRows = 16;   // rows per tile
+constexpr int kBlock = 32;  // inputs per block
+
+struct ActMeta {
+  float d;            // scale of the block's int8 values
+  float sx;           // d * s
+  float sx_half[2];   // d * s_half[h]
+  int32_t s;          // sum of the block's 32 values
+  int16_t s_half[2];  // sums of values 0-15 and 16-31
+};
+
+struct QWeight {
+  const uint8_t* codes;
+  const void* scales;
+  const void* offsets;  // nullptr: symmetric (use zero)
+  int64_t out;          // valid rows
+  int64_t tiles;        // ceil(out / 16)
+  int64_t blocks;       // in_pad / 32
+  int code_bits;        // 4 or 8: storage width of a code
+  int max_code;         // largest code value (selects the AVX2 dot product)
+  int sub16;            // 1: a scale per 16 inputs
+  int f16_scales;       // 1: scales/offsets are float16, else float32
+  int zero;             // symmetric zero point
+
+  int64_t code_bytes_per_block() const { return code_bits == 4 ? 256 : 512; }
+  int nsub() const { return sub16 ? 2 : 1; }
+};
+
+struct QAct {
+  const int8_t* q;       // [cols][blocks * 32]
+  const ActMeta* meta;   // [cols][blocks]
+  int64_t cols;
+  int64_t blocks;
+};
+
+// Computes y[c * ldy + r] for all columns c and the rows of tiles [t0, t1).
+using GemmFn = void (*)(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
+// Quantizes columns [c0, c1) of x (row stride ldx, `in` valid values, zero padded to blocks * 32).
+using QuantizeFn = void (*)(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks,
+                            int8_t* q, ActMeta* meta);
+
+void gemm_scalar(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
+void quantize_scalar(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
+                     ActMeta* meta);
+void gemm_avx2(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
+void quantize_avx2(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
+                   ActMeta* meta);
+void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
+void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
+                     ActMeta* meta);
+
+// Attention over the paged KV cache (one layer): see attention() in qk_ops.h.
+struct AttnArgs {
+  const float* q;  // [tokens][heads * head_dim] (after RoPE)
+  int64_t ldq;
+  float* out;  // [tokens][heads * head_dim]
+  int64_t ldo;
+  const float* k;  // this layer: [slots][kv_heads][head_dim], or with k_block_major [blocks][kv_heads][head_dim][block]
+  const float* v;  // this layer: [slots][kv_heads][head_dim]
+  int heads, kv_heads, head_dim;
+  float scale;
+  const int64_t* query_starts;  // per sequence: first row in q / out
+  const int64_t* query_lens;
+  const int64_t* ctx_lens;  // cached + new positions
+  const int64_t* tables;    // [sequences][table_stride] block ids
+  int64_t table_stride;
+  int64_t block_size;
+  int k_block_major;  // keys stored transposed within each block (block_size a multiple of 16)
+};
+
+inline int64_t attention_scratch_floats(int head_dim, int group, int rows) {
+  return static_cast<int64_t>(head_dim) * 64 + 128 + 2 * static_cast<int64_t>(rows) * group * head_dim +
+         2 * static_cast<int64_t>(rows) * group + 16;
+}
+
+// The float ops of one ISA (qk_ops.h) and its matmul kernels.
+struct OpsTable {
+  const char* name;
+  GemmFn gemm;
+  QuantizeFn quantize;
+  void (*rms_norm)(const float* x, int64_t ldx, const float* res, int64_t ldr, const float* w, int64_t n, float eps,
+                   float* y, int64_t ldy, float* sum, int64_t lds, int64_t r0, int64_t r1);
+  void (*elementwise)(int kind, const float* a, int64_t lda, const float* b, int64_t ldb, float* y, int64_t ldy,
+                      int64_t n, int64_t r0, int64_t r1);
+  void (*rope)(float* x, int64_t ldx, int heads, int hd, int rot, int half, const float* cos_t, const float* sin_t,
+               const int64_t* positions, int64_t r0, int64_t r1);
+  void (*attention)(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch);
+};
+
+extern const OpsTable ops_scalar;
+extern const OpsTable ops_avx2;
+extern const OpsTable ops_avx512;
+
+// float16 <-> float32 without F16C (scalar path and layout building).
+float half_to_float(uint16_t h);
+uint16_t float_to_half_exact(float f, bool* exact);
+
+// Value of row r, input k of the layout (for tests and the reference).
+float weight_value(const QWeight& w, int64_t r, int64_t k);
+// Values of row r, inputs [0, n) (embedding lookups).
+void dequantize_row(const QWeight& w, int64_t r, int64_t n, float* out);
+
+}  // namespace llmc_qk

@@ -1,0 +1,321 @@
+// llmc's native step program and its thread pool (qk_program.h).
+#include "qk_program.h"
+
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+namespace llmc_qk {
+namespace {
+
+constexpr int kSpin = 1 << 14;  // pause loops before a worker sleeps (~0.1-0.5 ms)
+
+void futex_wait(std::atomic<uint32_t>* word, uint32_t value) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int threads) : n_(std::max(1, threads)) {
+  for (int t = 1; t < n_; ++t) threads_.emplace_back([this, t] { work(t); });
+}
+
+ThreadPool::~ThreadPool() {
+  stop_.store(true);
+  generation_.fetch_add(1);
+  futex_wake_all(&generation_);
+  for (auto& t : threads_) t.join();
+}
+
+void ThreadPool::work(int tid) {
+  uint32_t seen = 0;
+  for (;;) {
+    uint32_t g;
+    int spins = 0;
+    while ((g = generation_.load(std::memory_order_acquire)) == seen) {
+      if (++spins < kSpin) {
+        _mm_pause();
+        continue;
+      }
+      sleepers_.fetch_add(1);
+      if (generation_.load() == seen) futex_wait(&generation_, seen);
+      sleepers_.fetch_sub(1);
+      spins = 0;
+    }
+    seen = g;
+    if (stop_.load()) return;
+    (*job_)(tid, n_);
+    done_.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ThreadPool::run(const std::function<void(int, int)>& fn) {
+  if (n_ == 1) {
+    fn(0, 1);
+    return;
+  }
+  job_ = &fn;
+  done_.store(0, std::memory_order_relaxed);
+  generation_.fetch_add(1);
+  if (sleepers_.load() > 0) futex_wake_all(&generation_);
+  fn(0, n_);
+  while (done_.load(std::memory_order_acquire) < n_ - 1) _mm_pause();
+}
+
+void ThreadPool::parallel_for(int64_t n, int64_t serial_below, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (n_ == 1 || n < serial_below || n == 1) {
+    fn(0, n);
+    return;
+  }
+  run([&](int t, int nt) {
+    const int64_t b = n * t / nt, e = n * (t + 1) / nt;
+    if (b < e) fn(b, e);
+  });
+}
+
+void ThreadPool::dynamic_for(int64_t n, const std::function<void(int64_t, int)>& fn) {
+  if (n <= 0) return;
+  if (n_ == 1 || n == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  run([&](int t, int) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, t);
+  });
+}
+
+ThreadPool& shared_pool(int threads) {
+  static std::mutex lock;
+  static std::unique_ptr<ThreadPool> pool;
+  std::lock_guard<std::mutex> guard(lock);
+  if (!pool || pool->size() != std::max(1, threads)) {
+    pool.reset();
+    pool = std::make_unique<ThreadPool>(threads);
+  }
+  return *pool;
+}
+
+int32_t Program::add_buffer(int64_t width, bool output_rows) {
+  buffers_.push_back(Buffer{width, output_rows, {}, 0});
+  act_cache_.emplace_back();
+  return static_cast<int32_t>(buffers_.size() - 1);
+}
+
+int32_t Program::add_rope_table(std::vector<float> cos_t, std::vector<float> sin_t, int64_t half_rot,
+                                int64_t positions) {
+  ropes_.push_back(Rope{std::move(cos_t), std::move(sin_t), half_rot, positions});
+  return static_cast<int32_t>(ropes_.size() - 1);
+}
+
+void Program::linear(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
+  const QWeight& w = *qweights_[ins.weight];
+  const int64_t rows = rows_of(ins.a, in);
+  ActCache& cache = act_cache_[ins.a.buf];
+  const Buffer& src = buffers_[ins.a.buf];
+  if (cache.version != src.version || cache.src.col != ins.a.col || cache.src.width != ins.a.width) {
+    cache.q.resize(static_cast<size_t>(rows * w.blocks * kBlock));
+    cache.meta.resize(static_cast<size_t>(rows * w.blocks));
+    const float* x = ptr(ins.a);
+    const int64_t ldx = ld(ins.a), width = ins.a.width, blocks = w.blocks;
+    int8_t* q = cache.q.data();
+    ActMeta* meta = cache.meta.data();
+    pool.parallel_for(rows, 8, [&](int64_t c0, int64_t c1) { ops.quantize(x, ldx, width, c0, c1, blocks, q, meta); });
+    cache.src = ins.a;
+    cache.version = src.version;
+  }
+  const QAct act{cache.q.data(), cache.meta.data(), rows, w.blocks};
+  float* y = ptr(ins.dst);
+  const int64_t ldy = ld(ins.dst);
+  const int64_t work = w.tiles * w.blocks * rows;
+  pool.parallel_for(w.tiles, work < 4096 ? w.tiles + 1 : 2,
+                    [&](int64_t t0, int64_t t1) { ops.gemm(w, act, t0, t1, y, ldy); });
+}
+
+void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
+  const int64_t tokens = in.tokens, hd = ins.head_dim, kvh = ins.kv_heads;
+  float* q = ptr(ins.a);
+  float* k = ptr(ins.b);
+  const float* v = ptr(ins.c);
+  const int64_t ldq = ld(ins.a), ldk = ld(ins.b), ldv = ld(ins.c);
+  if (ins.rope_table >= 0) {
+    const Rope& rp = ropes_[ins.rope_table];
+    pool.parallel_for(tokens, 64, [&](int64_t r0, int64_t r1) {
+      ops.rope(q, ldq, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
+               positions_.data(), r0, r1);
+      ops.rope(k, ldk, ins.kv_heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
+               positions_.data(), r0, r1);
+    });
+  }
+  const int64_t slot_floats = kvh * hd;
+  float* kc = in.k_cache + static_cast<int64_t>(ins.layer) * in.cache_slots * slot_floats;
+  float* vc = in.v_cache + static_cast<int64_t>(ins.layer) * in.cache_slots * slot_floats;
+  const int64_t bs = in.block_size;
+  for (int64_t r = 0; r < tokens; ++r) {
+    const int64_t slot = slots_[r];
+    if (in.k_block_major) {  // [block][kv head][d][offset in block]
+      float* base = kc + (slot / bs) * bs * slot_floats + slot % bs;
+      const float* src = k + r * ldk;
+      for (int64_t e = 0; e < slot_floats; ++e) base[e * bs] = src[e];
+    } else {
+      std::memcpy(kc + slot * slot_floats, k + r * ldk, sizeof(float) * slot_floats);
+    }
+    std::memcpy(vc + slot * slot_floats, v + r * ldv, sizeof(float) * slot_floats);
+  }
+  AttnArgs args{q, ldq, ptr(ins.dst), ld(ins.dst), kc, vc, ins.heads, ins.kv_heads, ins.head_dim, ins.f,
+                query_starts_.data(), in.query_lens, in.ctx_lens, in.tables, in.table_stride, in.block_size,
+                in.k_block_major};
+  // tasks: (sequence, kv head, chunk of up to 16 query rows)
+  std::vector<int64_t> task_seq, task_q0;
+  for (int64_t s = 0; s < in.seqs; ++s)
+    for (int64_t i = 0; i < in.query_lens[s]; i += 16) {
+      task_seq.push_back(s);
+      task_q0.push_back(i);
+    }
+  const int64_t n_tasks = static_cast<int64_t>(task_seq.size()) * kvh;
+  const int group = ins.heads / ins.kv_heads;
+  const int64_t need = attention_scratch_floats(ins.head_dim, group, 16);
+  for (auto& s : scratch_)
+    if (static_cast<int64_t>(s.size()) < need) s.resize(static_cast<size_t>(need));
+  pool.dynamic_for(n_tasks, [&](int64_t task, int thread) {
+    const int64_t t = task / kvh, h = task % kvh;
+    const int64_t s = task_seq[t], i0 = task_q0[t];
+    const int64_t i1 = std::min<int64_t>(i0 + 16, in.query_lens[s]);
+    ops.attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1),
+                  scratch_[thread].data());
+  });
+}
+
+void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  ThreadPool& pool = shared_pool(threads);
+  if (static_cast<int>(scratch_.size()) < pool.size()) scratch_.resize(static_cast<size_t>(pool.size()));
+  // positions, cache slots and each sequence's first row
+  positions_.resize(static_cast<size_t>(in.tokens));
+  slots_.resize(static_cast<size_t>(in.tokens));
+  query_starts_.resize(static_cast<size_t>(in.seqs));
+  int64_t row = 0;
+  for (int64_t s = 0; s < in.seqs; ++s) {
+    query_starts_[s] = row;
+    const int64_t past = in.ctx_lens[s] - in.query_lens[s];
+    const int64_t* table = in.tables + s * in.table_stride;
+    for (int64_t i = 0; i < in.query_lens[s]; ++i, ++row) {
+      const int64_t pos = past + i;
+      positions_[row] = pos;
+      slots_[row] = table[pos / in.block_size] * in.block_size + pos % in.block_size;
+    }
+  }
+  if (row != in.tokens) throw std::invalid_argument("query lengths do not add up to the token count");
+  for (auto& b : buffers_) {
+    const int64_t need = (b.output_rows ? in.outputs : in.tokens) * b.width;
+    if (static_cast<int64_t>(b.data.size()) < need) b.data.resize(static_cast<size_t>(need));
+  }
+  auto clock = std::chrono::steady_clock::now();
+  for (size_t index = 0; index < code_.size(); ++index) {
+    const Instr& ins = code_[index];
+    Buffer& out = buffers_[ins.dst.buf];
+    const int64_t rows = rows_of(ins.dst, in);
+    switch (ins.op) {
+      case Op::kEmbed: {
+        float* y = ptr(ins.dst);
+        const int64_t ldy = ld(ins.dst), width = ins.dst.width;
+        if (ins.kind == 1) {
+          const float* table = vectors_[ins.weight].data();
+          for (int64_t r = 0; r < rows; ++r)
+            std::memcpy(y + r * ldy, table + in.token_ids[r] * width, sizeof(float) * width);
+        } else {
+          const QWeight& w = *qweights_[ins.weight];
+          pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) dequantize_row(w, in.token_ids[r], width, y + r * ldy);
+          });
+        }
+        break;
+      }
+      case Op::kRmsNorm:
+      case Op::kAddRmsNorm: {
+        const bool add = ins.op == Op::kAddRmsNorm;
+        const float* a = ptr(ins.a);
+        const float* b = add ? ptr(ins.b) : nullptr;
+        float* y = ptr(ins.dst);
+        float* sum = add ? ptr(ins.dst1) : nullptr;
+        const int64_t lda = ld(ins.a), ldb = add ? ld(ins.b) : 0, ldy = ld(ins.dst), lds = add ? ld(ins.dst1) : 0;
+        const float* w = vectors_[ins.weight].data();
+        pool.parallel_for(rows, 32, [&](int64_t r0, int64_t r1) {
+          ops.rms_norm(a, lda, b, ldb, w, ins.a.width, ins.f, y, ldy, sum, lds, r0, r1);
+        });
+        if (add) buffers_[ins.dst1.buf].version++;
+        break;
+      }
+      case Op::kLinear:
+        linear(ins, in, pool, ops);
+        break;
+      case Op::kRope: {
+        const float* a = ptr(ins.a);
+        float* y = ptr(ins.dst);
+        const int64_t lda = ld(ins.a), ldy = ld(ins.dst), width = ins.dst.width;
+        const Rope& rp = ropes_[ins.rope_table];
+        pool.parallel_for(rows, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * ldy, a + r * lda, sizeof(float) * width);
+          ops.rope(y, ldy, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
+                   positions_.data(), r0, r1);
+        });
+        break;
+      }
+      case Op::kAttention:
+        attention(ins, in, pool, ops);
+        if (ins.rope_table >= 0) {  // q and k were rotated in place
+          buffers_[ins.a.buf].version++;
+          buffers_[ins.b.buf].version++;
+        }
+        break;
+      case Op::kElementwise:
+      case Op::kSwiglu: {
+        const bool swiglu = ins.op == Op::kSwiglu;
+        const float* a = ptr(ins.a);
+        const float* b = swiglu ? a + ins.dst.width : (ins.kind == 0 ? nullptr : ptr(ins.b));
+        const int64_t lda = ld(ins.a), ldb = swiglu ? lda : (ins.kind == 0 ? 0 : ld(ins.b));
+        float* y = ptr(ins.dst);
+        const int64_t ldy = ld(ins.dst);
+        const int kind = swiglu ? 1 : ins.kind;
+        pool.parallel_for(rows, 32, [&](int64_t r0, int64_t r1) {
+          ops.elementwise(kind, a, lda, b, ldb, y, ldy, ins.dst.width, r0, r1);
+        });
+        break;
+      }
+      case Op::kGatherRows: {
+        const float* a = ptr(ins.a);
+        float* y = ptr(ins.dst);
+        for (int64_t r = 0; r < in.outputs; ++r) {
+          const int64_t src = in.logits_rows[r];
+          if (src < 0 || src >= in.tokens) throw std::out_of_range("logits row out of range");
+          std::memcpy(y + r * ld(ins.dst), a + src * ld(ins.a), sizeof(float) * ins.dst.width);
+        }
+        break;
+      }
+    }
+    out.version++;
+    if (profiling_) {
+      const auto now = std::chrono::steady_clock::now();
+      profile_[index] += std::chrono::duration<double>(now - clock).count();
+      clock = now;
+    }
+  }
+  const int64_t rows = rows_of(logits_, in);
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(in.logits + r * logits_.width, ptr(logits_) + r * ld(logits_), sizeof(float) * logits_.width);
+}
+
+}  // namespace llmc_qk

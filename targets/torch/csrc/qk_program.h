@@ -1,0 +1,164 @@
+// llmc's native step program: an IR function lowered (targets/torch/native.py) to a list of
+// instructions over float32 row buffers, run in one call per step on a persistent thread pool.
+// Plain C++ (no torch): the binding (qk_binding.cpp) converts tensors to pointers.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "qk_common.h"
+
+namespace llmc_qk {
+
+// Worker threads that spin briefly between jobs, then sleep on a futex. The calling thread is
+// thread 0 of every job, so a pool of n runs n - 1 workers.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+  int size() const { return n_; }
+  // fn(thread, threads) on every thread; returns when all are done.
+  void run(const std::function<void(int, int)>& fn);
+  // fn(begin, end) over [0, n) in one contiguous chunk per thread (serial below `serial_below`).
+  void parallel_for(int64_t n, int64_t serial_below, const std::function<void(int64_t, int64_t)>& fn);
+  // fn(i, thread) for i in [0, n), handed out one at a time (uneven tasks).
+  void dynamic_for(int64_t n, const std::function<void(int64_t, int)>& fn);
+
+ private:
+  void work(int tid);
+  int n_;
+  std::vector<std::thread> threads_;
+  std::atomic<uint32_t> generation_{0};
+  std::atomic<int> done_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  const std::function<void(int, int)>* job_ = nullptr;
+};
+
+// The process's pool for `threads` threads (recreated when the count changes).
+ThreadPool& shared_pool(int threads);
+
+enum class Op : int32_t {
+  kEmbed = 0,        // dst = table rows of token ids (quantized table: qweight; float: ftable)
+  kRmsNorm = 1,      // dst = rms_norm(a) * vec
+  kAddRmsNorm = 2,   // dst1 = a + b; dst = rms_norm(dst1) * vec
+  kLinear = 3,       // dst = a @ W.T (int8 activations)
+  kRope = 4,         // dst = rope(a) (copied, then rotated)
+  kAttention = 5,    // dst = attention(a=q, b=k, c=v); rope applied to q, k first when rope_table >= 0
+  kElementwise = 6,  // kind: 0 silu(a), 1 silu(a) * b, 2 a * b, 3 a + b
+  kSwiglu = 7,       // dst = silu(a[:, :w]) * a[:, w:]
+  kGatherRows = 8,   // dst (output rows) = a[logits_rows]
+};
+
+struct View {
+  int32_t buf = -1;
+  int64_t col = 0;
+  int64_t width = 0;
+};
+
+struct Instr {
+  Op op = Op::kEmbed;
+  View dst, dst1, a, b, c;
+  int32_t weight = -1;  // qweight index (kLinear, quantized kEmbed), ftable (float kEmbed) or vec (norms)
+  int32_t layer = 0;
+  int32_t kind = 0;     // elementwise kind; kEmbed: 1 if float table
+  int32_t heads = 0, kv_heads = 0, head_dim = 0, rot = 0, half = 1, rope_table = -1;
+  float f = 0.0f;       // eps (norms) or scale (attention)
+};
+
+struct StepInput {
+  const int64_t* token_ids = nullptr;
+  int64_t tokens = 0;
+  const int64_t* query_lens = nullptr;
+  const int64_t* ctx_lens = nullptr;
+  int64_t seqs = 0;
+  const int64_t* tables = nullptr;
+  int64_t table_stride = 0;
+  int64_t block_size = 16;
+  const int64_t* logits_rows = nullptr;
+  int64_t outputs = 0;
+  float* k_cache = nullptr;  // [layers][slots][kv_heads][head_dim]; k_block_major: [layers][blocks][kv][hd][block]
+  int k_block_major = 0;
+  float* v_cache = nullptr;
+  int64_t cache_slots = 0;
+  float* logits = nullptr;   // [outputs][logits width]
+};
+
+class Program {
+ public:
+  int32_t add_buffer(int64_t width, bool output_rows);
+  int32_t add_qweight(const QWeight* w) {
+    qweights_.push_back(w);
+    return static_cast<int32_t>(qweights_.size() - 1);
+  }
+  int32_t add_vector(std::vector<float> v) {
+    vectors_.push_back(std::move(v));
+    return static_cast<int32_t>(vectors_.size() - 1);
+  }
+  int32_t add_rope_table(std::vector<float> cos_t, std::vector<float> sin_t, int64_t half_rot, int64_t positions);
+  void add(const Instr& instr) { code_.push_back(instr); }
+  void set_logits(View v) { logits_ = v; }
+  void set_cache_shape(int layers, int kv_heads, int head_dim) {
+    layers_ = layers;
+    kv_heads_ = kv_heads;
+    head_dim_ = head_dim;
+  }
+  int64_t logits_width() const { return logits_.width; }
+  // Seconds spent in each instruction over the steps run with profiling on.
+  void set_profiling(bool on) {
+    profiling_ = on;
+    profile_.assign(code_.size(), 0.0);
+  }
+  const std::vector<double>& profile() const { return profile_; }
+  int op_of(size_t i) const { return static_cast<int>(code_[i].op); }
+  // One step; `threads` sizes the shared pool.
+  void run(const StepInput& in, int threads, const OpsTable& ops);
+
+ private:
+  struct Buffer {
+    int64_t width;
+    bool output_rows;
+    std::vector<float> data;
+    uint64_t version = 0;
+  };
+  struct ActCache {
+    View src;
+    uint64_t version = ~0ull;
+    std::vector<int8_t> q;
+    std::vector<ActMeta> meta;
+  };
+  float* ptr(const View& v) { return buffers_[v.buf].data.data() + v.col; }
+  int64_t ld(const View& v) const { return buffers_[v.buf].width; }
+  int64_t rows_of(const View& v, const StepInput& in) const {
+    return buffers_[v.buf].output_rows ? in.outputs : in.tokens;
+  }
+  void linear(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
+  void attention(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
+
+  std::vector<Buffer> buffers_;
+  std::vector<const QWeight*> qweights_;
+  std::vector<std::vector<float>> vectors_;
+  struct Rope {
+    std::vector<float> cos_t, sin_t;
+    int64_t half_rot, positions;
+  };
+  std::vector<Rope> ropes_;
+  std::vector<Instr> code_;
+  View logits_;
+  int layers_ = 0, kv_heads_ = 0, head_dim_ = 0;
+  std::vector<ActCache> act_cache_;
+  // per step
+  std::vector<int64_t> positions_, slots_, query_starts_;
+  std::vector<std::vector<float>> scratch_;
+  std::mutex mutex_;  // one step at a time per program
+  bool profiling_ = false;
+  std::vector<double> profile_;
+};
+
+}  // namespace llmc_qk

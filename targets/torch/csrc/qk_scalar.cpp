@@ -1,0 +1,191 @@
+// Portable reference path of the int8-activation kernels (qk_common.h): plain C++, no SIMD.
+// It runs on any x86-64 CPU and defines the exact arithmetic the SIMD paths reproduce bit for bit.
+#include <cmath>
+#include <cstring>
+
+#include "qk_common.h"
+
+namespace llmc_qk {
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    exp = 113;
+    while (!(man & 0x400u)) {
+      man <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+uint16_t float_to_half_exact(float f, bool* exact) {
+  // Only used to store scales that are known to be float16 values: reports whether it round-trips.
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const int32_t exp = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 + 15;
+  const uint32_t man = bits & 0x7FFFFFu;
+  uint16_t h;
+  if ((bits & 0x7FFFFFFFu) == 0) {
+    h = sign;
+  } else if (exp >= 31 || ((bits >> 23) & 0xFFu) == 0xFFu) {
+    h = static_cast<uint16_t>(sign | 0x7C00u | (man ? 0x200u : 0u));
+  } else if (exp > 0) {
+    h = static_cast<uint16_t>(sign | (exp << 10) | (man >> 13));
+  } else if (exp > -11) {
+    const uint32_t m = man | 0x800000u;
+    h = static_cast<uint16_t>(sign | (m >> (14 - exp)));
+  } else {
+    h = sign;
+  }
+  *exact = half_to_float(h) == f || (f != f);
+  return h;
+}
+
+namespace {
+
+inline int code_at(const QWeight& w, int64_t t, int64_t b, int r, int k) {
+  if (w.code_bits == 8) {
+    const uint8_t* p = w.codes + (t * w.blocks + b) * 512;
+    return p[(k >> 2) * 64 + r * 4 + (k & 3)];
+  }
+  const uint8_t* p = w.codes + (t * w.blocks + b) * 256;
+  const int kk = k & 15;
+  const uint8_t byte = p[(kk >> 2) * 64 + r * 4 + (kk & 3)];
+  return k < 16 ? (byte & 0x0F) : (byte >> 4);
+}
+
+inline float scale_at(const QWeight& w, const void* base, int64_t t, int64_t b, int h, int r) {
+  const int64_t i = ((t * w.blocks + b) * w.nsub() + h) * kRows + r;
+  if (w.f16_scales) return half_to_float(static_cast<const uint16_t*>(base)[i]);
+  return static_cast<const float*>(base)[i];
+}
+
+}  // namespace
+
+float weight_value(const QWeight& w, int64_t row, int64_t k) {
+  const int64_t t = row / kRows, b = k / kBlock;
+  const int r = static_cast<int>(row % kRows), kk = static_cast<int>(k % kBlock);
+  const int h = w.sub16 ? kk / 16 : 0;
+  const int u = code_at(w, t, b, r, kk);
+  const float s = scale_at(w, w.scales, t, b, h, r);
+  if (w.offsets == nullptr) return s * static_cast<float>(u - w.zero);
+  return s * static_cast<float>(u) + scale_at(w, w.offsets, t, b, h, r);
+}
+
+void dequantize_row(const QWeight& w, int64_t row, int64_t n, float* out) {
+  const int64_t t = row / kRows;
+  const int r = static_cast<int>(row % kRows);
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    for (int h = 0; h < w.nsub(); ++h) {
+      const float s = scale_at(w, w.scales, t, b, h, r);
+      const float o = w.offsets ? scale_at(w, w.offsets, t, b, h, r) : 0.0f;
+      const int k0 = w.sub16 ? h * 16 : 0, k1 = w.sub16 ? k0 + 16 : kBlock;
+      for (int k = k0; k < k1; ++k) {
+        const int64_t i = b * kBlock + k;
+        if (i >= n) return;
+        const int u = code_at(w, t, b, r, k);
+        out[i] = w.offsets ? s * static_cast<float>(u) + o : s * static_cast<float>(u - w.zero);
+      }
+    }
+  }
+}
+
+void quantize_scalar(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
+                     ActMeta* meta) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* xc = x + c * ldx;
+    for (int64_t b = 0; b < blocks; ++b) {
+      float v[kBlock];
+      float amax = 0.0f;
+      for (int i = 0; i < kBlock; ++i) {
+        const int64_t k = b * kBlock + i;
+        v[i] = k < in ? xc[k] : 0.0f;
+        const float a = std::fabs(v[i]);
+        amax = a > amax ? a : amax;
+      }
+      const float d = amax / 127.0f;
+      const float id = d != 0.0f ? 1.0f / d : 0.0f;
+      int8_t* qb = q + c * blocks * kBlock + b * kBlock;
+      int32_t half[2] = {0, 0};
+      for (int i = 0; i < kBlock; ++i) {
+        const float r = std::nearbyint(v[i] * id);
+        const int iv = !(r >= -127.0f) ? -127 : (r > 127.0f ? 127 : static_cast<int>(r));
+        qb[i] = static_cast<int8_t>(iv);
+        half[i / 16] += iv;
+      }
+      ActMeta& m = meta[c * blocks + b];
+      m.d = d;
+      m.s = half[0] + half[1];
+      m.s_half[0] = static_cast<int16_t>(half[0]);
+      m.s_half[1] = static_cast<int16_t>(half[1]);
+      m.sx = d * static_cast<float>(m.s);
+      m.sx_half[0] = d * static_cast<float>(half[0]);
+      m.sx_half[1] = d * static_cast<float>(half[1]);
+    }
+  }
+}
+
+void gemm_scalar(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+  const bool sym = w.offsets == nullptr;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int valid = static_cast<int>(w.out - t * kRows < kRows ? w.out - t * kRows : kRows);
+    for (int64_t c = 0; c < a.cols; ++c) {
+      const int8_t* qc = a.q + c * a.blocks * kBlock;
+      const ActMeta* mc = a.meta + c * a.blocks;
+      for (int r = 0; r < valid; ++r) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < w.blocks; ++b) {
+          const int8_t* qb = qc + b * kBlock;
+          const ActMeta& m = mc[b];
+          int32_t dot[2] = {0, 0};
+          for (int k = 0; k < kBlock; ++k) dot[k / 16] += code_at(w, t, b, r, k) * qb[k];
+          if (!w.sub16) {
+            const float sd = scale_at(w, w.scales, t, b, 0, r) * m.d;
+            if (sym) {
+              acc = std::fma(static_cast<float>(dot[0] + dot[1] - w.zero * m.s), sd, acc);
+            } else {
+              acc = std::fma(static_cast<float>(dot[0] + dot[1]), sd, acc);
+              acc = std::fma(scale_at(w, w.offsets, t, b, 0, r), m.sx, acc);
+            }
+          } else {
+            for (int h = 0; h < 2; ++h) {
+              const float sd = scale_at(w, w.scales, t, b, h, r) * m.d;
+              if (sym) {
+                acc = std::fma(static_cast<float>(dot[h] - w.zero * m.s_half[h]), sd, acc);
+              } else {
+                acc = std::fma(static_cast<float>(dot[h]), sd, acc);
+                acc = std::fma(scale_at(w, w.offsets, t, b, h, r), m.sx_half[h], acc);
+              }
+            }
+          }
+        }
+        y[c * ldy + t * kRows + r] = acc;
+      }
+    }
+  }
+}
+
+}  // namespace llmc_qk
+
+#define LLMC_QK_ISA scalar
+#define LLMC_QK_MADD(a, b, c) ((a) * (b) + (c))
+#include "qk_ops.h"
+
+namespace llmc_qk {
+const OpsTable ops_scalar = {"scalar", gemm_scalar, quantize_scalar, scalar::rms_norm, scalar::elementwise, scalar::rope,
+                             scalar::attention};
+}  // namespace llmc_qk
