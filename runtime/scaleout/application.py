@@ -25,8 +25,9 @@ from llmc.runtime.server.limits import ServerLimits
 APP_NAME = "llmc"
 
 
-def model_spec(name: str, artifact: str | Path) -> ModelSpec:
-    """The :class:`ModelSpec` of the artifact at ``artifact`` served as ``name``."""
+def model_spec(name: str, artifact: str | Path, max_model_len: int | None = None) -> ModelSpec:
+    """The :class:`ModelSpec` of the artifact at ``artifact`` served as ``name``; ``max_model_len``
+    is the replicas' engine option of that name (default: the model's context)."""
     from dataclasses import asdict
 
     from llmc.runtime.artifact import Artifact
@@ -36,7 +37,8 @@ def model_spec(name: str, artifact: str | Path) -> ModelSpec:
     tokenizer = require_tokenizer(art.tokenizer(), f"the artifact {artifact}")
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "model"
     return ModelSpec(name=name, artifact=str(Path(artifact).resolve()), tokenizer_json=tokenizer.tokenizer.to_str(),
-                     tokenizer_meta=asdict(tokenizer.meta), max_model_len=int(art.config.max_position),
+                     tokenizer_meta=asdict(tokenizer.meta),
+                     max_model_len=int(max_model_len or art.config.max_position),
                      deployment=f"engine-{slug}")
 
 
@@ -98,5 +100,7 @@ def app_builder(args: dict[str, Any]) -> Application:
     if unknown:
         raise LlmcError(f"app_builder args: unknown key(s) {', '.join(unknown)}; valid: models, api_key, "
                         f"{', '.join(sorted(known))}")
-    specs = [model_spec(str(m["name"]), str(m["artifact"])) for m in models]
-    return build_application(specs, ScaleOutConfig(**args), api_key)
+    config = ScaleOutConfig(**args)
+    specs = [model_spec(str(m["name"]), str(m["artifact"]), config.engine_options.get("max_model_len"))
+             for m in models]
+    return build_application(specs, config, api_key)

@@ -64,7 +64,7 @@ def serve_scaleout(models: list[tuple[str, str | Path]], config: Any, *, host: s
     from llmc.runtime.scaleout.application import APP_NAME, build_application, model_spec
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    specs = [model_spec(name, path) for name, path in models]
+    specs = [model_spec(name, path, config.engine_options.get("max_model_len")) for name, path in models]
     app = build_application(specs, config, api_key, limits)
     local = config.ray_address is None
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")

@@ -107,7 +107,7 @@ class LocalModel:
         self.name = name
         self.tokenizer = require_tokenizer(engine.tokenizer, "the artifact")
         self.token_bytes = TokenBytes(self.tokenizer)
-        self.max_model_len = int(engine.config.max_position)
+        self.max_model_len = int(engine.max_model_len)  # the engine's --max-model-len, else the model's context
         self.created = int(time.time())
         self.metrics = metrics
 

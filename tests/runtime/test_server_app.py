@@ -162,3 +162,13 @@ def test_chat_without_max_tokens_fills_the_context_or_is_refused(client: TestCli
     error = _error(too_long, 400)
     assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
     assert "(4 in the prompt, 200 for the completion)" in str(error["message"])
+
+
+def test_the_model_card_and_the_length_check_use_the_engines_max_model_len(tokenizer: LlmcTokenizer) -> None:
+    executor = FakeExecutor(vocab=VOCAB, max_position=128)
+    with Engine(executor, tokenizer, EngineConfig(max_running=4, max_model_len=32)) as eng, \
+            TestClient(create_app(eng, model_name="fake"), raise_server_exceptions=False) as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["max_model_len"] == 32
+        error = _error(c.post("/v1/completions", json={"model": "fake", "prompt": "a" * 40, "max_tokens": 1}), 400)
+        assert error["code"] == "context_length_exceeded" and "32 tokens" in str(error["message"])
