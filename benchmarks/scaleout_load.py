@@ -15,52 +15,16 @@ ratio of aggregate throughput to the single-process server's at the same concurr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llmc_server import llmc_server
 
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _server(artifact: str, port: int, extra: list[str], log: Path, timeout: float = 600.0):  # type: ignore[no-untyped-def]
-    cmd = [sys.executable, "-m", "llmc.cli", "serve", artifact, "--served-model-name", "bench", "--port", str(port),
-           "--log-level", "warning", "--threads", "1", *extra]
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited; log:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become healthy; log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     reports: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in configs:
-            port = _free_port()
             out = Path(tmp) / f"{len(reports)}.json"
-            with _server(args.artifact, port, extra, Path(tmp) / "server.log"):
-                cmd = [sys.executable, str(HERE / "http_load.py"), "--base-url", f"http://127.0.0.1:{port}/v1",
+            serve_args = ["--served-model-name", "bench", "--threads", "1", *extra]
+            with llmc_server(args.artifact, serve_args, Path(tmp) / "server.log", timeout=600.0) as server:
+                cmd = [sys.executable, str(HERE / "http_load.py"), "--base-url", f"{server.url}/v1",
                        "--model", "bench", "--vocab-size", str(args.vocab_size), "--label", label,
                        "--concurrency", args.concurrency, "--prompt-len", str(args.prompt_len),
                        "--gen-len", str(args.gen_len), "--warmup", str(args.warmup), "--repeat", str(args.repeat),

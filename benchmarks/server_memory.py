@@ -19,26 +19,21 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llmc_server import llmc_server
+
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
          "quietly", "judge", "boxing", "matches", "under", "pale", "moonlight"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def body_of(kind: str, size: int, seed: int) -> bytes:
@@ -101,28 +96,11 @@ def main() -> None:
     args = parser.parse_args(argv[:cut])
     args.server_args = argv[cut + 1:]
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "llmc.cli", "serve", args.artifact, "--port", str(port), "--log-level", "warning",
-           *args.server_args]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"llmc serve exited: {server.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("llmc serve did not start")
-            time.sleep(0.2)
+    with llmc_server(args.artifact, args.server_args) as server:
+        url = server.url
         path = "/v1/chat/completions" if args.kind == "chat" else "/v1/completions"
         bodies = [body_of(args.kind, int(args.size_mb * 1e6), seed) for seed in range(args.requests)]
-        sampler = RssSampler(server.pid)
+        sampler = RssSampler(server.process.pid)
         before = sampler.rss()
         sampler.start()
 
@@ -157,12 +135,6 @@ def main() -> None:
             "results": results,
         }
         print(json.dumps(report, indent=1))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 if __name__ == "__main__":

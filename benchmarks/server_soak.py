@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -33,7 +31,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_memory import RssSampler, _free_port
+from llmc_server import llmc_server
+from server_memory import RssSampler
 
 WORDS = ["once", "upon", "a", "time", "there", "was", "little", "robot", "who", "loved", "to", "read"]
 
@@ -177,27 +176,11 @@ def main() -> int:
     args = parser.parse_args(argv[:cut])
     args.server_args = argv[cut + 1:]
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "llmc.cli", "serve", args.artifact, "--port", str(port), "--log-level", "warning",
-           "--max-request-bytes", str(args.max_request_bytes), *args.server_args]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"llmc serve exited: {server.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("llmc serve did not start")
-            time.sleep(0.2)
+    serve_args = ["--max-request-bytes", str(args.max_request_bytes), *args.server_args]
+    with llmc_server(args.artifact, serve_args) as server:
+        url = server.url
         context = int(httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["max_model_len"])
-        sampler = RssSampler(server.pid, interval=0.5)
+        sampler = RssSampler(server.process.pid, interval=0.5)
         rss_start = sampler.rss()
         sampler.start()
         t0 = time.monotonic()
@@ -214,7 +197,7 @@ def main() -> int:
         sampler.stop_event.set()
         sampler.join()
         rss_end = sampler.rss()
-        alive = server.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200
+        alive = server.process.poll() is None and httpx.get(f"{url}/health", timeout=10).status_code == 200
         lat = sorted(soak.latencies) or [0.0]
         report = {
             "clients": args.clients, "seconds": round(elapsed, 1), "requests": len(soak.latencies),
@@ -228,12 +211,6 @@ def main() -> int:
         print(json.dumps(report, indent=1))
         ok = not soak.failures and used == 0 and running == 0 and alive
         return 0 if ok else 1
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 if __name__ == "__main__":
