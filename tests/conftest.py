@@ -74,3 +74,16 @@ def chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tests.runtime.serving import build_chat_model
 
     return build_chat_model(tmp_path_factory.mktemp("chat_model"))
+
+
+LONG_CONTEXT = 1 << 17
+
+
+@pytest.fixture(scope="session")
+def long_chat_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """:func:`chat_model` with a 131072-token context, for tests that interrupt a generation: on a
+    fast CPU the 4096-token model finishes a whole answer in well under a second (llmc's native
+    step program), so only a generation of ~100k tokens is sure to be running when Ctrl-C comes."""
+    from tests.runtime.serving import build_chat_model
+
+    return build_chat_model(tmp_path_factory.mktemp("long_chat_model"), context=LONG_CONTEXT)

@@ -42,9 +42,12 @@ def test_chat_on_a_terminal_streams_answers_resets_and_exits(chat_model: tuple[P
         assert term.wait() == 0
 
 
-def test_ctrl_c_on_a_terminal_stops_the_answer_not_the_chat(chat_model: tuple[Path, Path]) -> None:
-    _, artifact = chat_model
-    with Terminal("chat", str(artifact), "--max-tokens", "4000", "--ignore-eos", "--temperature", "0") as term:
+LONG_ANSWER = "120000"  # tokens: minutes of generation, so the answer is surely running when Ctrl-C comes
+
+
+def test_ctrl_c_on_a_terminal_stops_the_answer_not_the_chat(long_chat_model: tuple[Path, Path]) -> None:
+    _, artifact = long_chat_model
+    with Terminal("chat", str(artifact), "--max-tokens", LONG_ANSWER, "--ignore-eos", "--temperature", "0") as term:
         at = term.expect(PROMPT).end()
         term.send("tell me everything\n")
         term.expect(r"tell me everything\r?\n.{40}", start=at)  # the answer has begun
@@ -74,9 +77,9 @@ def test_chat_through_a_pipe_answers_each_line(chat_model: tuple[Path, Path]) ->
     assert single.stdout.rstrip("\n") == answers[0]  # run --chat: the same template, the same answer
 
 
-def test_ctrl_c_through_a_pipe_stops_the_answer(chat_model: tuple[Path, Path]) -> None:
-    _, artifact = chat_model
-    proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "chat", str(artifact), "--max-tokens", "4000",
+def test_ctrl_c_through_a_pipe_stops_the_answer(long_chat_model: tuple[Path, Path]) -> None:
+    _, artifact = long_chat_model
+    proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "chat", str(artifact), "--max-tokens", LONG_ANSWER,
                              "--ignore-eos", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     try:

@@ -32,7 +32,7 @@ out = eng.generate([sys.argv[2]], SamplingParams(max_tokens=8, temperature=0, ig
 print(json.dumps(out.token_ids), flush=True)
 if sys.argv[3] != "plain":
     print("generating", flush=True)
-    long = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+    long = SamplingParams(max_tokens=120000, temperature=0, ignore_eos=True)  # minutes: surely still running
     try:
         eng.generate(["Tell me a long story"], long)
         print("finished without interruption", flush=True)
@@ -73,16 +73,15 @@ def test_a_script_that_never_closes_its_engine_exits_cleanly(script: Path, chat_
 
 
 @pytest.mark.parametrize("mode", ["interrupt-caught", "interrupt"])
-def test_ctrl_c_mid_generation_exits_cleanly(script: Path, chat_model: tuple[Path, Path], expected: list[int],
-                                             mode: str) -> None:
-    proc = _start(script, chat_model[1], mode)
+def test_ctrl_c_mid_generation_exits_cleanly(script: Path, long_chat_model: tuple[Path, Path], mode: str) -> None:
+    proc = _start(script, long_chat_model[1], mode)
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert proc.stdout.readline().strip() == "generating"
-    time.sleep(0.5)  # well inside the 4000-token generation
+    time.sleep(0.5)  # well inside the 120000-token generation
     proc.send_signal(signal.SIGINT)
     rest, err = proc.communicate(timeout=120)
-    assert json.loads(first) == expected
+    assert len(json.loads(first)) == 8
     assert "terminate called" not in err
     assert "finished without interruption" not in rest
     if mode == "interrupt-caught":
