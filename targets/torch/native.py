@@ -33,6 +33,8 @@ from llmc.targets.torch.weights import PackedWeight, TorchWeight
 
 View = tuple[int, int, int]  # (buffer, first column, width)
 ELEMENTWISE = {"silu": 0, "mul": 2, "add": 3}
+KEEP_LOGITS_BYTES = 64 << 20
+"""The largest logits buffer a :class:`NativeStep` keeps for the next step (32 rows of a 49152 vocabulary: 6 MiB)."""
 
 
 class Unsupported(Exception):
@@ -87,9 +89,12 @@ class NativeStep:
         logits = self.program.run(as_t(batch.token_ids), as_t(layout.query_lens), as_t(ctx), torch.from_numpy(table),
                                   as_t(batch.logits_rows), k_cache, v_cache, int(block_size), int(threads),
                                   bool(k_block_major), out=out)
-        if out is None:
-            self._logits, self._array = logits, logits.numpy()
-        return self._array  # type: ignore[return-value]
+        if out is not None:
+            return self._array  # type: ignore[return-value]
+        array = logits.numpy()
+        keep = logits.numel() * 4 <= KEEP_LOGITS_BYTES  # an idle engine must not hold a long prefill's logits
+        self._logits, self._array = (logits, array) if keep else (None, None)
+        return array
 
 
 def lower_native(fn: Function, params: dict[str, TorchWeight], config: ModelConfig) -> NativeStep:

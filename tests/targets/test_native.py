@@ -227,3 +227,20 @@ def test_a_steps_logits_buffer_is_reused_only_once_nobody_holds_it(kernels) -> N
     for a, b, c in zip(held, held_copy, want[0], strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
+
+
+def test_logits_larger_than_the_keep_limit_are_not_held(kernels, monkeypatch) -> None:
+    from llmc.targets.torch import native
+
+    cfg, module, weights = model(PIPELINES[1])
+    ex = TorchExecutor(module, weights)
+    driver = SequenceDriver(ex, max_seqs=1)
+    driver.step({0: [1, 2, 3]})
+    assert any(step._array is not None for step in ex.native.values())  # small: kept for the next step
+    monkeypatch.setattr(native, "KEEP_LOGITS_BYTES", 3 * cfg.vocab_size * 4 - 1)
+    ex = TorchExecutor(module, weights)
+    driver = SequenceDriver(ex, max_seqs=1)
+    first = driver.step({0: [1, 2, 3]})[0]  # 3 rows: one byte over the limit
+    assert all(step._array is None for step in ex.native.values())
+    np.testing.assert_array_equal(first, SequenceDriver(TorchExecutor(module, weights), max_seqs=1).step(
+        {0: [1, 2, 3]})[0])
