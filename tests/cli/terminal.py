@@ -10,6 +10,8 @@ import signal
 import sys
 import time
 
+from tests.signals import default_sigint
+
 
 class Terminal:
     """``python -m llmc.cli ARGS`` with a pseudo-terminal as its stdin, stdout, stderr and
@@ -19,6 +21,7 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become llmc
             try:
+                default_sigint()
                 os.execve(sys.executable, [sys.executable, "-m", "llmc.cli", *args], {**os.environ, **(env or {})})
             finally:
                 os._exit(127)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli.terminal import Terminal
+from tests.signals import default_sigint
 
 PROMPT = r"\n>>> "
 
@@ -81,7 +82,7 @@ def test_ctrl_c_through_a_pipe_stops_the_answer(long_chat_model: tuple[Path, Pat
     _, artifact = long_chat_model
     proc = subprocess.Popen([sys.executable, "-m", "llmc.cli", "chat", str(artifact), "--max-tokens", LONG_ANSWER,
                              "--ignore-eos", "--temperature", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=default_sigint)
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(b"hello\n")

@@ -18,6 +18,7 @@ import pytest
 from llmc.runtime.generate import generate_ids
 from llmc.runtime.loader import load_model
 from llmc.runtime.sampling import SamplingParams
+from tests.signals import default_sigint
 
 PROMPT = "Once upon a time"
 GREEDY = {"temperature": 0, "ignore_eos": True}
@@ -59,7 +60,8 @@ def expected(chat_model: tuple[Path, Path]) -> list[int]:
 
 def _start(script: Path, artifact: Path, mode: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, str(script), str(artifact), PROMPT, mode], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=default_sigint)
 
 
 def test_a_script_that_never_closes_its_engine_exits_cleanly(script: Path, chat_model: tuple[Path, Path],
@@ -80,7 +82,10 @@ def test_ctrl_c_mid_generation_exits_cleanly(script: Path, long_chat_model: tupl
     assert proc.stdout.readline().strip() == "generating"
     time.sleep(0.5)  # well inside the 120000-token generation
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=120)
+    try:
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()  # never leave a 120000-token generation running
     assert len(json.loads(first)) == 8
     assert "terminate called" not in err
     assert "finished without interruption" not in rest
