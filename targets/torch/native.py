@@ -15,6 +15,7 @@ otherwise and the executor keeps running torch ops.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from llmc.targets.torch.weights import PackedWeight, TorchWeight
 
 View = tuple[int, int, int]  # (buffer, first column, width)
 ELEMENTWISE = {"silu": 0, "mul": 2, "add": 3}
+KEEP_LOGITS_BYTES = 64 << 20
+"""The largest logits buffer a :class:`NativeStep` keeps for the next step (32 rows of a 49152 vocabulary: 6 MiB)."""
 
 
 class Unsupported(Exception):
@@ -55,6 +58,16 @@ class NativeStep:
         self.program = program
         self.config = config
         self.instructions = instructions
+        self._logits: torch.Tensor | None = None  # the last step's logits, reused while nobody holds them
+        self._array: np.ndarray | None = None  # ... as the array run() returned
+
+    def _reusable_logits(self, rows: int) -> torch.Tensor | None:
+        """The previous step's logits buffer when it has ``rows`` rows and no caller holds its array
+        (or a view of it) any more, else None (the program then allocates a fresh one). A 32 x 49152
+        float32 buffer is 6 MiB: freshly mapped pages faulted in and unmapped again cost ~1 ms a step."""
+        if self._array is None or self._array.shape[0] != rows or sys.getrefcount(self._array) > 2:
+            return None  # 2: this attribute and getrefcount's argument
+        return self._logits
 
     def run(self, batch: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
             threads: int, k_block_major: bool = False) -> np.ndarray:
@@ -72,10 +85,16 @@ class NativeStep:
         for j, t in enumerate(tables):
             table[j, : len(t)] = t
         as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        out = self._reusable_logits(len(batch.logits_rows))
         logits = self.program.run(as_t(batch.token_ids), as_t(layout.query_lens), as_t(ctx), torch.from_numpy(table),
                                   as_t(batch.logits_rows), k_cache, v_cache, int(block_size), int(threads),
-                                  bool(k_block_major))
-        return logits.numpy()
+                                  bool(k_block_major), out=out)
+        if out is not None:
+            return self._array  # type: ignore[return-value]
+        array = logits.numpy()
+        keep = logits.numel() * 4 <= KEEP_LOGITS_BYTES  # an idle engine must not hold a long prefill's logits
+        self._logits, self._array = (logits, array) if keep else (None, None)
+        return array
 
 
 def lower_native(fn: Function, params: dict[str, TorchWeight], config: ModelConfig) -> NativeStep:

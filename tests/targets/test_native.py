@@ -14,6 +14,8 @@ the float computation.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +202,45 @@ def test_bad_steps_are_refused_not_crashes(kernels) -> None:
         driver.lengths[0] = 0
         driver.step({0: [1, 2]})
     assert torch.isfinite(ex.k_cache).all()
+
+
+def test_a_steps_logits_buffer_is_reused_only_once_nobody_holds_it(kernels) -> None:
+    """The native step writes into the previous step's logits buffer when the caller dropped it (no
+    fresh pages each step), never into logits (or a view of them) the caller still holds."""
+    cfg, module, weights = model(PIPELINES[1])
+    reused, fresh = (SequenceDriver(TorchExecutor(module, weights), max_seqs=2) for _ in range(2))
+    rng = np.random.default_rng(11)
+    prompts = {seq: [int(t) for t in rng.integers(0, cfg.vocab_size, n)] for seq, n in ((0, 9), (1, 4))}
+    reused.step(prompts, all_rows=False), fresh.step(prompts, all_rows=False)
+    held = reused.step({0: [1], 1: [2]}, all_rows=False)  # kept: the next step must not overwrite it
+    held_copy = [h.copy() for h in held]
+    want = [fresh.step({0: [t], 1: [t + 1]}, all_rows=False) for t in (1, 3, 5, 7)]  # every result kept: all fresh
+    previous = None
+    for step, t in enumerate((3, 5, 7)):
+        got = reused.step({0: [t], 1: [t + 1]}, all_rows=False)
+        for a, b in zip(got, want[step + 1], strict=True):
+            np.testing.assert_array_equal(a, b)
+        # the step after the held one gets a fresh buffer; the next two reuse it (dropped in between)
+        assert (got[0].base is previous()) == (step > 0) if previous else step == 0
+        previous = weakref.ref(got[0].base)
+        del got, a, b
+    for a, b, c in zip(held, held_copy, want[0], strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_logits_larger_than_the_keep_limit_are_not_held(kernels, monkeypatch) -> None:
+    from llmc.targets.torch import native
+
+    cfg, module, weights = model(PIPELINES[1])
+    ex = TorchExecutor(module, weights)
+    driver = SequenceDriver(ex, max_seqs=1)
+    driver.step({0: [1, 2, 3]})
+    assert any(step._array is not None for step in ex.native.values())  # small: kept for the next step
+    monkeypatch.setattr(native, "KEEP_LOGITS_BYTES", 3 * cfg.vocab_size * 4 - 1)
+    ex = TorchExecutor(module, weights)
+    driver = SequenceDriver(ex, max_seqs=1)
+    first = driver.step({0: [1, 2, 3]})[0]  # 3 rows: one byte over the limit
+    assert all(step._array is None for step in ex.native.values())
+    np.testing.assert_array_equal(first, SequenceDriver(TorchExecutor(module, weights), max_seqs=1).step(
+        {0: [1, 2, 3]})[0])

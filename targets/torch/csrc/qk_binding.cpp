@@ -360,7 +360,7 @@ class NativeProgram {
   torch::Tensor run(const torch::Tensor& token_ids, const torch::Tensor& query_lens, const torch::Tensor& ctx_lens,
                     const torch::Tensor& tables, const torch::Tensor& logits_rows, const torch::Tensor& k_cache,
                     const torch::Tensor& v_cache, int64_t block_size, int64_t threads, bool k_block_major,
-                    const std::string& isa_name) {
+                    const std::string& isa_name, const c10::optional<torch::Tensor>& out) {
     auto i64 = [](const torch::Tensor& t) { return t.to(torch::kInt64).contiguous(); };
     auto ids = i64(token_ids), ql = i64(query_lens), cl = i64(ctx_lens), tb = i64(tables), lr = i64(logits_rows);
     TORCH_CHECK(tb.dim() == 2 && tb.size(0) == ql.numel() && cl.numel() == ql.numel(), "one table per sequence");
@@ -386,7 +386,15 @@ class NativeProgram {
     TORCH_CHECK(total == n, "query lengths do not add up to the token count");
     const int64_t* lrp = lr.data_ptr<int64_t>();
     for (int64_t i = 0; i < lr.numel(); ++i) TORCH_CHECK(lrp[i] >= 0 && lrp[i] < n, "logits row out of range");
-    auto logits = torch::empty({lr.numel(), prog_.logits_width()}, torch::kFloat32);
+    torch::Tensor logits;
+    if (out.has_value()) {  // the caller's buffer (reused across steps: no fresh pages to fault in each step)
+      logits = *out;
+      TORCH_CHECK(logits.scalar_type() == torch::kFloat32 && logits.is_contiguous() && logits.dim() == 2 &&
+                      logits.size(0) == lr.numel() && logits.size(1) == prog_.logits_width(),
+                  "out must be a contiguous float32 [logits rows, vocab] tensor");
+    } else {
+      logits = torch::empty({lr.numel(), prog_.logits_width()}, torch::kFloat32);
+    }
     StepInput in;
     in.token_ids = idp;
     in.tokens = n;
@@ -469,7 +477,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("profile", &NativeProgram::profile)
       .def("run", &NativeProgram::run, py::arg("token_ids"), py::arg("query_lens"), py::arg("ctx_lens"),
            py::arg("tables"), py::arg("logits_rows"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_size"),
-           py::arg("threads"), py::arg("k_block_major") = false, py::arg("isa") = "");
+           py::arg("threads"), py::arg("k_block_major") = false, py::arg("isa") = "", py::arg("out") = py::none());
   m.def("isa_paths", &llmc_qk::isa_names, "kernel paths this CPU runs, best first");
   m.def("set_isa", &llmc_qk::set_isa, "force a kernel path ('' = the best)");
   m.def("current_isa", &llmc_qk::current_isa);
