@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,24 @@ from tokenizers import Tokenizer
 
 from llmc.compiler.errors import InputError, LlmcError
 from llmc.compiler.text import check_unicode
+
+
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's map from each byte to the printable character byte-level BPE spells it with (the
+    ``ByteLevel`` pre-tokenizer's table): printable Latin-1 bytes stand for themselves, the others
+    for 256, 257, ... in byte order. Cached: do not mutate the result."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)}
+    mapping: dict[int, str] = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "llmc_tokenizer.json"

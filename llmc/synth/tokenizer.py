@@ -17,6 +17,7 @@ from tokenizers.models import BPE
 
 from llmc.compiler.errors import InputError
 from llmc.compiler.frontends.gguf_tokenizer import CONTROL, IGNORE_MERGES, NORMAL, PRE_TOKENIZER_SPLITS
+from llmc.compiler.tokenizer import byte_level_alphabet
 from llmc.synth.presets import Preset
 
 MAX_MERGES = 2000
@@ -41,18 +42,8 @@ The old lighthouse keeper told stories about storms, ships and the stars that gu
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map from bytes to printable characters (the byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1)
-    )
-    mapping, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
+    """GPT-2's map from bytes to printable characters (the byte-level BPE alphabet); a copy."""
+    return dict(byte_level_alphabet())
 
 
 def _pre_tokenizer(style: str) -> pre_tokenizers.PreTokenizer:

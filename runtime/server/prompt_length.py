@@ -40,7 +40,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from llmc.compiler.tokenizer import LlmcTokenizer
+from llmc.compiler.tokenizer import LlmcTokenizer, byte_level_alphabet
 
 UTF8_MAX = 4  # bytes of the longest UTF-8 character
 
@@ -87,16 +87,7 @@ def _pre_tokenizer(spec: dict[str, Any] | None) -> tuple[bool, bool]:
 
 def _byte_level_bytes() -> dict[str, int]:
     """The ``ByteLevel`` pre-tokenizer's character for each byte, to that byte (GPT-2's table)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+    return {c: b for b, c in byte_level_alphabet().items()}
 
 
 def _dropped_characters(missing: set[int]) -> tuple[re.Pattern[str] | None, str]:

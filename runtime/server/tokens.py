@@ -6,7 +6,7 @@ import json
 import re
 from functools import lru_cache
 
-from llmc.compiler.tokenizer import LlmcTokenizer
+from llmc.compiler.tokenizer import LlmcTokenizer, byte_level_alphabet
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -14,16 +14,7 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 @lru_cache(maxsize=1)
 def _byte_level_decoder() -> dict[str, int]:
     """GPT-2's byte-to-unicode table, inverted (what byte-level BPE pieces are spelled with)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, codes, strict=True)}
+    return {c: b for b, c in byte_level_alphabet().items()}
 
 
 def _uses_byte_level(tokenizer: LlmcTokenizer) -> bool:
