@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # ../shared beside the repo; LLMC_SHARED_DIR points elsewhere (e.g. a copy carried to a GPU host)
 SHARED = Path(os.environ.get("LLMC_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 
@@ -109,3 +111,20 @@ def write_byte_level_tokenizer(directory: Path, vocab_size: int, chat_template: 
         "bos_token": "<s>", "eos_token": {"content": "<|im_end|>"}, "chat_template": chat_template,
     }))
     return directory
+
+
+def hf_step_logits(folder: Path, prompt: list[int], decode: list[int]) -> list[np.ndarray]:
+    """transformers' float32 Llama on ``folder``: the prompt's logits, then one decode step's per token
+    of ``decode`` (through its KV cache) -- the reference the target tests compare with."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    outs = []
+    with torch.no_grad():
+        out = model(torch.tensor([prompt]), use_cache=True)
+        outs.append(out.logits[0].numpy())
+        for token in decode:
+            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            outs.append(out.logits[0].numpy())
+    return outs

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from llmc.compiler.errors import LlmcError, RequestError, UnsupportedError
 from llmc.compiler.ir.batch import BatchLayout
@@ -19,25 +18,11 @@ from llmc.runtime.loader import load_model
 from llmc.runtime.registry import get_target
 from llmc.runtime.sampling import SamplingParams
 from tests.helpers import RAGGED_STEPS, SequenceDriver
-from tests.models import write_random_hf_model
+from tests.models import hf_step_logits, write_random_hf_model
 
 GQA_LLAMA3 = {"num_key_value_heads": 2, "tie_word_embeddings": True, "rope_theta": 500000.0,
               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 32}}
-
-
-def _hf_logits(folder: Path, prompt: list[int], decode: list[int]) -> list[np.ndarray]:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    outs = []
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        outs.append(out.logits[0].numpy())
-        for token in decode:
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-            outs.append(out.logits[0].numpy())
-    return outs
 
 
 @pytest.mark.parametrize("opt_level", [0, 2])
@@ -49,7 +34,7 @@ def test_matches_transformers(opt_level: int, tmp_path: Path) -> None:
     prompt, decode = [1, 5, 9, 33, 7, 100, 64, 3], [11, 42, 99]
     driver = SequenceDriver(load_model(str(art)).executor)
     got = [driver.step({0: prompt})[0]] + [driver.step({0: [t]})[0] for t in decode]
-    for step, (g, e) in enumerate(zip(got, _hf_logits(folder, prompt, decode), strict=True)):
+    for step, (g, e) in enumerate(zip(got, hf_step_logits(folder, prompt, decode), strict=True)):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, e, atol=1e-4, rtol=0, err_msg=f"step {step}")
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from llmc.compiler.frontends.source import load_source
 from llmc.driver import CompileOptions, compile_model, frontend_module
 from llmc.runtime.artifact import Artifact
 from llmc.runtime.registry import get_target
 from tests.helpers import SequenceDriver
-from tests.models import write_random_hf_model
+from tests.models import hf_step_logits, write_random_hf_model
 
 CASES = {
     "mha_untied": {"num_key_value_heads": 4, "tie_word_embeddings": False},
@@ -30,22 +29,6 @@ CASES = {
 }
 
 
-def _hf_logits(folder: Path, prompt: list[int], decode: list[int]) -> list[np.ndarray]:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    outs = []
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        outs.append(out.logits[0].numpy())
-        past = out.past_key_values
-        for token in decode:
-            out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            outs.append(out.logits[0].numpy())
-    return outs
-
-
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("opt_level", [0, 2])
 def test_matches_transformers(case: str, opt_level: int, tmp_path: Path) -> None:
@@ -54,7 +37,7 @@ def test_matches_transformers(case: str, opt_level: int, tmp_path: Path) -> None
     artifact = Artifact.load(art)
     executor = get_target("torch").load(artifact)
     prompt, decode = [1, 5, 9, 33, 7, 100, 64, 3], [11, 42, 99, 5]
-    expected = _hf_logits(folder, prompt, decode)
+    expected = hf_step_logits(folder, prompt, decode)
     driver = SequenceDriver(executor)
     got = [driver.step({0: prompt})[0]] + [driver.step({0: [t]})[0] for t in decode]
     for step, (g, e) in enumerate(zip(got, expected, strict=True)):
@@ -66,7 +49,7 @@ def test_interpreter_matches_transformers(tmp_path: Path) -> None:
     source = load_source(folder)
     module = frontend_module(source, None)
     prompt, decode = [1, 5, 9, 33, 7], [11, 42]
-    expected = _hf_logits(folder, prompt, decode)
+    expected = hf_step_logits(folder, prompt, decode)
     reference = SequenceDriver(get_target("reference").load_module(module, source.weights))
     got = [reference.step(chunks) for chunks in [{0: prompt}] + [{0: [t]} for t in decode]]
     for g, e in zip(got, expected, strict=True):
