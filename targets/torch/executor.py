@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 STEP_MODES = ("auto", "ops")
 """``auto``: the native step program where it applies; ``ops``: torch ops per IR op."""
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+"""``auto``: float16 where the native step program runs (half the bytes attention reads, as llama.cpp
+keeps its cache), else the activation dtype; an explicit dtype other than the activations' needs the
+native program (float16 or float32 under float32 activations)."""
 
 
 class TorchExecutor(Executor):
@@ -61,15 +65,19 @@ class TorchExecutor(Executor):
         deterministic: bool = False,
         quant_kernels: str = "auto",
         step: str = "auto",
+        kv_cache_dtype: str = "auto",
     ) -> None:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise LlmcError("device cuda requested but torch sees no CUDA GPU")
         if step not in STEP_MODES:
             raise LlmcError(f"step must be one of {', '.join(STEP_MODES)}, not {step!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise LlmcError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
         self.step_threads = threads or torch.get_num_threads()
         with serial_torch():
             self._load(module, weights, device, block_size, activation_dtype, deterministic, quant_kernels)
             self._lower_native(step == "auto")
+        self.kv_dtype = self._kv_dtype(kv_cache_dtype)
         if threads:
             torch.set_num_threads(threads)
 
@@ -122,7 +130,19 @@ class TorchExecutor(Executor):
                     self.native_reason = str(exc)
         if self.native_reason:
             log.info("torch executor runs torch ops per IR op: %s", self.native_reason)
-        self.k_block_major = self.native is not None and self.block_size % 16 == 0
+        self.block_major = self.native is not None and self.block_size % 16 == 0
+
+    def _kv_dtype(self, name: str) -> torch.dtype:
+        """The cache's dtype for the ``kv_cache_dtype`` option (see :data:`KV_CACHE_DTYPES`)."""
+        if name == "auto":
+            return torch.float16 if self.native is not None else self.act_dtype
+        dtype = getattr(torch, name)
+        if dtype == self.act_dtype or (self.native is not None and dtype in (torch.float16, torch.float32)):
+            return dtype
+        why = "the native step program runs float16 or float32 caches" if self.native is not None \
+            else f"torch ops keep the cache in the activation dtype ({self.native_reason})"
+        raise LlmcError(f"kv_cache_dtype={name} is not available with {str(self.act_dtype).removeprefix('torch.')} "
+                        f"activations here: {why}")
 
     def _prepare_kernels(self, module: Module, int4pack: bool) -> None:
         """Move packed weights read only by ``linear`` into torch's low-precision kernel layouts."""
@@ -143,7 +163,7 @@ class TorchExecutor(Executor):
     # -- cache ---------------------------------------------------------------------------
     def kv_spec(self) -> KVSpec:
         c = self.config
-        elem = torch.tensor([], dtype=self.act_dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_block = 2 * c.num_layers * self.block_size * c.num_kv_heads * c.head_dim * elem
         max_blocks = -(-c.max_position // self.block_size)
         return KVSpec("paged", self.block_size, per_block, max_blocks)
@@ -152,8 +172,8 @@ class TorchExecutor(Executor):
         c = self.config
         shape = (c.num_layers, num_blocks * self.block_size, c.num_kv_heads, c.head_dim)
         with serial_torch():  # often called on a thread that will not run the steps
-            self.k_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.torch_device)
-            self.v_cache = torch.zeros(shape, dtype=self.act_dtype, device=self.torch_device)
+            self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.torch_device)
+            self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.torch_device)
         self.num_blocks = num_blocks
 
     def bind_step_thread(self) -> None:
@@ -189,7 +209,7 @@ class TorchExecutor(Executor):
         name = "decode" if batch.is_decode and "decode" in self.programs else "prefill"
         if self.native is not None:
             return self.native[name].run(batch, self.k_cache, self.v_cache, self.block_size, self.step_threads,
-                                         self.k_block_major)
+                                         self.block_major)
         ctx = step_context(batch, self.block_size, self.config.max_position, self.torch_device)
         token_ids = torch.from_numpy(batch.token_ids).to(self.torch_device)
         logits_index = torch.from_numpy(batch.logits_rows).to(self.torch_device)

@@ -70,11 +70,13 @@ class NativeStep:
         return self._logits
 
     def run(self, batch: StepBatch, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
-            threads: int, k_block_major: bool = False) -> np.ndarray:
-        """Logits ``[outputs, vocab]`` of one step. With ``k_block_major`` the key cache holds each
-        block's keys transposed (``[kv_heads, head_dim, block_size]`` per block, the byte range of
-        that block in ``k_cache``; only native steps may then read it), which decode attention
-        reads without gathering; ``block_size`` must be a multiple of 16."""
+            threads: int, block_major: bool = False) -> np.ndarray:
+        """Logits ``[outputs, vocab]`` of one step. The caches are float32 or float16 (the step's
+        keys and values are then rounded to float16 as they are stored). With ``block_major`` each
+        block's byte range holds its keys transposed (``[kv_heads, head_dim, block_size]``) and then,
+        in ``v_cache``, its values as ``[kv_heads, block_size, head_dim]``, which decode attention
+        reads as contiguous runs; only native steps may then read the cache, and ``block_size`` must
+        be a multiple of 16."""
         layout = batch.layout
         ctx = np.asarray(layout.context_lens, dtype=np.int64)
         if ctx.size and int(ctx.max()) > self.config.max_position:
@@ -88,7 +90,7 @@ class NativeStep:
         out = self._reusable_logits(len(batch.logits_rows))
         logits = self.program.run(as_t(batch.token_ids), as_t(layout.query_lens), as_t(ctx), torch.from_numpy(table),
                                   as_t(batch.logits_rows), k_cache, v_cache, int(block_size), int(threads),
-                                  bool(k_block_major), out=out)
+                                  bool(block_major), out=out)
         if out is not None:
             return self._array  # type: ignore[return-value]
         array = logits.numpy()

@@ -20,11 +20,14 @@ ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 QUANT_KERNELS = ("auto", "torch", "dequant")
 STEP_MODES = ("auto", "ops")  # llmc.targets.torch.executor.STEP_MODES (not imported: capabilities stay cheap)
 CUDA_EXECUTORS = ("graphs", "eager")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # llmc.targets.torch.executor.KV_CACHE_DTYPES
 _BLOCK_SIZE = TargetOption("block_size", int, "tokens per KV cache block (16)", minimum=1)
 _QUANT_KERNELS = TargetOption("quant_kernels", str, "quantized matmuls: auto (llmc's int8-activation CPU kernels), "
                               "torch (torch's packed kernels) or dequant (dequantize on the fly)", QUANT_KERNELS)
 _STEP = TargetOption("step", str, "auto (CPU: one native call per step when every matmul runs on llmc's kernels) "
                      "or ops (torch ops per IR op)", STEP_MODES)
+_KV_CACHE_DTYPE = TargetOption("kv_cache_dtype", str, "KV cache elements: auto (float16 where the native CPU step "
+                               "runs, else the activation dtype), float32, float16 or bfloat16", KV_CACHE_DTYPES)
 
 
 class TorchTarget(Target):
@@ -35,8 +38,9 @@ class TorchTarget(Target):
         _BLOCK_SIZE,
         _QUANT_KERNELS,
         _STEP,
+        _KV_CACHE_DTYPE,
     )
-    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, _STEP, TargetOption(
+    load_options = (_BLOCK_SIZE, _QUANT_KERNELS, _STEP, _KV_CACHE_DTYPE, TargetOption(
         "cuda_executor", str, "on cuda: graphs (Triton kernels, decode steps replayed from CUDA graphs, sampling "
         "on the device; the default) or eager (torch ops step by step, host sampling)", CUDA_EXECUTORS))
     skipped_fusions = ("fuse-gate-up",)
@@ -62,6 +66,7 @@ class TorchTarget(Target):
             "block_size": int(options.get("block_size", 16)),
             "quant_kernels": str(options.get("quant_kernels", "auto")),
             "step": str(options.get("step", "auto")),
+            "kv_cache_dtype": str(options.get("kv_cache_dtype", "auto")),
         }
         writer.path(PAYLOAD).write_text(json.dumps(opts, indent=1))
         return EmitResult(options=opts, files=[PAYLOAD])
@@ -94,6 +99,7 @@ class TorchTarget(Target):
             deterministic=bool(options.get("deterministic", False)),
             quant_kernels=str(options.get("quant_kernels") or saved.get("quant_kernels", "auto")),
             step=str(options.get("step") or saved.get("step", "auto")),
+            kv_cache_dtype=str(options.get("kv_cache_dtype") or saved.get("kv_cache_dtype", "auto")),
         )
 
 

@@ -3,13 +3,17 @@ the same executor running torch ops per IR op, on the same quantized weights.
 
 Both paths run every matmul on llmc's int8-activation kernels (identical integer arithmetic);
 they differ only in the float32 ops around them (RMSNorm, RoPE, SiLU, softmax, attention sums),
-which round differently: logits agree to about 1e-7 relative (L2). Now and then such a last-bit
-difference moves an activation across an int8 rounding boundary (x / d at k + 1/2): that value
-then differs by one step d, which moves the outputs by about d * |w| in one term of one block,
-and the layers after it carry that on (measured: up to 2.2e-3 relative L2 for the rows of a step
-where it happened; every other row stays at 1e-7). Hence the checks: per step at most 1e-2
-relative L2 and half the rows within 1e-5, and both paths within the int8 activations' error of
-the float computation.
+which round differently (the native attention fuses its multiply-adds where the ISA has FMA):
+logits agree to about 1e-7 relative (L2). Now and then such a last-bit difference moves an
+activation across an int8 rounding boundary (x / d at k + 1/2): that value then differs by one
+step d, which moves the outputs by about d * |w| in one term of one block, and the layers after
+it carry that on, to every later row of a prefill chunk through attention (measured: up to 7.3e-3
+relative L2 for the step where it happened; the other steps stay at 1e-7). Hence the checks: per
+step at most 1e-2 relative L2, in at least half the steps half the rows within 1e-5, and both
+paths within the int8 activations' error of the float computation. These parity checks run the
+native program on a float32 KV cache; its default float16 cache is checked against float
+attention in tests/targets/test_native_attention.py and, end to end, within the int8
+activations' error here.
 """
 
 from __future__ import annotations
@@ -66,15 +70,16 @@ def model(pipeline: str, seed: int = 3, **config: object) -> tuple:
 
 
 def assert_close(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    medians = []
     for a, b in zip(want, got, strict=True):
         assert int8_activation_error(b, a) <= 1e-2
-        rows = [int8_activation_error(y, x) for x, y in zip(a, b, strict=True)]
-        assert np.median(rows) <= 1e-5, rows
+        medians.append(np.median([int8_activation_error(y, x) for x, y in zip(a, b, strict=True)]))
+    assert sum(m <= 1e-5 for m in medians) >= len(medians) / 2, medians
 
 
 def assert_native_matches(module, weights, vocab: int, seed: int, against_float: bool = True,
                           **options: object) -> None:
-    native = TorchExecutor(module, weights, **options)  # type: ignore[arg-type]
+    native = TorchExecutor(module, weights, kv_cache_dtype="float32", **options)  # type: ignore[arg-type]
     assert native.native is not None and native.native_reason is None
     got = schedule(SequenceDriver(native, max_seqs=3), vocab, seed)
     ops = schedule(SequenceDriver(TorchExecutor(module, weights, step="ops", **options), max_seqs=3), vocab, seed)
@@ -88,7 +93,7 @@ def assert_native_matches(module, weights, vocab: int, seed: int, against_float:
 @pytest.mark.parametrize("pipeline", PIPELINES)
 def test_native_steps_match_the_torch_ops(kernels, pipeline: str) -> None:
     cfg, module, weights = model(pipeline)
-    assert TorchExecutor(module, weights).k_block_major
+    assert TorchExecutor(module, weights).block_major
     ops = TorchExecutor(module, weights, step="ops")
     assert ops.native is None and ops.native_reason == "step=ops"
     assert_native_matches(module, weights, cfg.vocab_size, seed=1)
@@ -99,7 +104,7 @@ def test_rope_styles_tied_head_and_a_block_size_that_is_not_16(kernels, rope_sty
     cfg, module, weights = model("share-tied-weights,fuse-qkv,fold-rope,dce,quantize(int8)", tied=True,
                                  rope_style=rope_style, heads=6, kv_heads=2, head_dim=8)
     for block_size in (16, 8):
-        assert TorchExecutor(module, weights, block_size=block_size).k_block_major == (block_size == 16)
+        assert TorchExecutor(module, weights, block_size=block_size).block_major == (block_size == 16)
         assert_native_matches(module, weights, cfg.vocab_size, seed=2, block_size=block_size)
 
 
@@ -123,6 +128,34 @@ def test_gguf_blocks_run_natively(kernels) -> None:
     module = build_module(cfg, declare_params(cfg, weights, "test"))
     module, _ = run_pipeline(module, weights, "fuse-add-rmsnorm,fold-rope,dce")
     assert_native_matches(module, weights, cfg.vocab_size, seed=3, against_float=False)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES[1:])
+def test_the_default_float16_cache_stays_within_the_int8_activations_error(kernels, pipeline: str) -> None:
+    """float16 keys and values (rounding error 2^-11 relative) move logits far less than the int8
+    activations do; the cache takes half the bytes of float32."""
+    cfg, module, weights = model(pipeline)
+    native = TorchExecutor(module, weights)
+    assert native.kv_dtype == torch.float16 and native.block_major
+    assert native.kv_spec().bytes_per_block * 2 == TorchExecutor(module, weights, kv_cache_dtype="float32"
+                                                                  ).kv_spec().bytes_per_block
+    got = schedule(SequenceDriver(native, max_seqs=3), cfg.vocab_size, 1)
+    assert native.k_cache.dtype == torch.float16 and torch.isfinite(native.k_cache).all()
+    float_ops = schedule(SequenceDriver(TorchExecutor(module, weights, step="ops", quant_kernels="dequant"),
+                                        max_seqs=3), cfg.vocab_size, 1)
+    for a, b in zip(float_ops, got, strict=True):
+        assert_int8_activation_close(b, a)
+
+
+def test_kv_cache_dtypes_the_executor_cannot_run_are_refused(kernels) -> None:
+    cfg, module, weights = model(PIPELINES[1])
+    assert TorchExecutor(module, weights, step="ops").kv_dtype == torch.float32  # auto: the activations' dtype
+    with pytest.raises(LlmcError, match="kv_cache_dtype=float16 is not available.*step=ops"):
+        TorchExecutor(module, weights, step="ops", kv_cache_dtype="float16")
+    with pytest.raises(LlmcError, match="kv_cache_dtype=bfloat16 is not available"):
+        TorchExecutor(module, weights, kv_cache_dtype="bfloat16")
+    with pytest.raises(LlmcError, match="kv_cache_dtype must be one of auto, float32, float16, bfloat16"):
+        TorchExecutor(module, weights, kv_cache_dtype="int8")
 
 
 def test_a_sequence_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count(kernels) -> None:

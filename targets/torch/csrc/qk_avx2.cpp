@@ -259,10 +259,11 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t 
 }  // namespace llmc_qk
 
 #define LLMC_QK_ISA avx2
+#define LLMC_QK_SIMD 1
 #define LLMC_QK_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
 #include "qk_ops.h"
 
 namespace llmc_qk {
 const OpsTable ops_avx2 = {"avx2", gemm_avx2, quantize_avx2, avx2::rms_norm, avx2::elementwise, avx2::rope,
-                             avx2::attention};
+                             avx2::attention, avx2::attention_prefetch, avx2::to_half};
 }  // namespace llmc_qk

@@ -192,10 +192,11 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
 }  // namespace llmc_qk
 
 #define LLMC_QK_ISA avx512
+#define LLMC_QK_SIMD 2
 #define LLMC_QK_MADD(a, b, c) __builtin_fmaf((a), (b), (c))
 #include "qk_ops.h"
 
 namespace llmc_qk {
 const OpsTable ops_avx512 = {"avx512", gemm_avx512, quantize_avx512, avx512::rms_norm, avx512::elementwise, avx512::rope,
-                             avx512::attention};
+                             avx512::attention, avx512::attention_prefetch, avx512::to_half};
 }  // namespace llmc_qk

@@ -231,6 +231,15 @@ torch::Tensor quantize_activations(const torch::Tensor& x, const std::string& is
   return torch::cat({q.to(torch::kFloat64).view({cols, blocks, kBlock}), m}, 2);
 }
 
+torch::Tensor to_half_bits(const torch::Tensor& x, const std::string& isa_name) {
+  // Test hook: x rounded to float16 as the KV cache stores it, as int16 bits.
+  auto x1 = x.to(torch::kFloat32).contiguous().view({-1});
+  const Isa& isa = find_isa(isa_name.empty() ? selected_isa() : isa_name);
+  auto y = torch::empty({x1.numel()}, torch::kInt16);
+  isa.ops->to_half(x1.data_ptr<float>(), reinterpret_cast<uint16_t*>(y.data_ptr<int16_t>()), x1.numel());
+  return y;
+}
+
 }  // namespace llmc_qk
 
 namespace llmc_qk {
@@ -359,15 +368,19 @@ class NativeProgram {
 
   torch::Tensor run(const torch::Tensor& token_ids, const torch::Tensor& query_lens, const torch::Tensor& ctx_lens,
                     const torch::Tensor& tables, const torch::Tensor& logits_rows, const torch::Tensor& k_cache,
-                    const torch::Tensor& v_cache, int64_t block_size, int64_t threads, bool k_block_major,
+                    const torch::Tensor& v_cache, int64_t block_size, int64_t threads, bool block_major,
                     const std::string& isa_name, const c10::optional<torch::Tensor>& out) {
     auto i64 = [](const torch::Tensor& t) { return t.to(torch::kInt64).contiguous(); };
     auto ids = i64(token_ids), ql = i64(query_lens), cl = i64(ctx_lens), tb = i64(tables), lr = i64(logits_rows);
     TORCH_CHECK(tb.dim() == 2 && tb.size(0) == ql.numel() && cl.numel() == ql.numel(), "one table per sequence");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat32 &&
-                k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4 && k_cache.size(0) == layers_ &&
-                k_cache.size(2) == kv_heads_ && k_cache.size(3) == head_dim_, "kv cache [layers, slots, kv, hd]");
-    TORCH_CHECK(block_size > 0 && (!k_block_major || block_size % 16 == 0), "block size");
+    const bool f16 = k_cache.scalar_type() == torch::kFloat16;
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                    (f16 || k_cache.scalar_type() == torch::kFloat32) && v_cache.scalar_type() == k_cache.scalar_type() &&
+                    k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4 && k_cache.size(0) == layers_ &&
+                    k_cache.size(2) == kv_heads_ && k_cache.size(3) == head_dim_,
+                "kv cache: float32 or float16 [layers, slots, kv, hd], keys and values alike");
+    TORCH_CHECK(block_size > 0 && (!block_major || (block_size % 16 == 0 && k_cache.size(1) % block_size == 0)),
+                "block size");
     const int64_t n = ids.numel(), seqs = ql.numel(), slots = k_cache.size(1);
     const int64_t* idp = ids.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) TORCH_CHECK(idp[i] >= 0 && idp[i] < vocab_, "token id ", idp[i], " out of range");
@@ -406,10 +419,11 @@ class NativeProgram {
     in.block_size = block_size;
     in.logits_rows = lrp;
     in.outputs = lr.numel();
-    in.k_cache = k_cache.data_ptr<float>();
-    in.v_cache = v_cache.data_ptr<float>();
+    in.k_cache = k_cache.data_ptr();
+    in.v_cache = v_cache.data_ptr();
+    in.kv_f16 = f16 ? 1 : 0;
     in.cache_slots = slots;
-    in.k_block_major = k_block_major ? 1 : 0;
+    in.block_major = block_major ? 1 : 0;
     in.logits = logits.data_ptr<float>();
     const Isa& isa = find_isa(isa_name.empty() ? selected_isa() : isa_name);
     {
@@ -477,9 +491,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("profile", &NativeProgram::profile)
       .def("run", &NativeProgram::run, py::arg("token_ids"), py::arg("query_lens"), py::arg("ctx_lens"),
            py::arg("tables"), py::arg("logits_rows"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_size"),
-           py::arg("threads"), py::arg("k_block_major") = false, py::arg("isa") = "", py::arg("out") = py::none());
+           py::arg("threads"), py::arg("block_major") = false, py::arg("isa") = "", py::arg("out") = py::none());
   m.def("isa_paths", &llmc_qk::isa_names, "kernel paths this CPU runs, best first");
   m.def("set_isa", &llmc_qk::set_isa, "force a kernel path ('' = the best)");
   m.def("current_isa", &llmc_qk::current_isa);
   m.def("quantize_activations", &llmc_qk::quantize_activations, py::arg("x"), py::arg("isa") = "");
+  m.def("to_half_bits", &llmc_qk::to_half_bits, py::arg("x"), py::arg("isa") = "");
 }

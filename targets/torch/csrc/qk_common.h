@@ -84,8 +84,11 @@ struct AttnArgs {
   int64_t ldq;
   float* out;  // [tokens][heads * head_dim]
   int64_t ldo;
-  const float* k;  // this layer: [slots][kv_heads][head_dim], or with k_block_major [blocks][kv_heads][head_dim][block]
-  const float* v;  // this layer: [slots][kv_heads][head_dim]
+  // This layer's keys and values, float32 or (kv_f16) IEEE float16 elements. Slot-major:
+  // [slots][kv_heads][head_dim] both; block-major: keys [blocks][kv_heads][head_dim][block] (each
+  // block's keys transposed) and values [blocks][kv_heads][block][head_dim].
+  const void* k;
+  const void* v;
   int heads, kv_heads, head_dim;
   float scale;
   const int64_t* query_starts;  // per sequence: first row in q / out
@@ -94,7 +97,8 @@ struct AttnArgs {
   const int64_t* tables;    // [sequences][table_stride] block ids
   int64_t table_stride;
   int64_t block_size;
-  int k_block_major;  // keys stored transposed within each block (block_size a multiple of 16)
+  int block_major;  // the block-major layout above (block_size a multiple of 16)
+  int kv_f16;       // cache elements are float16
 };
 
 inline int64_t attention_scratch_floats(int head_dim, int group, int rows) {
@@ -114,6 +118,10 @@ struct OpsTable {
   void (*rope)(float* x, int64_t ldx, int heads, int hd, int rot, int half, const float* cos_t, const float* sin_t,
                const int64_t* positions, int64_t r0, int64_t r1);
   void (*attention)(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch);
+  // Starts loading the first keys and values the task (seq, kvh, rows from i0) reads into the cache.
+  void (*attention_prefetch)(const AttnArgs& a, int seq, int kvh, int i0);
+  // y[i] = x[i] rounded to float16 (round to nearest even, as vcvtps2ph), i < n: the same bits on every ISA.
+  void (*to_half)(const float* x, uint16_t* y, int64_t n);
 };
 
 extern const OpsTable ops_scalar;
@@ -122,7 +130,9 @@ extern const OpsTable ops_avx512;
 
 // float16 <-> float32 without F16C (scalar path and layout building).
 float half_to_float(uint16_t h);
-uint16_t float_to_half_exact(float f, bool* exact);
+// float32 -> float16 rounded to nearest even (overflow to inf, NaN kept quiet with its top payload bits):
+// the bits F16C's vcvtps2ph gives.
+uint16_t float_to_half(float f);
 
 // Value of row r, input k of the layout (for tests and the reference).
 float weight_value(const QWeight& w, int64_t r, int64_t k);

@@ -2,9 +2,14 @@
 // causal attention over the paged KV cache. Written as plain loops that the compiler vectorizes;
 // this file is included by each ISA translation unit after its `#pragma GCC target`, inside a
 // namespace of that ISA (LLMC_QK_ISA), so every ISA gets its own copies and nothing is shared at
-// link time. LLMC_QK_MADD(a, b, c) is fma where the ISA has it, else a * b + c.
+// link time. LLMC_QK_MADD(a, b, c) is fma where the ISA has it, else a * b + c. LLMC_QK_SIMD names the
+// vector instructions the ISA's translation unit may use here through <immintrin.h> (the pragma does not
+// define __AVX512F__ and the like): 2 AVX-512 (with F16C), 1 AVX2 + FMA + F16C, 0 none.
 #ifndef LLMC_QK_ISA
 #error "define LLMC_QK_ISA (the namespace) before including qk_ops.h"
+#endif
+#ifndef LLMC_QK_SIMD
+#error "define LLMC_QK_SIMD (2 avx512, 1 avx2, 0 scalar) before including qk_ops.h"
 #endif
 
 namespace llmc_qk {
@@ -27,6 +32,43 @@ __attribute__((always_inline)) inline f16v load16(const float* p) {
 __attribute__((always_inline)) inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
 
 __attribute__((always_inline)) inline f16v splat(float x) { return f16v{} + x; }
+
+// 16 float16 values (IEEE binary16 bits) as floats: exact on every path.
+__attribute__((always_inline)) inline f16v load16(const uint16_t* p) {
+#if LLMC_QK_SIMD == 2
+  return reinterpret_cast<f16v>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif LLMC_QK_SIMD == 1
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  f16v v;
+  __builtin_memcpy(&v, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+  return v;
+#else
+  float t[kLanes];
+  for (int i = 0; i < kLanes; ++i) t[i] = half_to_float(p[i]);
+  return load16(t);
+#endif
+}
+
+// a * b + c on 16 lanes, fused where the ISA has FMA (like LLMC_QK_MADD).
+__attribute__((always_inline)) inline f16v madd16(f16v a, f16v b, f16v c) {
+#if LLMC_QK_SIMD == 2
+  return reinterpret_cast<f16v>(
+      _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
+#elif LLMC_QK_SIMD == 1
+  __m256 x[2], y[2], z[2];
+  __builtin_memcpy(x, &a, 64);
+  __builtin_memcpy(y, &b, 64);
+  __builtin_memcpy(z, &c, 64);
+  for (int h = 0; h < 2; ++h) z[h] = _mm256_fmadd_ps(x[h], y[h], z[h]);
+  f16v r;
+  __builtin_memcpy(&r, z, 64);
+  return r;
+#else
+  return a * b + c;
+#endif
+}
 
 __attribute__((always_inline)) inline f16v exp16(f16v x) {  // exp_f32 on 16 lanes
   const f16v lo = splat(-87.0f), hi = splat(88.0f);
@@ -85,29 +127,6 @@ inline float sum16(const float* v) {
   for (int i = 0; i < 4; ++i) a[i] = a[i] + a[i + 4];
   for (int i = 0; i < 2; ++i) a[i] = a[i] + a[i + 2];
   return a[0] + a[1];
-}
-
-// ac = ac * alpha + sum_j p[j] * v_j for the chunk's valid keys; NV = hd / 16 (0: any hd).
-template <int NV>
-inline void accumulate_pv(float* __restrict ac, float alpha, const float* p, const float* const* vrows, int valid,
-                          int hd) {
-  if (NV > 0) {
-    f16v t[NV > 0 ? NV : 1];
-    for (int v = 0; v < NV; ++v) t[v] = load16(ac + 16 * v) * alpha;
-    for (int j = 0; j < valid; ++j) {
-      const float pj = p[j];
-      const float* vr = vrows[j];
-      for (int v = 0; v < NV; ++v) t[v] += pj * load16(vr + 16 * v);
-    }
-    for (int v = 0; v < NV; ++v) store16(ac + 16 * v, t[v]);
-    return;
-  }
-  for (int d = 0; d < hd; ++d) ac[d] *= alpha;
-  for (int j = 0; j < valid; ++j) {
-    const float* __restrict vr = vrows[j];
-    const float pj = p[j];
-    for (int d = 0; d < hd; ++d) ac[d] = LLMC_QK_MADD(pj, vr[d], ac[d]);
-  }
 }
 
 }  // namespace
@@ -190,22 +209,183 @@ void rope(float* x, int64_t ldx, int heads, int hd, int rot, int half, const flo
   }
 }
 
-// One attention task: sequence `seq`, kv head `kvh`, its query rows [i0, i1) (at most 16).
-// Keys/values of the sequence's first `ctx` positions are read from the paged cache through its
-// block table; query i (position past + i) sees positions 0..past + i. Keys go in chunks of
-// kChunk: transposed once into `scratch` ([hd][kChunk]) and scored against every query row and
-// head of the task, with an online softmax per row and head. `scratch` holds at least
-// attention_scratch_floats(hd, group, 16) floats.
-void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch) {
-  constexpr int kChunk = 64, kVec = kChunk / kLanes;
+// y[i] = float16(x[i]) rounded to nearest even, i < n (float_to_half's bits on every path).
+void to_half(const float* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+#if LLMC_QK_SIMD == 2
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif LLMC_QK_SIMD == 1
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) y[i] = float_to_half(x[i]);
+}
+
+namespace {
+
+constexpr int kChunk = 64, kVec = kChunk / kLanes;
+// Query heads of one kv head scored and summed together, so each key and value vector is loaded once
+// for all of them (accumulators: kHeads x kVec scores, kHeads x 4 value vectors; AVX2 has half the
+// registers of AVX-512).
+constexpr int kHeads = LLMC_QK_SIMD == 1 ? 2 : 4;
+
+__attribute__((always_inline)) inline float value_at(const float* p) { return *p; }
+__attribute__((always_inline)) inline float value_at(const uint16_t* p) { return half_to_float(*p); }
+
+// s[g][j] = query g . key j (query g at q + g * hd) for the chunk's 16-key groups [0, groups): group c's
+// keys are `kg[c]`, [hd][ks[c]] (key j of the group at column j).
+template <int G, typename TK>
+inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, int groups, int hd,
+                        float (*s)[kChunk]) {
+  f16v acc[G][kVec];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < kVec; ++c) acc[g][c] = f16v{};
+  if (groups == kVec && LLMC_QK_SIMD == 2) {  // every key vector of a dimension loaded once
+    for (int d = 0; d < hd; ++d) {
+      f16v kv[kVec];
+      for (int c = 0; c < kVec; ++c) kv[c] = load16(kg[c] + d * ks[c]);
+      for (int g = 0; g < G; ++g) {
+        const f16v qd = splat(q[g * hd + d]);
+        for (int c = 0; c < kVec; ++c) acc[g][c] = madd16(qd, kv[c], acc[g][c]);
+      }
+    }
+  } else {
+    for (int c = 0; c < groups; ++c)
+      for (int d = 0; d < hd; ++d) {
+        const f16v kv = load16(kg[c] + d * ks[c]);
+        for (int g = 0; g < G; ++g) acc[g][c] = madd16(splat(q[g * hd + d]), kv, acc[g][c]);
+      }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < kVec; ++c) store16(s[g] + c * kLanes, acc[g][c]);
+}
+
+// ac[g hd + d0, g hd + d0 + 16 NV) = that * alpha[g] + sum over keys j < valid of p[g][j] * value j.
+template <int G, int NV, typename TV>
+inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
+                        int valid, int d0) {
+  f16v t[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) t[g][v] = load16(ac + g * hd + d0 + 16 * v) * alpha[g];
+  for (int j = 0; j < valid; ++j) {
+    const TV* vr = vrows[j] + d0;
+    f16v x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = load16(vr + 16 * v);
+    for (int g = 0; g < G; ++g) {
+      const f16v pj = splat(p[g][j]);
+      for (int v = 0; v < NV; ++v) t[g][v] = madd16(pj, x[v], t[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) store16(ac + g * hd + d0 + 16 * v, t[g][v]);
+}
+
+template <int G, typename TV>
+inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
+                              int valid, int hd) {
+  constexpr int kWide = LLMC_QK_SIMD == 1 ? 2 : 4;  // value vectors per pass
+  int d0 = 0;
+  for (; d0 + 16 * kWide <= hd; d0 += 16 * kWide) values_part<G, kWide>(ac, hd, alpha, p, vrows, valid, d0);
+  for (; d0 + 16 <= hd; d0 += 16) values_part<G, 1>(ac, hd, alpha, p, vrows, valid, d0);
+  if (d0 == hd) return;
+  for (int g = 0; g < G; ++g)
+    for (int d = d0; d < hd; ++d) ac[g * hd + d] *= alpha[g];
+  for (int j = 0; j < valid; ++j)
+    for (int g = 0; g < G; ++g)
+      for (int d = d0; d < hd; ++d) ac[g * hd + d] = LLMC_QK_MADD(p[g][j], value_at(vrows[j] + d), ac[g * hd + d]);
+}
+
+// One chunk of keys for G query heads of one query row (queries q, sums ac: [G][hd]): scores, the online softmax update of each
+// head's running max `mx` and sum `sm`, and the weighted values into `ac`.
+template <int G, typename TK, typename TV>
+inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
+                         const int64_t* ks, const TV* const* vrows, int valid, int hd) {
+  alignas(64) float s[G][kChunk];
+  alignas(64) float p[G][kChunk];
+  float alpha[G];
+  score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s);
+  for (int g = 0; g < G; ++g) {
+    for (int j = valid; j < kChunk; ++j) s[g][j] = -__builtin_inff();
+    f16v vmax = load16(s[g]);
+    for (int c = 1; c < kVec; ++c) {
+      const f16v o = load16(s[g] + c * kLanes);
+      vmax = vmax > o ? vmax : o;
+    }
+    float lanes[kLanes];
+    store16(lanes, vmax);
+    const float cmax = max16(lanes);
+    const float m_new = mx[g] > cmax ? mx[g] : cmax;
+    alpha[g] = mx[g] == -__builtin_inff() ? 0.0f : exp_f32(mx[g] - m_new);
+    f16v vsum = f16v{};
+    for (int c = 0; c < kVec; ++c) {
+      const f16v e = exp16(load16(s[g] + c * kLanes) - m_new);
+      store16(p[g] + c * kLanes, e);
+    }
+    for (int j = valid; j < kChunk; ++j) p[g][j] = 0.0f;
+    for (int c = 0; c < kVec; ++c) vsum += load16(p[g] + c * kLanes);
+    store16(lanes, vsum);
+    sm[g] = sm[g] * alpha[g] + sum16(lanes);
+    mx[g] = m_new;
+  }
+  accumulate_values<G>(ac, alpha, p, vrows, valid, hd);
+}
+
+template <typename TK, typename TV>
+inline void attend_heads(int n, const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
+                         const int64_t* ks, const TV* const* vrows, int valid, int hd) {
+  for (int g0 = 0; g0 < n; g0 += kHeads) {
+    const int m = n - g0 < kHeads ? n - g0 : kHeads;
+    switch (m) {
+      case 1: attend_chunk<1>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
+      case 2: attend_chunk<2>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
+#if LLMC_QK_SIMD != 1
+      case 3: attend_chunk<3>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
+      case 4: attend_chunk<4>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
+#endif
+      default: break;
+    }
+  }
+}
+
+// Asks for the cache lines of [p, p + bytes) ahead of their use (into L2: a chunk's keys and values
+// would crowd L1): attention would otherwise wait on DRAM for each block it reaches.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+  __builtin_prefetch(c + bytes - 1, 0, 2);
+}
+
+// The keys and values of block-major chunk [p0, min(p0 + kChunk, end)) of one kv head.
+template <typename T>
+inline void prefetch_chunk(const T* kc, const T* vc, const int64_t* table, int64_t bs, int kv_heads, int kvh, int hd,
+                           int64_t p0, int64_t end) {
+  for (int64_t pos = p0; pos < end && pos < p0 + kChunk; pos += kLanes) {
+    const int64_t head = table[pos / bs] * kv_heads + kvh, off = pos % bs;
+    const int64_t n = end - pos < kLanes ? end - pos : kLanes;
+    if (bs == kLanes) {
+      prefetch_bytes(kc + head * hd * bs, static_cast<int64_t>(sizeof(T)) * hd * bs);
+    } else {
+      for (int d = 0; d < hd; ++d) prefetch_bytes(kc + (head * hd + d) * bs + off, static_cast<int64_t>(sizeof(T)) * n);
+    }
+    prefetch_bytes(vc + (head * bs + off) * hd, static_cast<int64_t>(sizeof(T)) * n * hd);
+  }
+}
+
+// One attention task over a cache of element type T (float or float16 bits); see attention().
+template <typename T>
+void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch) {
   const int hd = a.head_dim, g_n = a.heads / a.kv_heads;
   const int rows = i1 - i0;
   const int64_t ctx = a.ctx_lens[seq], qlen = a.query_lens[seq], past = ctx - qlen;
   const int64_t qs = a.query_starts[seq];
   const int64_t* table = a.tables + static_cast<int64_t>(seq) * a.table_stride;
-  const int64_t kv_stride = static_cast<int64_t>(a.kv_heads) * hd;  // floats per cache slot
-  float* kt = scratch;                                               // [hd][kChunk] keys, transposed
-  const float** vrows = reinterpret_cast<const float**>(kt + hd * kChunk);  // kChunk row pointers
+  const T* kc = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.v);
+  const int64_t kv_stride = static_cast<int64_t>(a.kv_heads) * hd;  // elements per cache slot
+  float* kt = scratch;                                               // [hd][kChunk] gathered keys, transposed
+  const T** vrows = reinterpret_cast<const T**>(kt + hd * kChunk);   // kChunk value row pointers
   float* qv = kt + hd * kChunk + 2 * kChunk;                         // [rows][g][hd] scaled queries
   float* acc = qv + rows * g_n * hd;                                 // [rows][g][hd]
   float* mx = acc + rows * g_n * hd;                                 // [rows][g]
@@ -222,102 +402,45 @@ void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scrat
     }
   const int64_t last = past + i1;  // keys needed by the last row
   const int64_t bs = a.block_size;
-  const float* kgroup[kVec];  // per 16 keys: their [hd][stride] transposed keys
+  const T* kgroup[kVec];  // block-major: per 16 keys their [hd][bs] transposed keys in the cache
+  const float* tgroup[kVec];  // slot-major: ... gathered into kt
   int64_t kstride[kVec];
   for (int64_t p0 = 0; p0 < last; p0 += kChunk) {
+    if (a.block_major && p0 + kChunk < last) prefetch_chunk(kc, vc, table, bs, a.kv_heads, kvh, hd, p0 + kChunk, last);
     const int valid_all = static_cast<int>(last - p0 < kChunk ? last - p0 : kChunk);
-    const bool aligned = bs % kLanes == 0;  // then 16 positions from a multiple of 16 share one block
     for (int c = 0; c < kVec; ++c) {
       const int n = valid_all - c * kLanes < kLanes ? valid_all - c * kLanes : kLanes;
-      if (aligned && n > 0) {
-        const int64_t pos = p0 + c * kLanes;
-        const int64_t slot0 = table[pos / bs] * bs + pos % bs;
-        for (int j = 0; j < n; ++j) vrows[c * kLanes + j] = a.v + (slot0 + j) * kv_stride + static_cast<int64_t>(kvh) * hd;
-        if (!a.k_block_major)
-          for (int j = 0; j < n; ++j) {
-            const float* krow = a.k + (slot0 + j) * kv_stride + static_cast<int64_t>(kvh) * hd;
-            for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = krow[d];
-          }
-      } else {
-        for (int j = 0; j < (n > 0 ? n : 0); ++j) {
-          const int64_t pos = p0 + c * kLanes + j;
-          const int64_t slot = table[pos / bs] * bs + pos % bs;
-          vrows[c * kLanes + j] = a.v + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
-          if (!a.k_block_major) {
-            const float* krow = a.k + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
-            for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = krow[d];
-          }
-        }
-      }
-      for (int j = n > 0 ? n : 0; j < kLanes; ++j) {
-        vrows[c * kLanes + j] = nullptr;
-        if (!a.k_block_major)
-          for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = 0.0f;
-      }
-    }
-    for (int c = 0; c < kVec; ++c) {
       const int64_t pos = p0 + c * kLanes;
-      if (!a.k_block_major) {
-        kgroup[c] = kt + c * kLanes;
-        kstride[c] = kChunk;
-      } else if (c * kLanes < valid_all) {  // 16 keys of one block, already [hd][block]
-        kgroup[c] = a.k + (table[pos / bs] * kv_stride + static_cast<int64_t>(kvh) * hd) * bs + pos % bs;
-        kstride[c] = bs;
-      } else {
+      if (a.block_major) {  // bs % 16 == 0: the group's keys and values are in one block
         kgroup[c] = nullptr;
-        kstride[c] = 0;
+        kstride[c] = bs;
+        if (n > 0) {
+          const int64_t head = table[pos / bs] * a.kv_heads + kvh, off = pos % bs;
+          kgroup[c] = kc + head * hd * bs + off;
+          for (int j = 0; j < n; ++j) vrows[c * kLanes + j] = vc + (head * bs + off + j) * hd;
+        }
+        continue;
       }
+      tgroup[c] = kt + c * kLanes;
+      kstride[c] = kChunk;
+      for (int j = 0; j < (n > 0 ? n : 0); ++j) {
+        const int64_t slot = table[(pos + j) / bs] * bs + (pos + j) % bs;
+        vrows[c * kLanes + j] = vc + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
+        const T* krow = kc + slot * kv_stride + static_cast<int64_t>(kvh) * hd;
+        for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = value_at(krow + d);
+      }
+      for (int j = n > 0 ? n : 0; j < kLanes; ++j)
+        for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = 0.0f;
     }
     for (int i = 0; i < rows; ++i) {
       const int64_t nk = past + i0 + i + 1;
       if (p0 >= nk) continue;
       const int valid = static_cast<int>(nk - p0 < kChunk ? nk - p0 : kChunk);
-      for (int g = 0; g < g_n; ++g) {
-        const float* q = qv + (i * g_n + g) * hd;
-        f16v sv[kVec];
-        for (int c = 0; c < kVec; ++c) sv[c] = f16v{};
-        const int groups = (valid + kLanes - 1) / kLanes;
-        if (groups == kVec) {
-          for (int d = 0; d < hd; ++d) {
-            const float qd = q[d];
-            for (int c = 0; c < kVec; ++c) sv[c] += qd * load16(kgroup[c] + d * kstride[c]);
-          }
-        } else {
-          for (int c = 0; c < groups; ++c)
-            for (int d = 0; d < hd; ++d) sv[c] += q[d] * load16(kgroup[c] + d * kstride[c]);
-        }
-        float sc[kChunk];
-        for (int c = 0; c < kVec; ++c) store16(sc + c * kLanes, sv[c]);
-        for (int j = valid; j < kChunk; ++j) sc[j] = -__builtin_inff();
-        f16v vmax = load16(sc);
-        for (int c = 1; c < kVec; ++c) {
-          const f16v o = load16(sc + c * kLanes);
-          vmax = vmax > o ? vmax : o;
-        }
-        float lanes[kLanes];
-        store16(lanes, vmax);
-        const float cmax = max16(lanes);
-        const float m = mx[i * g_n + g];
-        const float m_new = m > cmax ? m : cmax;
-        const float alpha = m == -__builtin_inff() ? 0.0f : exp_f32(m - m_new);
-        float p[kChunk];
-        f16v vsum = f16v{};
-        for (int c = 0; c < kVec; ++c) {
-          const f16v e = exp16(load16(sc + c * kLanes) - m_new);
-          store16(p + c * kLanes, e);
-        }
-        for (int j = valid; j < kChunk; ++j) p[j] = 0.0f;
-        for (int c = 0; c < kVec; ++c) vsum += load16(p + c * kLanes);
-        store16(lanes, vsum);
-        sm[i * g_n + g] = sm[i * g_n + g] * alpha + sum16(lanes);
-        mx[i * g_n + g] = m_new;
-        float* __restrict ac = acc + (i * g_n + g) * hd;
-        switch (hd) {
-          case 64: accumulate_pv<4>(ac, alpha, p, vrows, valid, hd); break;
-          case 128: accumulate_pv<8>(ac, alpha, p, vrows, valid, hd); break;
-          default: accumulate_pv<0>(ac, alpha, p, vrows, valid, hd); break;
-        }
-      }
+      const int k = i * g_n;
+      if (a.block_major)
+        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, kgroup, kstride, vrows, valid, hd);
+      else
+        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, tgroup, kstride, vrows, valid, hd);
     }
   }
   for (int i = 0; i < rows; ++i)
@@ -327,6 +450,34 @@ void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scrat
       const float inv = 1.0f / sm[i * g_n + g];
       for (int d = 0; d < hd; ++d) dst[d] = ac[d] * inv;
     }
+}
+
+}  // namespace
+
+// One attention task: sequence `seq`, kv head `kvh`, its query rows [i0, i1) (at most 16).
+// Keys/values of the sequence's first `ctx` positions are read from the paged cache through its
+// block table; query i (position past + i) sees positions 0..past + i. Keys go in chunks of
+// kChunk, in groups of 16 ([hd][16] each: in place in a block-major cache, else gathered and
+// transposed into `scratch`), scored against the kv head's query heads together (each key and value
+// vector loaded once for all of them), with an online softmax per row and head. `scratch` holds at
+// least attention_scratch_floats(hd, group, 16) floats.
+void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch) {
+  if (a.kv_f16)
+    attention_task<uint16_t>(a, seq, kvh, i0, i1, scratch);
+  else
+    attention_task<float>(a, seq, kvh, i0, i1, scratch);
+}
+
+void attention_prefetch(const AttnArgs& a, int seq, int kvh, int i0) {
+  if (!a.block_major) return;  // slot-major caches are gathered key by key: left to the hardware
+  const int64_t end = a.ctx_lens[seq] - a.query_lens[seq] + i0 + 1;  // keys of the task's first row
+  const int64_t* table = a.tables + static_cast<int64_t>(seq) * a.table_stride;
+  if (a.kv_f16)
+    prefetch_chunk(static_cast<const uint16_t*>(a.k), static_cast<const uint16_t*>(a.v), table, a.block_size,
+                   a.kv_heads, kvh, a.head_dim, 0, end);
+  else
+    prefetch_chunk(static_cast<const float*>(a.k), static_cast<const float*>(a.v), table, a.block_size, a.kv_heads,
+                   kvh, a.head_dim, 0, end);
 }
 
 }  // namespace LLMC_QK_ISA

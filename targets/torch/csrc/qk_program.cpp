@@ -86,15 +86,20 @@ void ThreadPool::parallel_for(int64_t n, int64_t serial_below, const std::functi
   });
 }
 
-void ThreadPool::dynamic_for(int64_t n, const std::function<void(int64_t, int)>& fn) {
+void ThreadPool::dynamic_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
   if (n <= 0) return;
   if (n_ == 1 || n == 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i, 0);
+    for (int64_t i = 0; i < n; ++i) fn(i, i + 1, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> counter{0};
   run([&](int t, int) {
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i, t);
+    int64_t i = counter.fetch_add(1);
+    while (i < n) {  // the thread's next task is claimed before this one runs
+      const int64_t next = std::min<int64_t>(counter.fetch_add(1), n);
+      fn(i, next, t);
+      i = next;
+    }
   });
 }
 
@@ -160,24 +165,54 @@ void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool,
                positions_.data(), r0, r1);
     });
   }
-  const int64_t slot_floats = kvh * hd;
-  float* kc = in.k_cache + static_cast<int64_t>(ins.layer) * in.cache_slots * slot_floats;
-  float* vc = in.v_cache + static_cast<int64_t>(ins.layer) * in.cache_slots * slot_floats;
+  const int64_t slot_elems = kvh * hd, layer_elems = static_cast<int64_t>(ins.layer) * in.cache_slots * slot_elems;
+  const int64_t elem = in.kv_f16 ? 2 : 4;
+  char* kc = static_cast<char*>(in.k_cache) + layer_elems * elem;
+  char* vc = static_cast<char*>(in.v_cache) + layer_elems * elem;
   const int64_t bs = in.block_size;
-  for (int64_t r = 0; r < tokens; ++r) {
-    const int64_t slot = slots_[r];
-    if (in.k_block_major) {  // [block][kv head][d][offset in block]
-      float* base = kc + (slot / bs) * bs * slot_floats + slot % bs;
-      const float* src = k + r * ldk;
-      for (int64_t e = 0; e < slot_floats; ++e) base[e * bs] = src[e];
-    } else {
-      std::memcpy(kc + slot * slot_floats, k + r * ldk, sizeof(float) * slot_floats);
+  for (auto& t : key_halves_)
+    if (static_cast<int64_t>(t.size()) < hd) t.resize(static_cast<size_t>(hd));
+  // Row r's key and value of kv head h into its cache slot (rounded to float16 for a float16 cache).
+  auto store = [&](int64_t r, int64_t h, int thread) {
+    const int64_t slot = slots_[r], block = slot / bs, off = slot % bs;
+    const float* ksrc = k + r * ldk + h * hd;
+    const float* vsrc = v + r * ldv + h * hd;
+    // values: [slot][kv head][d], or block-major [block][kv head][offset][d]: hd contiguous elements
+    char* vdst = vc + (in.block_major ? ((block * kvh + h) * bs + off) * hd : slot * slot_elems + h * hd) * elem;
+    if (in.kv_f16)
+      ops.to_half(vsrc, reinterpret_cast<uint16_t*>(vdst), hd);
+    else
+      std::memcpy(vdst, vsrc, sizeof(float) * hd);
+    if (!in.block_major) {
+      char* kdst = kc + (slot * slot_elems + h * hd) * elem;
+      if (in.kv_f16)
+        ops.to_half(ksrc, reinterpret_cast<uint16_t*>(kdst), hd);
+      else
+        std::memcpy(kdst, ksrc, sizeof(float) * hd);
+      return;
     }
-    std::memcpy(vc + slot * slot_floats, v + r * ldv, sizeof(float) * slot_floats);
-  }
+    // keys transposed within the block: [kv head][d][offset]
+    const char* bytes = reinterpret_cast<const char*>(ksrc);
+    if (in.kv_f16) {
+      ops.to_half(ksrc, key_halves_[thread].data(), hd);
+      bytes = reinterpret_cast<const char*>(key_halves_[thread].data());
+    }
+    char* kbase = kc + ((block * kvh + h) * hd * bs + off) * elem;
+    for (int64_t d = 0; d < hd; ++d) std::memcpy(kbase + d * bs * elem, bytes + d * elem, static_cast<size_t>(elem));
+  };
+  // A sequence of more than 16 new rows has several tasks per kv head, each reading the keys of the
+  // rows before its own: its rows are stored first, by every thread. Shorter ones (decode) are
+  // stored by their one task, just before it reads them.
+  long_rows_.clear();
+  for (int64_t s = 0, r = 0; s < in.seqs; r += in.query_lens[s], ++s)
+    if (in.query_lens[s] > 16)
+      for (int64_t i = 0; i < in.query_lens[s]; ++i) long_rows_.push_back(r + i);
+  pool.dynamic_for(static_cast<int64_t>(long_rows_.size()), [&](int64_t i, int64_t, int thread) {
+    for (int64_t h = 0; h < kvh; ++h) store(long_rows_[i], h, thread);
+  });
   AttnArgs args{q, ldq, ptr(ins.dst), ld(ins.dst), kc, vc, ins.heads, ins.kv_heads, ins.head_dim, ins.f,
                 query_starts_.data(), in.query_lens, in.ctx_lens, in.tables, in.table_stride, in.block_size,
-                in.k_block_major};
+                in.block_major, in.kv_f16};
   // tasks: (sequence, kv head, chunk of up to 16 query rows)
   std::vector<int64_t> task_seq, task_q0;
   for (int64_t s = 0; s < in.seqs; ++s)
@@ -190,10 +225,15 @@ void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool,
   const int64_t need = attention_scratch_floats(ins.head_dim, group, 16);
   for (auto& s : scratch_)
     if (static_cast<int64_t>(s.size()) < need) s.resize(static_cast<size_t>(need));
-  pool.dynamic_for(n_tasks, [&](int64_t task, int thread) {
+  pool.dynamic_for(n_tasks, [&](int64_t task, int64_t next, int thread) {
+    if (next < n_tasks)  // its first keys and values start on their way from memory while this task runs
+      ops.attention_prefetch(args, static_cast<int>(task_seq[next / kvh]), static_cast<int>(next % kvh),
+                             static_cast<int>(task_q0[next / kvh]));
     const int64_t t = task / kvh, h = task % kvh;
     const int64_t s = task_seq[t], i0 = task_q0[t];
     const int64_t i1 = std::min<int64_t>(i0 + 16, in.query_lens[s]);
+    if (in.query_lens[s] <= 16)
+      for (int64_t i = i0; i < i1; ++i) store(query_starts_[s] + i, h, thread);
     ops.attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1),
                   scratch_[thread].data());
   });
@@ -203,6 +243,7 @@ void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
   std::lock_guard<std::mutex> guard(mutex_);
   ThreadPool& pool = shared_pool(threads);
   if (static_cast<int>(scratch_.size()) < pool.size()) scratch_.resize(static_cast<size_t>(pool.size()));
+  if (static_cast<int>(key_halves_.size()) < pool.size()) key_halves_.resize(static_cast<size_t>(pool.size()));
   // positions, cache slots and each sequence's first row
   positions_.resize(static_cast<size_t>(in.tokens));
   slots_.resize(static_cast<size_t>(in.tokens));

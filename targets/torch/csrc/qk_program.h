@@ -27,8 +27,9 @@ class ThreadPool {
   void run(const std::function<void(int, int)>& fn);
   // fn(begin, end) over [0, n) in one contiguous chunk per thread (serial below `serial_below`).
   void parallel_for(int64_t n, int64_t serial_below, const std::function<void(int64_t, int64_t)>& fn);
-  // fn(i, thread) for i in [0, n), handed out one at a time (uneven tasks).
-  void dynamic_for(int64_t n, const std::function<void(int64_t, int)>& fn);
+  // fn(i, next, thread) for i in [0, n), handed out one at a time (uneven tasks); `next` is the task the
+  // same thread runs after i (n: none), for prefetching its data.
+  void dynamic_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
 
  private:
   void work(int tid);
@@ -83,9 +84,12 @@ struct StepInput {
   int64_t block_size = 16;
   const int64_t* logits_rows = nullptr;
   int64_t outputs = 0;
-  float* k_cache = nullptr;  // [layers][slots][kv_heads][head_dim]; k_block_major: [layers][blocks][kv][hd][block]
-  int k_block_major = 0;
-  float* v_cache = nullptr;
+  // Per layer, float32 or (kv_f16) float16 elements: [slots][kv_heads][head_dim] each, or with block_major
+  // keys [blocks][kv][hd][block] and values [blocks][kv][block][hd] (AttnArgs).
+  void* k_cache = nullptr;
+  void* v_cache = nullptr;
+  int block_major = 0;
+  int kv_f16 = 0;
   int64_t cache_slots = 0;
   float* logits = nullptr;   // [outputs][logits width]
 };
@@ -156,6 +160,8 @@ class Program {
   // per step
   std::vector<int64_t> positions_, slots_, query_starts_;
   std::vector<std::vector<float>> scratch_;
+  std::vector<std::vector<uint16_t>> key_halves_;  // per thread: a key as float16 before it is transposed
+  std::vector<int64_t> long_rows_;  // rows of sequences with more than 16 new rows this step
   std::mutex mutex_;  // one step at a time per program
   bool profiling_ = false;
   std::vector<double> profile_;

@@ -31,28 +31,25 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
-uint16_t float_to_half_exact(float f, bool* exact) {
-  // Only used to store scales that are known to be float16 values: reports whether it round-trips.
+uint16_t float_to_half(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const int32_t exp = static_cast<int32_t>((bits >> 23) & 0xFFu) - 127 + 15;
-  const uint32_t man = bits & 0x7FFFFFu;
-  uint16_t h;
-  if ((bits & 0x7FFFFFFFu) == 0) {
-    h = sign;
-  } else if (exp >= 31 || ((bits >> 23) & 0xFFu) == 0xFFu) {
-    h = static_cast<uint16_t>(sign | 0x7C00u | (man ? 0x200u : 0u));
-  } else if (exp > 0) {
-    h = static_cast<uint16_t>(sign | (exp << 10) | (man >> 13));
-  } else if (exp > -11) {
-    const uint32_t m = man | 0x800000u;
-    h = static_cast<uint16_t>(sign | (m >> (14 - exp)));
-  } else {
-    h = sign;
+  const uint32_t sign = (bits >> 16) & 0x8000u, mag = bits & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((mag >> 13) & 0x3FFu));  // NaN, quiet
+  if (mag >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 rounds to inf
+  if (mag >= 0x38800000u) {  // a normal half: rebias the exponent, round the 13 dropped bits to nearest even
+    const uint32_t m = mag - 0x38000000u;
+    return static_cast<uint16_t>(sign | ((m + 0xFFFu + ((m >> 13) & 1u)) >> 13));
   }
-  *exact = half_to_float(h) == f || (f != f);
-  return h;
+  // below 2^-14: 0.5 + |f| rounds |f| to a multiple of 2^-24 (the half subnormal step) in the FPU's
+  // round-to-nearest-even; the low bits are then the half's code (0x400 = the smallest normal)
+  float a, t;
+  std::memcpy(&a, &mag, sizeof a);
+  volatile float half_one = 0.5f;  // not folded: the addition must round at run time
+  t = half_one + a;
+  uint32_t tb;
+  std::memcpy(&tb, &t, sizeof tb);
+  return static_cast<uint16_t>(sign | (tb - 0x3F000000u));
 }
 
 namespace {
@@ -182,10 +179,11 @@ void gemm_scalar(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float*
 }  // namespace llmc_qk
 
 #define LLMC_QK_ISA scalar
+#define LLMC_QK_SIMD 0
 #define LLMC_QK_MADD(a, b, c) ((a) * (b) + (c))
 #include "qk_ops.h"
 
 namespace llmc_qk {
 const OpsTable ops_scalar = {"scalar", gemm_scalar, quantize_scalar, scalar::rms_norm, scalar::elementwise, scalar::rope,
-                             scalar::attention};
+                             scalar::attention, scalar::attention_prefetch, scalar::to_half};
 }  // namespace llmc_qk
