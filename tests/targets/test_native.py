@@ -148,9 +148,9 @@ def test_the_default_float16_cache_stays_within_the_int8_activations_error(kerne
 
 
 def test_kv_cache_dtypes_the_executor_cannot_run_are_refused(kernels) -> None:
-    cfg, module, weights = model(PIPELINES[1])
+    _, module, weights = model(PIPELINES[1])
     assert TorchExecutor(module, weights, step="ops").kv_dtype == torch.float32  # auto: the activations' dtype
-    with pytest.raises(LlmcError, match="kv_cache_dtype=float16 is not available.*step=ops"):
+    with pytest.raises(LlmcError, match=r"kv_cache_dtype=float16 is not available.*step=ops"):
         TorchExecutor(module, weights, step="ops", kv_cache_dtype="float16")
     with pytest.raises(LlmcError, match="kv_cache_dtype=bfloat16 is not available"):
         TorchExecutor(module, weights, kv_cache_dtype="bfloat16")
