@@ -6,12 +6,12 @@ per thread, while ``benchmarks/http_load.py`` (the official openai client) loads
         --gen-len 64 --repeat 3 --raw prof.txt [--native] [--rate 100]
 
 Starts ``llmc serve ARTIFACT --threads THREADS`` (``benchmarks/llmc_server.py``), runs one untimed
-load, then records the server with ``py-spy record --threads --idle --format raw`` for the length of
-the timed load and prints, per thread, the share of samples that were running (not idle) and the
-functions with the most samples, by their own frame and inclusive. With ``--native`` the C frames
-are sampled too, so the engine thread's wait to take the GIL back (``take_gil``) after each native
-step is counted. py-spy itself takes CPU (run it at a low ``--rate``): use the timed numbers of a
-run without ``--raw`` for throughput, this for where the time goes.
+load, then the timed one, and prints the CPU seconds the server and the load client took in it.
+With ``--raw`` it records the server with ``py-spy record --threads --idle --format raw`` meanwhile
+and prints, per thread, the functions with the most samples, by their own frame and inclusive.
+With ``--native`` the C frames are sampled too, so the GIL waits (``take_gil``: the
+``pthread_cond_timedwait`` frames) are counted. py-spy itself takes CPU (run it at a low
+``--rate``): use a run without ``--raw`` for throughput, this for where the time goes.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +41,12 @@ def load(url: str, args: argparse.Namespace, repeat: int, json_out: str | None) 
     if json_out:
         cmd += ["--json", json_out]
     subprocess.run(cmd, check=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summarize(raw: Path, top: int) -> str:
@@ -102,8 +110,17 @@ def main(argv: list[str] | None = None) -> int:
                 cmd.remove("--nonblocking")
                 cmd.append("--native")
             spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server_cpu = cpu_seconds(server.process.pid)
+        client_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = time.perf_counter()
         try:
             load(server.url, args, args.repeat, args.json_out)
+            wall = time.perf_counter() - wall
+            server_cpu = cpu_seconds(server.process.pid) - server_cpu
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            client_cpu = after.ru_utime + after.ru_stime - client_cpu.ru_utime - client_cpu.ru_stime
+            print(f"timed load: {wall:.2f} s wall; CPU seconds: server {server_cpu:.2f}, load client "
+                  f"{client_cpu:.2f} (all {os.cpu_count()} cores: {os.cpu_count() * wall:.2f})")
         finally:
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
