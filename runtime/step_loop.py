@@ -1,7 +1,10 @@
 """The engine's background thread: schedule (:mod:`llmc.runtime.scheduler`) -> build the batch
 and each sampled row's :class:`~llmc.runtime.sampling.SampleRow` -> ``executor.launch`` (the
 step and its sampling, :mod:`llmc.runtime.executor`) -> incremental detokenization
-(:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink.
+(:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink. A streamed request's
+items wait in :attr:`StepLoop.delivery` (:class:`~llmc.runtime.bridge.StreamDelivery`), which the
+loop flushes once a step, just before the next forward pass (and whenever it goes idle): one
+wake-up of each event loop a step for all its streams.
 
 **Overlap.** When ``launch`` returns a step that is not ready yet (a GPU executor), the loop
 does not wait for it: it schedules and launches the next step first, with the tokens still
