@@ -3,8 +3,9 @@ and each sampled row's :class:`~llmc.runtime.sampling.SampleRow` -> ``executor.l
 step and its sampling, :mod:`llmc.runtime.executor`) -> incremental detokenization
 (:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink. A streamed request's
 items wait in :attr:`StepLoop.delivery` (:class:`~llmc.runtime.bridge.StreamDelivery`), which the
-loop flushes once a step, just before the next forward pass (and whenever it goes idle): one
-wake-up of each event loop a step for all its streams.
+loop flushes once a step, just before the next forward pass (with overlap: as soon as the earlier
+step's tokens are collected; and whenever it goes idle): one wake-up of each event loop a step for
+all its streams.
 
 **Overlap.** When ``launch`` returns a step that is not ready yet (a GPU executor), the loop
 does not wait for it: it schedules and launches the next step first, with the tokens still
@@ -300,6 +301,7 @@ class StepLoop:
         self._inflight = InFlight(out, rows.sampled, pending)
         if previous is not None:
             self._collect(previous)  # the device runs the step just launched meanwhile
+            self.delivery.flush()  # its tokens go out now, not a step later
         if self._inflight is not None and self._inflight.pending.ready():
             self._collect(self._inflight)
 

@@ -8,12 +8,13 @@ import threading
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from llmc.runtime.bridge import RequestStream, StreamDelivery
 from llmc.runtime.engine import Engine
 from llmc.runtime.outputs import StreamChunk
 from llmc.runtime.sampling import SamplingParams
-from tests.runtime.fakes import FakeExecutor, reference
+from tests.runtime.fakes import FakeExecutor, ThreadedFakeExecutor, reference
 
 VOCAB = 64
 
@@ -148,10 +149,12 @@ def test_a_closed_loop_cancels_its_streams_requests() -> None:
     assert sorted(cancelled) == ["r0", "r1", "r2"]  # once each
 
 
-def test_the_engine_wakes_the_loop_about_once_a_step_and_cancels_mid_stream() -> None:
+@pytest.mark.parametrize("executor", [FakeExecutor, ThreadedFakeExecutor], ids=["ready", "overlapped"])
+def test_the_engine_wakes_the_loop_about_once_a_step_and_cancels_mid_stream(executor: type[FakeExecutor]) -> None:
     """Eight streams through a real engine: about one wake-up per step (not one per token), each
     stream's tokens in order and equal to the reference, and a stream closed after a few tokens
-    is cancelled (its blocks freed) while the others go on."""
+    is cancelled (its blocks freed) while the others go on; with steps that overlap (a launch that
+    returns before its tokens are known) too."""
     rng = np.random.default_rng(3)
     prompts = [[int(t) for t in rng.integers(3, VOCAB, size=int(rng.integers(2, 12)))] for _ in range(8)]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
@@ -171,7 +174,7 @@ def test_the_engine_wakes_the_loop_about_once_a_step_and_cancels_mid_stream() ->
     async def main(engine: Engine) -> list[list[int]]:
         return list(await asyncio.gather(*(consume(engine, i) for i in range(8))))
 
-    with Engine(FakeExecutor(vocab=VOCAB, delay=0.002)) as engine:
+    with Engine(executor(vocab=VOCAB, delay=0.002)) as engine:
         try:
             got = loop.run_until_complete(main(engine))
         finally:
