@@ -220,7 +220,7 @@ class Engine:
                     prompt_ids: list[int] | None = None) -> RequestStream:
         """Submit a streamed request now (raising its errors here) and return its chunks as an
         async iterator in the running event loop; ``cancel()``/``aclose()`` on it cancels the request."""
-        stream = RequestStream(request_id or self._new_request_id(), self._loop.cancel)
+        stream = RequestStream(request_id or self._new_request_id(), self._loop.cancel, self._loop.delivery)
         self.submit(prompt, params, stream.sink, request_id=stream.request_id, streaming=True, prompt_ids=prompt_ids)
         return stream
 

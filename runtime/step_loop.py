@@ -1,7 +1,11 @@
 """The engine's background thread: schedule (:mod:`llmc.runtime.scheduler`) -> build the batch
 and each sampled row's :class:`~llmc.runtime.sampling.SampleRow` -> ``executor.launch`` (the
 step and its sampling, :mod:`llmc.runtime.executor`) -> incremental detokenization
-(:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink.
+(:mod:`llmc.runtime.detokenizer`) -> delivery to each request's sink. A streamed request's
+items wait in :attr:`StepLoop.delivery` (:class:`~llmc.runtime.bridge.StreamDelivery`), which the
+loop flushes once a step, just before the next forward pass (with overlap: as soon as the earlier
+step's tokens are collected; and whenever it goes idle): one wake-up of each event loop a step for
+all its streams.
 
 **Overlap.** When ``launch`` returns a step that is not ready yet (a GPU executor), the loop
 does not wait for it: it schedules and launches the next step first, with the tokens still
@@ -42,6 +46,7 @@ import numpy as np
 
 from llmc.compiler.errors import RequestError
 from llmc.compiler.ir.batch import BatchLayout
+from llmc.runtime.bridge import StreamDelivery
 from llmc.runtime.errors import EngineClosedError, QueueFullError
 from llmc.runtime.executor import Executor, PendingStep, StepBatch, StepOutput
 from llmc.runtime.kv_cache import KVCacheManager
@@ -117,6 +122,8 @@ class StepLoop:
         self._t_start = time.perf_counter()
         self._inflight: InFlight | None = None
         self._masks = MaskWorker(executor.config.vocab_size)
+        self.delivery = StreamDelivery()
+        """Where streamed requests' items wait for the loop to hand them over, once a step."""
         self._thread = threading.Thread(target=self._run, name="llmc-engine", daemon=True)
 
     # -- what callers do (any thread) ----------------------------------------------------
@@ -189,6 +196,7 @@ class StepLoop:
             with self._cond:
                 while not (self._closed or self._inbox or self._cancels or self.scheduler.has_work()
                            or self._inflight is not None):
+                    self.delivery.flush()  # going idle: what the last step delivered goes out now
                     self._cond.wait()
                 if self._closed:
                     self._cancels.update(self._requests)
@@ -206,6 +214,7 @@ class StepLoop:
             if closed:
                 self._drain()
                 self._masks.close()
+                self.delivery.flush()
                 return
             if self.scheduler.has_work() or self._inflight is not None:
                 try:
@@ -235,6 +244,7 @@ class StepLoop:
             if self._inflight is not None:  # everything left waits for the step in flight
                 self._collect(self._inflight)
             else:
+                self.delivery.flush()
                 time.sleep(0.001)  # nothing fits now (cannot happen for validated requests)
             return
         batch, rows = self._build_batch(out)
@@ -253,6 +263,10 @@ class StepLoop:
                 if matcher is not None:
                     constrained.append((i, matcher))
             masks = self._masks.submit(constrained)  # computed while the forward pass runs
+        # the earlier steps' tokens go to the event loops now, which handle them while the forward
+        # pass runs without the GIL (delivered at the end of the step, their wake-up would contend
+        # for the GIL with this thread's scheduling and batch building)
+        self.delivery.flush()
         try:
             if host:
                 assert not batch.has_deferred, "host-side steps are scheduled with no step in flight"
@@ -287,6 +301,7 @@ class StepLoop:
         self._inflight = InFlight(out, rows.sampled, pending)
         if previous is not None:
             self._collect(previous)  # the device runs the step just launched meanwhile
+            self.delivery.flush()  # its tokens go out now, not a step later
         if self._inflight is not None and self._inflight.pending.ready():
             self._collect(self._inflight)
 

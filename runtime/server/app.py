@@ -284,7 +284,10 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
                 yield sse(fmt.completion_chunk(index, Delta("", []), body.logprobs, 0, text=echo[index],
                                                include_usage=body.include_usage, logprobs=head))
                 offsets[index] = fmt.text_length(scored_ids[index])
-            if delta.text or delta.finish_reason is not None or (body.logprobs is not None and delta.token_ids):
+            if delta.finish_reason is None and body.logprobs is None:
+                if delta.text:  # the common chunk: new text only
+                    yield fmt.text_event(index, delta.text, chat=False, include_usage=body.include_usage)
+            elif delta.text or delta.finish_reason is not None or delta.token_ids:
                 yield sse(fmt.completion_chunk(index, delta, body.logprobs, offsets[index],
                                                include_usage=body.include_usage))
             offsets[index] += fmt.text_length(delta.token_ids)
@@ -340,8 +343,11 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
                     found.content += rest.content
                     found.calls += rest.calls
                 text, calls = found.content, found.calls
-            if text or (delta.token_ids and top_n is not None):
-                lp = fmt.chat_logprobs(delta.logprobs or [], top_n) if top_n is not None else None
+            if top_n is None:
+                if text:  # the common chunk: new content only
+                    yield fmt.text_event(index, text, chat=True, include_usage=usage_null)
+            elif text or delta.token_ids:
+                lp = fmt.chat_logprobs(delta.logprobs or [], top_n)
                 yield sse(fmt.chat_chunk(index, {"content": text}, logprobs=lp, include_usage=usage_null))
             for call in calls:  # a call's header, then its arguments
                 k = num_calls[index]

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from llmc.runtime.server.tools import ParsedCall
 
 DONE = b"data: [DONE]\n\n"
+_TEXT = "\x00llmc-text\x00"  # stands for the text in a chunk's template (encoded as \u0000llmc-text\u0000)
+_encode_string = json.encoder.encode_basestring  # json.dumps(text, ensure_ascii=False), without an encoder per call
 
 
 def sse(data: dict[str, Any]) -> bytes:
@@ -43,6 +45,7 @@ class Formatter:
         self.model = model
         self.created = int(time.time())
         self.tokens = token_bytes
+        self._text_templates: dict[tuple[int, bool, bool], tuple[bytes, bytes]] = {}
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -115,6 +118,22 @@ class Formatter:
         if include_usage:
             chunk["usage"] = None
         return chunk
+
+    def text_event(self, index: int, text: str, *, chat: bool, include_usage: bool) -> bytes:
+        """The event of a chunk that carries only new text (no logprobs, no finish reason): the bytes
+        of ``sse(completion_chunk(index, Delta(text, ...), None, 0, include_usage=...))``, or with
+        ``chat`` of ``sse(chat_chunk(index, {"content": text}, include_usage=...))``, from a template
+        made once per choice (the chunk's JSON around the text)."""
+        key = (index, chat, include_usage)
+        template = self._text_templates.get(key)
+        if template is None:
+            if chat:
+                chunk = self.chat_chunk(index, {"content": _TEXT}, include_usage=include_usage)
+            else:
+                chunk = self.completion_chunk(index, Delta(_TEXT, []), None, 0, include_usage=include_usage)
+            head, _, tail = sse(chunk).rpartition(_encode_string(_TEXT).encode())
+            template = self._text_templates[key] = (head, tail)
+        return template[0] + _encode_string(text).encode() + template[1]
 
     # -- chat ----------------------------------------------------------------------------------
     def chat(self, results: list[ChoiceResult], prompt_tokens: int, top_n: int | None,

@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import anyio
@@ -113,8 +114,8 @@ class RequestRun:
         self.arrival = time.perf_counter() if arrival is None else arrival
         self.timing = {job.index: _SequenceTiming(self.arrival) for job in jobs}
         self._queue: asyncio.Queue[tuple[int, Delta | BaseException | object]] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[None]] = []
         self._open: list[RequestStream] = []
+        self._remaining = 0  # sequences whose last chunk has not been taken
         self.headers: dict[str, str] = {}  # extra response headers (none for a local engine)
 
     async def start(self) -> None:
@@ -125,33 +126,30 @@ class RequestRun:
                 stream = self.engine.open_stream(None, job.params, request_id=f"{self.request_id}-{job.index}",
                                                  prompt_ids=job.prompt_ids)
                 self._open.append(stream)
-                self._tasks.append(asyncio.create_task(self._pump(job.index, stream)))
+                stream.forward(partial(self._arrived, job.index))
         except BaseException:
             for t in self.timing.values():
                 t.finished = True  # refused, not aborted
-            for task in self._tasks:
-                task.cancel()
             for stream in self._open:
                 stream.cancel()
-            self._tasks.clear()
             self._open.clear()
             raise
+        self._remaining = len(self._open)
         for job in self.jobs:
             self.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
-    async def _pump(self, index: int, stream: RequestStream) -> None:
-        try:
-            async for chunk in stream:
-                delta = to_delta(chunk)
-                self._record(index, delta)
-                await self._queue.put((index, delta))
-            await self._queue.put((index, _END))
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # delivered to the consumer, which re-raises it
+    def _arrived(self, index: int, item: StreamChunk | BaseException) -> None:
+        """A sequence's chunk (or the error that failed it), in the event loop, in order."""
+        if isinstance(item, BaseException):  # delivered to the consumer, which re-raises it
             self.timing[index].finished = True  # failed, not aborted by the client
             self.metrics.finished.labels(finish_reason="error").inc()
-            await self._queue.put((index, exc))
+            self._queue.put_nowait((index, item))
+            return
+        delta = to_delta(item)
+        self._record(index, delta)
+        self._queue.put_nowait((index, delta))
+        if item.finish_reason is not None:
+            self._queue.put_nowait((index, _END))
 
     def _record(self, index: int, delta: Delta) -> None:
         t = self.timing[index]
@@ -170,11 +168,10 @@ class RequestRun:
 
     async def deltas(self) -> AsyncIterator[tuple[int, Delta]]:
         """Every sequence's deltas as they come, until all have finished."""
-        remaining = len(self._tasks)
-        while remaining:
+        while self._remaining:
             index, item = await self._queue.get()
             if item is _END:
-                remaining -= 1
+                self._remaining -= 1
             elif isinstance(item, BaseException):
                 raise item
             else:
@@ -193,16 +190,10 @@ class RequestRun:
 
         Shielded: it also completes when called from a cancelled task (a client that left)."""
         with anyio.CancelScope(shield=True):
-            for task in self._tasks:
-                task.cancel()
-            for task in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
             for stream in self._open:
                 with contextlib.suppress(Exception):
                     await stream.aclose()
         aborted = sum(1 for t in self.timing.values() if not t.finished)
         if aborted and self._open:
             self.metrics.aborted.inc(aborted)
-        self._tasks.clear()
         self._open.clear()
