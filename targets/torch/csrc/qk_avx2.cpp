@@ -89,7 +89,8 @@ void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0,
   const char* obytes = SYM ? nullptr : static_cast<const char*>(w.offsets) + (t * nb * nsub * kRows) * esz;
   const uint8_t* tile_codes = w.codes + t * nb * cb;
   for (int64_t b = 0; b < nb; ++b) {
-    if (NC <= 2 && half == 0) {  // few columns: memory bound, fetch the tile ahead (the second half hits L1)
+    if ((NC <= 2 || c0 == 0) && half == 0) {  // few columns or the first pass over a tile: fetch ahead (the
+      // second half hits L1)
       const char* next = reinterpret_cast<const char*>(tile_codes + (b + kAhead) * cb);
       for (int l = 0; l < cb; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
       _mm_prefetch(sbytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);

@@ -46,7 +46,7 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
   const char* sbytes = static_cast<const char*>(w.scales) + sbase * esz;
   const char* obytes = SYM ? nullptr : static_cast<const char*>(w.offsets) + sbase * esz;
   for (int64_t b = 0; b < nb; ++b) {
-    if (NC <= 2) {  // few columns: memory bound, fetch the weights ahead of use
+    if (NC <= 2 || c0 == 0) {  // few columns, or the first pass over a tile: fetch the weights ahead of use
       const char* next = reinterpret_cast<const char*>(codes + (b + kAhead) * cb);
       for (int l = 0; l < cb; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
       _mm_prefetch(sbytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
