@@ -54,13 +54,14 @@ def test_bench_and_eval_refuse_bad_values(artifact: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize(("args", "message"), [
     (["--device", "nope"], "unknown device 'nope' for this target; it builds for cpu, cuda"),
     (["--target-option", "blok_size=8"], "does not take the compile option blok_size; its compile options: "
-                                         "activation_dtype, block_size, quant_kernels"),
+                                         "activation_dtype, block_size, kv_cache_dtype, quant_kernels, step"),
     (["--arch", "x86-64-v3"], "does not take the compile option arch"),  # a torch build ignores --arch
     (["--tune", "8"], "does not take the compile option tune"),
     (["--target-option", "device=cuda"], "does not take the compile option device"),  # --device is the flag
     (["--target-option", "block_size=abc"], "compile option block_size expects an integer, got 'abc'"),
     (["--target-option", "block_size=0"], "compile option block_size must be at least 1"),
     (["--target-option", "quant_kernels=fast"], "quant_kernels must be one of auto, torch, dequant"),
+    (["--target-option", "kv_cache_dtype=int8"], "kv_cache_dtype must be one of auto, float32, float16, bfloat16"),
     (["--target-option", "activation_dtype=int3"], "activation_dtype must be one of float32, float16, bfloat16"),
     (["--group-size", "-32"], "-32 is not in the range"),
 ])

@@ -71,6 +71,23 @@ class TorchTarget(Target):
         writer.path(PAYLOAD).write_text(json.dumps(opts, indent=1))
         return EmitResult(options=opts, files=[PAYLOAD])
 
+    def kv_layout(self, artifact: Artifact) -> tuple[int, int]:
+        """The cache's bytes per token and block size as the executor will allocate it: for
+        ``kv_cache_dtype=auto``, float16 where the native CPU step runs (judged from the recorded
+        options and the manifest: every matrix but the embedding quantized), else the activations'."""
+        from llmc.runtime.capacity import kv_bytes_per_token
+
+        options = artifact.target_options
+        dtype = str(options.get("kv_cache_dtype") or "auto")
+        if dtype == "auto":
+            dtype = str(options.get("activation_dtype") or "float32")
+            native = dtype == "float32" and options.get("device", "cpu") == "cpu" \
+                and options.get("step", "auto") == "auto" and options.get("quant_kernels", "auto") == "auto" \
+                and all("quant" in p for name, p in artifact.manifest["params"].items()
+                        if len(p["shape"]) == 2 and name != "embed")
+            dtype = "float16" if native else dtype
+        return kv_bytes_per_token(artifact.config, dtype), int(options.get("block_size") or 16)
+
     def load(self, artifact: Artifact, **options: Any) -> Executor:
         return self.load_module(artifact.module, artifact.weights(), saved=artifact.target_options, **options)
 

@@ -151,6 +151,14 @@ def test_each_target_reports_its_kv_layout(tmp_path: Path) -> None:
                          num_kv_heads=2, head_dim=16, max_position=128)
     torch_art = SimpleNamespace(config=config, target_options={"activation_dtype": "bfloat16", "block_size": 32})
     assert get_target("torch").kv_layout(torch_art) == (2 * 2 * 2 * 16 * 2, 32)
+    quantized = {"embed": {"shape": [64, 64]}, "layers.0.q": {"shape": [64, 64], "quant": "ggml_q4_k"}}
+    native_art = SimpleNamespace(config=config, target_options={}, manifest={"params": quantized})
+    assert get_target("torch").kv_layout(native_art) == (2 * 2 * 2 * 16 * 2, 16)  # the native step: float16
+    float_art = SimpleNamespace(config=config, target_options={}, manifest={"params": {
+        **quantized, "layers.0.k": {"shape": [64, 64], "dtype": "float32"}}})
+    assert get_target("torch").kv_layout(float_art) == (2 * 2 * 2 * 16 * 4, 16)  # torch ops: the activations'
+    forced = SimpleNamespace(config=config, target_options={"kv_cache_dtype": "float32"})
+    assert get_target("torch").kv_layout(forced) == (2 * 2 * 2 * 16 * 4, 16)
     onnx_art = SimpleNamespace(config=config, target_options={})
     assert get_target("onnx").kv_layout(onnx_art) == (2 * 2 * 2 * 16 * 4, 128)
     (tmp_path / "target" / "tvm").mkdir(parents=True)

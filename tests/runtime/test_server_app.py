@@ -60,7 +60,7 @@ def test_a_failing_step_is_a_500_and_the_server_keeps_serving(client: TestClient
     assert events[-1] == "data: [DONE]"
     assert "fake executor failure" in json.loads(events[-2][len("data: "):])["error"]["message"]
     ok = client.post("/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 3})
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3, ok.text
     metrics = client.get("/metrics").text
     assert 'llmc_http_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
     assert 'llmc_sequences_finished_total{finish_reason="error"} 2.0' in metrics

@@ -158,6 +158,17 @@ def test_kv_cache_dtypes_the_executor_cannot_run_are_refused(kernels) -> None:
         TorchExecutor(module, weights, kv_cache_dtype="int8")
 
 
+def test_the_kv_cache_dtype_option_is_recorded_and_can_be_overridden_at_load(kernels) -> None:
+    from llmc.targets.torch.target import TorchTarget
+
+    _, module, weights = model(PIPELINES[1])
+    target = TorchTarget()
+    assert target.load_module(module, weights).kv_dtype == torch.float16
+    assert target.load_module(module, weights, saved={"kv_cache_dtype": "float32"}).kv_dtype == torch.float32
+    assert target.load_module(module, weights, saved={"kv_cache_dtype": "float32"},
+                              kv_cache_dtype="float16").kv_dtype == torch.float16
+
+
 def test_a_sequence_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count(kernels) -> None:
     cfg, module, weights = model(PIPELINES[1])
     rng = np.random.default_rng(7)
