@@ -16,10 +16,10 @@ from llmc.compiler.tokenizer import LlmcTokenizer, TokenizerMeta
 from llmc.runtime.engine import Engine, EngineConfig
 from llmc.runtime.server import create_app
 from tests.models import CHATML_TEMPLATE, byte_level_tokenizer
-from tests.runtime.fakes import FakeExecutor
+from tests.runtime.fakes import FakeExecutor, reference
 
 VOCAB = 99
-POISON = "~"  # the fake executor fails on a step that feeds this character's token
+POISON = "~"  # the fake executor fails on a step that feeds this character's token (in a prompt or sampled)
 
 
 @pytest.fixture
@@ -59,8 +59,15 @@ def test_a_failing_step_is_a_500_and_the_server_keeps_serving(client: TestClient
         events = [e for e in r.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     assert "fake executor failure" in json.loads(events[-2][len("data: "):])["error"]["message"]
-    ok = client.post("/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 3})
-    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3, ok.text
+    # greedy: sampled at temperature 1 the good request itself draws the poison token now and then (the fake's
+    # logits give it 1/246 a token) and its next step fails; its greedy continuation is known not to
+    poison = engine.tokenizer.encode(POISON, add_special_tokens=False)[0]
+    expected = reference(engine.tokenizer.encode("abc"), 3, VOCAB)
+    assert poison not in expected
+    ok = client.post("/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 3
+    assert ok.json()["choices"][0]["text"] == engine.tokenizer.decode(expected)
     metrics = client.get("/metrics").text
     assert 'llmc_http_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
     assert 'llmc_sequences_finished_total{finish_reason="error"} 2.0' in metrics
