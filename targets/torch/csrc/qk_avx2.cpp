@@ -71,12 +71,22 @@ inline void dots(const __m256i* wv, const int8_t* q, const ActMeta& m, __m256i* 
   }
 }
 
-// Half `half` (rows 8*half .. 8*half+7) of tile t against columns [c0, c0 + NC).
-template <int NC, int CODES, bool SUB16, bool SYM>
+// Byte i of the result is `bit` where bit i of m is set, else 0.
+inline __m256i plane_bits(uint32_t m, __m256i bit) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                          3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(m)), spread);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, select), select), bit);
+}
+
+// Half `half` (rows 8*half .. 8*half+7) of tile t against columns [c0, c0 + NC); BITS = w.code_bits
+// (the layout, qk_common.h), CODES the dot product the codes' range allows.
+template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
 void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0, float* y, int64_t ldy) {
   const int64_t nb = w.blocks;
-  const bool bits8 = CODES != kNibble;
-  const int64_t cb = bits8 ? 512 : 256;
+  constexpr bool bits8 = BITS == 8;
+  constexpr int64_t cb = bits8 ? 512 : 256 + 64 * (BITS - 4);
   const uint8_t* codes = w.codes + t * nb * cb + half * 32;
   const int nsub = SUB16 ? 2 : 1;
   const int64_t sbase = t * nb * nsub * kRows + half * 8;
@@ -101,9 +111,17 @@ void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0,
       for (int j = 0; j < 8; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * 512 + j * 64));
     } else {
       for (int j = 0; j < 4; ++j) {
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * 256 + j * 64));
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * cb + j * 64));
         wv[j] = _mm256_and_si256(p, m4);
         wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
+      }
+      for (int plane = 0; plane < BITS - 4; ++plane) {  // bit 4 + plane of each code: this half's 32 bits a word
+        const __m256i bit = _mm256_set1_epi8(static_cast<char>(0x10 << plane));
+        for (int j = 0; j < 8; ++j) {
+          uint32_t m;
+          std::memcpy(&m, tile_codes + b * cb + 256 + plane * 64 + j * 8 + half * 4, 4);
+          wv[j] = _mm256_or_si256(wv[j], plane_bits(m, bit));
+        }
       }
     }
     const int64_t si = sbase + b * nsub * kRows;
@@ -151,36 +169,37 @@ void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0,
   }
 }
 
-template <int CODES, bool SUB16, bool SYM>
+template <int BITS, int CODES, bool SUB16, bool SYM>
 void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   const int64_t esz = w.f16_scales ? 2 : 4;
-  const int64_t tile_bytes = w.blocks * ((CODES != kNibble ? 512 : 256) + w.nsub() * kRows * esz * (SYM ? 1 : 2));
+  const int64_t tile_bytes = w.blocks * (w.code_bytes_per_block() + w.nsub() * kRows * esz * (SYM ? 1 : 2));
   const int64_t group = a.cols <= 4 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
     int64_t c = 0;
     for (; c + 4 <= a.cols; c += 4)
       for (int64_t t = g0; t < g1; ++t)
-        for (int h = 0; h < 2; ++h) half_cols<4, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
+        for (int h = 0; h < 2; ++h) half_cols<4, BITS, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
     if (c + 2 <= a.cols) {
       for (int64_t t = g0; t < g1; ++t)
-        for (int h = 0; h < 2; ++h) half_cols<2, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
+        for (int h = 0; h < 2; ++h) half_cols<2, BITS, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
       c += 2;
     }
     if (c < a.cols)
       for (int64_t t = g0; t < g1; ++t)
-        for (int h = 0; h < 2; ++h) half_cols<1, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
+        for (int h = 0; h < 2; ++h) half_cols<1, BITS, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
   }
 }
 
-template <int CODES>
+template <int BITS, int CODES>
 void gemm_codes(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   const bool s16 = w.sub16 != 0, sym = w.offsets == nullptr;
   if (s16) {
-    sym ? gemm_variant<CODES, true, true>(w, a, t0, t1, y, ldy) : gemm_variant<CODES, true, false>(w, a, t0, t1, y, ldy);
+    sym ? gemm_variant<BITS, CODES, true, true>(w, a, t0, t1, y, ldy)
+        : gemm_variant<BITS, CODES, true, false>(w, a, t0, t1, y, ldy);
   } else {
-    sym ? gemm_variant<CODES, false, true>(w, a, t0, t1, y, ldy)
-        : gemm_variant<CODES, false, false>(w, a, t0, t1, y, ldy);
+    sym ? gemm_variant<BITS, CODES, false, true>(w, a, t0, t1, y, ldy)
+        : gemm_variant<BITS, CODES, false, false>(w, a, t0, t1, y, ldy);
   }
 }
 
@@ -201,12 +220,12 @@ inline int32_t hsum8i(__m256i v) {
 }  // namespace
 
 void gemm_avx2(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
-  if (w.code_bits == 4) {
-    gemm_codes<kNibble>(w, a, t0, t1, y, ldy);
-  } else if (w.max_code <= 63) {
-    gemm_codes<kSmall>(w, a, t0, t1, y, ldy);
-  } else {
-    gemm_codes<kFull>(w, a, t0, t1, y, ldy);
+  switch (w.code_bits) {  // codes up to 63 (5 and 6 bits, or 8-bit storage) take kSmall's dot product
+    case 4: gemm_codes<4, kNibble>(w, a, t0, t1, y, ldy); break;
+    case 5: gemm_codes<5, kSmall>(w, a, t0, t1, y, ldy); break;
+    case 6: gemm_codes<6, kSmall>(w, a, t0, t1, y, ldy); break;
+    default:
+      w.max_code <= 63 ? gemm_codes<8, kSmall>(w, a, t0, t1, y, ldy) : gemm_codes<8, kFull>(w, a, t0, t1, y, ldy);
   }
 }
 

@@ -29,11 +29,11 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// Tile t against columns [c0, c0 + NC) of a.
-template <int NC, bool BITS8, bool SUB16, bool SYM>
+// Tile t against columns [c0, c0 + NC) of a; BITS = w.code_bits (the layout, qk_common.h).
+template <int NC, int BITS, bool SUB16, bool SYM>
 void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y, int64_t ldy) {
   const int64_t nb = w.blocks;
-  const int64_t cb = BITS8 ? 512 : 256;
+  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
   const uint8_t* codes = w.codes + t * nb * cb;
   const int nsub = SUB16 ? 2 : 1;
   const int64_t sbase = t * nb * nsub * kRows;
@@ -53,13 +53,21 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
       if (!SYM) _mm_prefetch(obytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
     }
     __m512i wv[8];
-    if (BITS8) {
+    if (BITS == 8) {
       for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(codes + b * 512 + j * 64);
     } else {
       for (int j = 0; j < 4; ++j) {
-        const __m512i p = _mm512_loadu_si512(codes + b * 256 + j * 64);
+        const __m512i p = _mm512_loadu_si512(codes + b * cb + j * 64);
         wv[j] = _mm512_and_si512(p, m4);
         wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
+      }
+      for (int plane = 0; plane < BITS - 4; ++plane) {  // bit 4 + plane of each code, one mask bit a byte
+        const __m512i bit = _mm512_set1_epi8(static_cast<char>(0x10 << plane));
+        for (int j = 0; j < 8; ++j) {
+          uint64_t m;
+          std::memcpy(&m, codes + b * cb + 256 + plane * 64 + j * 8, 8);
+          wv[j] = _mm512_or_si512(wv[j], _mm512_maskz_mov_epi8(static_cast<__mmask64>(m), bit));
+        }
       }
     }
     const int64_t si = sbase + b * nsub * kRows;
@@ -108,49 +116,53 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
   for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * ldy + t * kRows, mask, acc[c]);
 }
 
-template <bool BITS8, bool SUB16, bool SYM>
+template <int BITS, bool SUB16, bool SYM>
 void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   // Tiles in groups whose weights stay in L2 while every column block passes over them.
   const int64_t esz = w.f16_scales ? 2 : 4;
-  const int64_t tile_bytes = w.blocks * ((BITS8 ? 512 : 256) + w.nsub() * kRows * esz * (SYM ? 1 : 2));
+  const int64_t tile_bytes = w.blocks * (w.code_bytes_per_block() + w.nsub() * kRows * esz * (SYM ? 1 : 2));
   const int64_t group = a.cols <= 8 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
     int64_t c = 0;
     for (; c + 8 <= a.cols; c += 8)
-      for (int64_t t = g0; t < g1; ++t) tile_cols<8, BITS8, SUB16, SYM>(w, a, t, c, y, ldy);
+      for (int64_t t = g0; t < g1; ++t) tile_cols<8, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
     if (c + 4 <= a.cols) {
-      for (int64_t t = g0; t < g1; ++t) tile_cols<4, BITS8, SUB16, SYM>(w, a, t, c, y, ldy);
+      for (int64_t t = g0; t < g1; ++t) tile_cols<4, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
       c += 4;
     }
     if (c + 2 <= a.cols) {
-      for (int64_t t = g0; t < g1; ++t) tile_cols<2, BITS8, SUB16, SYM>(w, a, t, c, y, ldy);
+      for (int64_t t = g0; t < g1; ++t) tile_cols<2, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
       c += 2;
     }
     if (c < a.cols)
-      for (int64_t t = g0; t < g1; ++t) tile_cols<1, BITS8, SUB16, SYM>(w, a, t, c, y, ldy);
+      for (int64_t t = g0; t < g1; ++t) tile_cols<1, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+template <int BITS>
+void gemm_bits(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+  const bool s16 = w.sub16 != 0, sym = w.offsets == nullptr;
+  if (s16) {
+    sym ? gemm_variant<BITS, true, true>(w, a, t0, t1, y, ldy) : gemm_variant<BITS, true, false>(w, a, t0, t1, y, ldy);
+  } else {
+    sym ? gemm_variant<BITS, false, true>(w, a, t0, t1, y, ldy)
+        : gemm_variant<BITS, false, false>(w, a, t0, t1, y, ldy);
   }
 }
 
 }  // namespace
 
 void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
-  const bool b8 = w.code_bits == 8, s16 = w.sub16 != 0, sym = w.offsets == nullptr;
-  if (b8) {
-    if (s16) {
-      sym ? gemm_variant<true, true, true>(w, a, t0, t1, y, ldy) : gemm_variant<true, true, false>(w, a, t0, t1, y, ldy);
-    } else {
-      sym ? gemm_variant<true, false, true>(w, a, t0, t1, y, ldy)
-          : gemm_variant<true, false, false>(w, a, t0, t1, y, ldy);
-    }
-  } else {
-    if (s16) {
-      sym ? gemm_variant<false, true, true>(w, a, t0, t1, y, ldy)
-          : gemm_variant<false, true, false>(w, a, t0, t1, y, ldy);
-    } else {
-      sym ? gemm_variant<false, false, true>(w, a, t0, t1, y, ldy)
-          : gemm_variant<false, false, false>(w, a, t0, t1, y, ldy);
-    }
+  switch (w.code_bits) {
+    case 4: gemm_bits<4>(w, a, t0, t1, y, ldy); break;
+    case 5: gemm_bits<5>(w, a, t0, t1, y, ldy); break;
+    case 6: gemm_bits<6>(w, a, t0, t1, y, ldy); break;
+    default: gemm_bits<8>(w, a, t0, t1, y, ldy); break;
   }
 }
 

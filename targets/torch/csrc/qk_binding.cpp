@@ -89,7 +89,7 @@ class KernelWeight {
     w_.out = out_;
     w_.tiles = (out_ + kRows - 1) / kRows;
     w_.blocks = (in_ + kBlock - 1) / kBlock;
-    w_.code_bits = max_code <= 15 ? 4 : 8;
+    w_.code_bits = max_code <= 15 ? 4 : (max_code <= 31 ? 5 : (max_code <= 63 ? 6 : 8));
     w_.max_code = static_cast<int>(max_code);
     w_.sub16 = group == 16;
     w_.f16_scales = f16;
@@ -108,10 +108,13 @@ class KernelWeight {
         uint8_t* block = dst + (t * w_.blocks + b) * cb;
         if (w_.code_bits == 8) {
           block[(kk >> 2) * 64 + r * 4 + (kk & 3)] = static_cast<uint8_t>(u);
-        } else {
-          const int64_t k16 = kk & 15;
-          block[(k16 >> 2) * 64 + r * 4 + (k16 & 3)] |= static_cast<uint8_t>(kk < 16 ? u : u << 4);
+          continue;
         }
+        const int64_t k16 = kk & 15;
+        block[(k16 >> 2) * 64 + r * 4 + (k16 & 3)] |= static_cast<uint8_t>(kk < 16 ? (u & 15) : (u & 15) << 4);
+        const int64_t bit = r * 4 + (k16 & 3), word = (kk >> 2);  // word j = the 8-bit layout's chunk j
+        for (int p = 0; p < w_.code_bits - 4; ++p)
+          if ((u >> (4 + p)) & 1) block[256 + p * 64 + word * 8 + bit / 8] |= static_cast<uint8_t>(1u << (bit % 8));
       }
     }
     const int nsub = w_.nsub();

@@ -7,9 +7,14 @@
 // this form exactly (compiler/ggml_blocks.py). Rows are stored in tiles of 16 interleaved rows so
 // that one 512-bit integer dot product (vpdpbusd) computes 4 inputs of 16 rows at once and the
 // float accumulators hold 16 rows' outputs: no horizontal sums.
-//   codes  : [tiles][blocks][CB]   blocks = in_pad / 32; CB = 256 (4-bit codes) or 512 (8-bit)
+//   codes  : [tiles][blocks][CB]   blocks = in_pad / 32; CB = 256 (4-bit codes), 320 (5-bit), 384 (6-bit)
+//            or 512 (8-bit)
 //            8-bit: chunk j (0..7) of 64 bytes holds byte (r*4 + i) = u(r, 4j + i)
 //            4-bit: chunk j (0..3) of 64 bytes holds byte (r*4 + i) = u(r, 4j + i) | u(r, 16 + 4j + i) << 4
+//            5/6-bit: the 4-bit chunks of the low nibbles, then one (5-bit) or two (6-bit) planes of
+//            64 bytes: in plane p, bit (r*4 + i) of 64-bit word j (0..7) is bit 4 + p of
+//            u(r, k(j, i)), k(j, i) = 4j + i for j < 4, 16 + 4(j - 4) + i after: the bit above the
+//            nibble of byte (r*4 + i) of the 8-bit chunk j
 //   scales : [tiles][blocks][nsub][16]  (float16 or float32), nsub = 1 (sub32) or 2 (sub16, k 0-15 / 16-31)
 //   offsets: like scales (asym only)
 // Activations: each input row (a "column" of the product) is quantized per 32 values to int8
@@ -45,13 +50,13 @@ struct QWeight {
   int64_t out;          // valid rows
   int64_t tiles;        // ceil(out / 16)
   int64_t blocks;       // in_pad / 32
-  int code_bits;        // 4 or 8: storage width of a code
+  int code_bits;        // 4, 5, 6 or 8: storage width of a code
   int max_code;         // largest code value (selects the AVX2 dot product)
   int sub16;            // 1: a scale per 16 inputs
   int f16_scales;       // 1: scales/offsets are float16, else float32
   int zero;             // symmetric zero point
 
-  int64_t code_bytes_per_block() const { return code_bits == 4 ? 256 : 512; }
+  int64_t code_bytes_per_block() const { return code_bits == 8 ? 512 : 256 + 64 * (code_bits - 4); }
   int nsub() const { return sub16 ? 2 : 1; }
 };
 

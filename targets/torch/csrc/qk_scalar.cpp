@@ -55,14 +55,15 @@ uint16_t float_to_half(float f) {
 namespace {
 
 inline int code_at(const QWeight& w, int64_t t, int64_t b, int r, int k) {
-  if (w.code_bits == 8) {
-    const uint8_t* p = w.codes + (t * w.blocks + b) * 512;
-    return p[(k >> 2) * 64 + r * 4 + (k & 3)];
-  }
-  const uint8_t* p = w.codes + (t * w.blocks + b) * 256;
+  const uint8_t* p = w.codes + (t * w.blocks + b) * w.code_bytes_per_block();
+  if (w.code_bits == 8) return p[(k >> 2) * 64 + r * 4 + (k & 3)];
   const int kk = k & 15;
   const uint8_t byte = p[(kk >> 2) * 64 + r * 4 + (kk & 3)];
-  return k < 16 ? (byte & 0x0F) : (byte >> 4);
+  int u = k < 16 ? (byte & 0x0F) : (byte >> 4);
+  const int bit = r * 4 + (kk & 3);
+  for (int plane = 0; plane < w.code_bits - 4; ++plane)
+    u |= ((p[256 + plane * 64 + (k >> 2) * 8 + bit / 8] >> (bit % 8)) & 1) << (4 + plane);
+  return u;
 }
 
 inline float scale_at(const QWeight& w, const void* base, int64_t t, int64_t b, int h, int r) {
