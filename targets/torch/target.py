@@ -138,4 +138,5 @@ def cuda_executor(module: Module, weights: WeightStore, device: str, options: di
     return CudaTorchExecutor(module, weights, device=device,
                              block_size=int(options.get("block_size") or saved.get("block_size", 16)),
                              activation_dtype=saved.get("activation_dtype", "float32"),
-                             threads=options.get("threads"))
+                             threads=options.get("threads"),
+                             kv_cache_dtype=str(options.get("kv_cache_dtype") or saved.get("kv_cache_dtype", "auto")))

@@ -81,11 +81,12 @@ class CudaTorchExecutor(TorchExecutor):
 
     def __init__(self, module: Module, weights: WeightStore, device: str = "cuda", block_size: int = 16,
                  activation_dtype: str = "float32", threads: int | None = None, cuda_graphs: bool = True,
-                 buckets: tuple[int, ...] = BUCKETS) -> None:
+                 buckets: tuple[int, ...] = BUCKETS, kv_cache_dtype: str = "auto") -> None:
         check_device(torch.device(device), cuda_graphs)
-        # quant_kernels="dequant" keeps packed weights in llmc's layout, which the Triton kernel reads
+        # quant_kernels="dequant" keeps packed weights in llmc's layout, which the Triton kernel reads;
+        # the cache is in the activation dtype (another kv_cache_dtype is refused by TorchExecutor)
         super().__init__(module, weights, device=device, block_size=block_size, activation_dtype=activation_dtype,
-                         threads=threads, quant_kernels="dequant")
+                         threads=threads, quant_kernels="dequant", kv_cache_dtype=kv_cache_dtype)
         c = self.config
         name = "decode" if "decode" in self.programs else "prefill"
         fn = next(f for f in module if f.name == name)
