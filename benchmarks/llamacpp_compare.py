@@ -247,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     backend = LlmcBackend(artifact, threads=threads, name="default")
     ours = backend.info()
     ours.details["native_step"] = getattr(backend.executor, "native", None) is not None
+    from llmc.targets.torch import qkernels
+
+    ours.details["kernel_path"] = qkernels.load().current_isa() if qkernels.available() else None  # LLMC_CPU_ISA
+    ours.details["kv_cache_dtype"] = str(getattr(backend.executor, "kv_dtype", "")).removeprefix("torch.")
     theirs = llamacpp_info(gguf, threads, bin_dir)
     vocab = backend.executor.config.vocab_size
     settings = BenchSettings(scenarios=("single", "batch"), batch_sizes=(batch,), prompt_len=64, gen_len=gen,
@@ -306,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios.append((f"{batch} sequences: decode tok/s", a, b, a / b if a and b else None, GOALS["decode_batch"]))
     notes = [f"samples per point: {args.rounds} interleaved rounds (medians); llmc's executor driven directly, "
              f"llama.cpp's tools as subprocesses; threads {threads}",
-             f"llmc native step program: {ours.details['native_step']}"]
+             f"llmc native step program: {ours.details['native_step']}, CPU kernel path "
+             f"{ours.details['kernel_path']}, KV cache {ours.details['kv_cache_dtype']}"]
     if not args.no_ppl:
         text = Path(args.ppl_file) if args.ppl_file else work / "heldout.txt"
         if not args.ppl_file:

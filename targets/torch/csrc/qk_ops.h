@@ -51,20 +51,12 @@ __attribute__((always_inline)) inline f16v load16(const uint16_t* p) {
 #endif
 }
 
-// a * b + c on 16 lanes, fused where the ISA has FMA (like LLMC_QK_MADD).
-__attribute__((always_inline)) inline f16v madd16(f16v a, f16v b, f16v c) {
+// a * b + c on 16 lanes (a broadcast), fused on AVX-512 (like LLMC_QK_MADD there); the AVX2 attention
+// loops use 8-lane values and madd8 instead (16-lane values built from __m256 halves go through the stack).
+__attribute__((always_inline)) inline f16v madd16(float a, f16v b, f16v c) {
 #if LLMC_QK_SIMD == 2
   return reinterpret_cast<f16v>(
-      _mm512_fmadd_ps(reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
-#elif LLMC_QK_SIMD == 1
-  __m256 x[2], y[2], z[2];
-  __builtin_memcpy(x, &a, 64);
-  __builtin_memcpy(y, &b, 64);
-  __builtin_memcpy(z, &c, 64);
-  for (int h = 0; h < 2; ++h) z[h] = _mm256_fmadd_ps(x[h], y[h], z[h]);
-  f16v r;
-  __builtin_memcpy(&r, z, 64);
-  return r;
+      _mm512_fmadd_ps(_mm512_set1_ps(a), reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(c)));
 #else
   return a * b + c;
 #endif
@@ -227,18 +219,55 @@ namespace {
 
 constexpr int kChunk = 64, kVec = kChunk / kLanes;
 // Query heads of one kv head scored and summed together, so each key and value vector is loaded once
-// for all of them (accumulators: kHeads x kVec scores, kHeads x 4 value vectors; AVX2 has half the
-// registers of AVX-512).
-constexpr int kHeads = LLMC_QK_SIMD == 1 ? 2 : 4;
+// for all of them (accumulators: up to kHeads x kVec scores and kHeads x 4 value vectors of 16 lanes on
+// AVX-512; AVX2 runs its own 8-lane loops below, as GCC keeps 16-lane values in memory there).
+constexpr int kHeads = 4;
 
 __attribute__((always_inline)) inline float value_at(const float* p) { return *p; }
 __attribute__((always_inline)) inline float value_at(const uint16_t* p) { return half_to_float(*p); }
+
+#if LLMC_QK_SIMD == 1
+typedef float f8v __attribute__((vector_size(32)));  // one ymm register
+__attribute__((always_inline)) inline f8v load8(const float* p) {
+  f8v v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+__attribute__((always_inline)) inline f8v load8(const uint16_t* p) {
+  return reinterpret_cast<f8v>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+__attribute__((always_inline)) inline void store8(float* p, f8v v) { __builtin_memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline f8v madd8(float a, f8v b, f8v c) {  // a * b + c, fused
+  return reinterpret_cast<f8v>(
+      _mm256_fmadd_ps(_mm256_set1_ps(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
+}
+#endif
 
 // s[g][j] = query g . key j (query g at q + g * hd) for the chunk's 16-key groups [0, groups): group c's
 // keys are `kg[c]`, [hd][ks[c]] (key j of the group at column j).
 template <int G, typename TK>
 inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, int groups, int hd,
                         float (*s)[kChunk]) {
+#if LLMC_QK_SIMD == 1
+  for (int c = 0; c < kVec; ++c) {
+    f8v acc[G][2];
+    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = f8v{};
+    if (c < groups)
+      for (int d = 0; d < hd; ++d) {
+        const TK* kp = kg[c] + d * ks[c];
+        const f8v k0 = load8(kp), k1 = load8(kp + 8);
+        for (int g = 0; g < G; ++g) {
+          const float qd = q[g * hd + d];
+          acc[g][0] = madd8(qd, k0, acc[g][0]);
+          acc[g][1] = madd8(qd, k1, acc[g][1]);
+        }
+      }
+    for (int g = 0; g < G; ++g) {
+      store8(s[g] + c * kLanes, acc[g][0]);
+      store8(s[g] + c * kLanes + 8, acc[g][1]);
+    }
+  }
+#else
   f16v acc[G][kVec];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < kVec; ++c) acc[g][c] = f16v{};
@@ -247,7 +276,7 @@ inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, 
       f16v kv[kVec];
       for (int c = 0; c < kVec; ++c) kv[c] = load16(kg[c] + d * ks[c]);
       for (int g = 0; g < G; ++g) {
-        const f16v qd = splat(q[g * hd + d]);
+        const float qd = q[g * hd + d];
         for (int c = 0; c < kVec; ++c) acc[g][c] = madd16(qd, kv[c], acc[g][c]);
       }
     }
@@ -255,17 +284,34 @@ inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, 
     for (int c = 0; c < groups; ++c)
       for (int d = 0; d < hd; ++d) {
         const f16v kv = load16(kg[c] + d * ks[c]);
-        for (int g = 0; g < G; ++g) acc[g][c] = madd16(splat(q[g * hd + d]), kv, acc[g][c]);
+        for (int g = 0; g < G; ++g) acc[g][c] = madd16(q[g * hd + d], kv, acc[g][c]);
       }
   }
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < kVec; ++c) store16(s[g] + c * kLanes, acc[g][c]);
+#endif
 }
 
 // ac[g hd + d0, g hd + d0 + 16 NV) = that * alpha[g] + sum over keys j < valid of p[g][j] * value j.
 template <int G, int NV, typename TV>
 inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
                         int valid, int d0) {
+#if LLMC_QK_SIMD == 1
+  f8v t[G][2 * NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < 2 * NV; ++v) t[g][v] = load8(ac + g * hd + d0 + 8 * v) * alpha[g];
+  for (int j = 0; j < valid; ++j) {
+    const TV* vr = vrows[j] + d0;
+    f8v x[2 * NV];
+    for (int v = 0; v < 2 * NV; ++v) x[v] = load8(vr + 8 * v);
+    for (int g = 0; g < G; ++g) {
+      const float pj = p[g][j];
+      for (int v = 0; v < 2 * NV; ++v) t[g][v] = madd8(pj, x[v], t[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < 2 * NV; ++v) store8(ac + g * hd + d0 + 8 * v, t[g][v]);
+#else
   f16v t[G][NV];
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) t[g][v] = load16(ac + g * hd + d0 + 16 * v) * alpha[g];
@@ -274,18 +320,19 @@ inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[
     f16v x[NV];
     for (int v = 0; v < NV; ++v) x[v] = load16(vr + 16 * v);
     for (int g = 0; g < G; ++g) {
-      const f16v pj = splat(p[g][j]);
+      const float pj = p[g][j];
       for (int v = 0; v < NV; ++v) t[g][v] = madd16(pj, x[v], t[g][v]);
     }
   }
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) store16(ac + g * hd + d0 + 16 * v, t[g][v]);
+#endif
 }
 
 template <int G, typename TV>
 inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
                               int valid, int hd) {
-  constexpr int kWide = LLMC_QK_SIMD == 1 ? 2 : 4;  // value vectors per pass
+  constexpr int kWide = LLMC_QK_SIMD == 1 ? 1 : 4;  // 16-lane value vectors per pass (AVX2: 2 ymm)
   int d0 = 0;
   for (; d0 + 16 * kWide <= hd; d0 += 16 * kWide) values_part<G, kWide>(ac, hd, alpha, p, vrows, valid, d0);
   for (; d0 + 16 <= hd; d0 += 16) values_part<G, 1>(ac, hd, alpha, p, vrows, valid, d0);
@@ -340,10 +387,8 @@ inline void attend_heads(int n, const float* q, float* ac, float* mx, float* sm,
     switch (m) {
       case 1: attend_chunk<1>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
       case 2: attend_chunk<2>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
-#if LLMC_QK_SIMD != 1
       case 3: attend_chunk<3>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
       case 4: attend_chunk<4>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
-#endif
       default: break;
     }
   }
