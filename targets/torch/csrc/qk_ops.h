@@ -33,17 +33,13 @@ __attribute__((always_inline)) inline void store16(float* p, f16v v) { __builtin
 
 __attribute__((always_inline)) inline f16v splat(float x) { return f16v{} + x; }
 
-// 16 float16 values (IEEE binary16 bits) as floats: exact on every path.
+#if LLMC_QK_SIMD != 1
+// The attention's 16-lane helpers (AVX2 runs 8-lane loops there instead: GCC keeps 16-lane values that
+// are built from or split into __m256 halves in memory, ~20x slower).
+// 16 float16 values (IEEE binary16 bits) as floats: exact.
 __attribute__((always_inline)) inline f16v load16(const uint16_t* p) {
 #if LLMC_QK_SIMD == 2
   return reinterpret_cast<f16v>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-#elif LLMC_QK_SIMD == 1
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  f16v v;
-  __builtin_memcpy(&v, &lo, 32);
-  __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
-  return v;
 #else
   float t[kLanes];
   for (int i = 0; i < kLanes; ++i) t[i] = half_to_float(p[i]);
@@ -51,8 +47,7 @@ __attribute__((always_inline)) inline f16v load16(const uint16_t* p) {
 #endif
 }
 
-// a * b + c on 16 lanes (a broadcast), fused on AVX-512 (like LLMC_QK_MADD there); the AVX2 attention
-// loops use 8-lane values and madd8 instead (16-lane values built from __m256 halves go through the stack).
+// a * b + c on 16 lanes (a broadcast), fused on AVX-512 (like LLMC_QK_MADD there).
 __attribute__((always_inline)) inline f16v madd16(float a, f16v b, f16v c) {
 #if LLMC_QK_SIMD == 2
   return reinterpret_cast<f16v>(
@@ -61,6 +56,7 @@ __attribute__((always_inline)) inline f16v madd16(float a, f16v b, f16v c) {
   return a * b + c;
 #endif
 }
+#endif
 
 __attribute__((always_inline)) inline f16v exp16(f16v x) {  // exp_f32 on 16 lanes
   const f16v lo = splat(-87.0f), hi = splat(88.0f);
@@ -344,8 +340,8 @@ inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kC
       for (int d = d0; d < hd; ++d) ac[g * hd + d] = LLMC_QK_MADD(p[g][j], value_at(vrows[j] + d), ac[g * hd + d]);
 }
 
-// One chunk of keys for G query heads of one query row (queries q, sums ac: [G][hd]): scores, the online softmax update of each
-// head's running max `mx` and sum `sm`, and the weighted values into `ac`.
+// One chunk of keys for G query heads of one query row (queries q, sums ac: [G][hd]): scores, the
+// online softmax update of each head's running max `mx` and sum `sm`, and the weighted values into `ac`.
 template <int G, typename TK, typename TV>
 inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
                          const int64_t* ks, const TV* const* vrows, int valid, int hd) {
