@@ -264,14 +264,7 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t 
       int8_t* qb = q + c * blocks * kBlock + k;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), p);
       const int32_t h0 = hsum8i(_mm256_add_epi32(iv[0], iv[1])), h1 = hsum8i(_mm256_add_epi32(iv[2], iv[3]));
-      ActMeta& m = meta[c * blocks + b];
-      m.d = d;
-      m.s = h0 + h1;
-      m.s_half[0] = static_cast<int16_t>(h0);
-      m.s_half[1] = static_cast<int16_t>(h1);
-      m.sx = d * static_cast<float>(m.s);
-      m.sx_half[0] = d * static_cast<float>(h0);
-      m.sx_half[1] = d * static_cast<float>(h1);
+      meta[c * blocks + b] = act_meta(d, h0, h1);
     }
   }
 }

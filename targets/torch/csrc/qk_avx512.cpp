@@ -189,14 +189,7 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qb), _mm512_cvtsepi32_epi8(i0));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + 16), _mm512_cvtsepi32_epi8(i1));
       const int32_t h0 = _mm512_reduce_add_epi32(i0), h1 = _mm512_reduce_add_epi32(i1);
-      ActMeta& m = meta[c * blocks + b];
-      m.d = d;
-      m.s = h0 + h1;
-      m.s_half[0] = static_cast<int16_t>(h0);
-      m.s_half[1] = static_cast<int16_t>(h1);
-      m.sx = d * static_cast<float>(m.s);
-      m.sx_half[0] = d * static_cast<float>(h0);
-      m.sx_half[1] = d * static_cast<float>(h1);
+      meta[c * blocks + b] = act_meta(d, h0, h1);
     }
   }
 }

@@ -43,6 +43,10 @@ struct ActMeta {
   int16_t s_half[2];  // sums of values 0-15 and 16-31
 };
 
+// The block's meta from its scale and the sums of its values 0-15 (h0) and 16-31 (h1), the same on
+// every path (defined in the scalar translation unit: no ISA-specific copy to merge at link time).
+ActMeta act_meta(float d, int32_t h0, int32_t h1);
+
 struct QWeight {
   const uint8_t* codes;
   const void* scales;

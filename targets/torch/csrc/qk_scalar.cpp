@@ -7,6 +7,18 @@
 
 namespace llmc_qk {
 
+ActMeta act_meta(float d, int32_t h0, int32_t h1) {
+  ActMeta m;
+  m.d = d;
+  m.s = h0 + h1;
+  m.s_half[0] = static_cast<int16_t>(h0);
+  m.s_half[1] = static_cast<int16_t>(h1);
+  m.sx = d * static_cast<float>(m.s);
+  m.sx_half[0] = d * static_cast<float>(h0);
+  m.sx_half[1] = d * static_cast<float>(h1);
+  return m;
+}
+
 float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1Fu;
@@ -125,14 +137,7 @@ void quantize_scalar(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
         qb[i] = static_cast<int8_t>(iv);
         half[i / 16] += iv;
       }
-      ActMeta& m = meta[c * blocks + b];
-      m.d = d;
-      m.s = half[0] + half[1];
-      m.s_half[0] = static_cast<int16_t>(half[0]);
-      m.s_half[1] = static_cast<int16_t>(half[1]);
-      m.sx = d * static_cast<float>(m.s);
-      m.sx_half[0] = d * static_cast<float>(half[0]);
-      m.sx_half[1] = d * static_cast<float>(half[1]);
+      meta[c * blocks + b] = act_meta(d, half[0], half[1]);
     }
   }
 }
