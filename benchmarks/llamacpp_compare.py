@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ours.details["native_step"] = getattr(backend.executor, "native", None) is not None
     from llmc.targets.torch import qkernels
 
-    ours.details["kernel_path"] = qkernels.load().current_isa() if qkernels.available() else None  # LLMC_CPU_ISA
+    ours.details["kernel_path"] = qkernels.current_isa() if qkernels.available() else None  # LLMC_CPU_ISA
     ours.details["kv_cache_dtype"] = str(getattr(backend.executor, "kv_dtype", "")).removeprefix("torch.")
     theirs = llamacpp_info(gguf, threads, bin_dir)
     vocab = backend.executor.config.vocab_size
