@@ -1,8 +1,9 @@
 // AVX2 (+FMA, F16C) path of the int8-activation kernels (qk_common.h), for CPUs without AVX-512 VNNI.
 // A tile's 16 rows are done as two halves of 8 (one ymm lane per row). Products come from
 // vpmaddubsw (u8 x s8 -> pairs summed in int16) and vpmaddwd (int16 pairs -> int32):
-//   codes <= 15: 8 vpmaddubsw results are summed in int16 (|sum| <= 8 * 2 * 15 * 127 < 2^15)
-//   codes <= 63: pairs of them (2 * 2 * 63 * 127 < 2^15)
+//   codes <= 63: pairs of vpmaddubsw results are summed in int16 (2 * 2 * 63 * 127 < 2^15); 4-bit codes
+//                too: summing 8 of them (8 * 2 * 15 * 127 < 2^15) is fewer instructions, but 20% slower at
+//                4 columns (measured on Zen 5: one long dependency chain per column)
 //   codes <= 255: each alone on the signed codes u - 128 (the sign trick: |2 * 128 * 127| < 2^15),
 //                 then + 128 * sum(q) to return to u.
 // Compiled for these instructions by the pragma below; only called after a run-time CPU check.
@@ -10,6 +11,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "qk_common.h"
 
@@ -18,7 +20,7 @@
 namespace llmc_qk {
 namespace {
 
-enum Codes { kNibble = 0, kSmall = 1, kFull = 2 };
+enum Codes { kSmall = 1, kFull = 2 };
 
 constexpr int64_t kAhead = 12;  // blocks prefetched ahead by the few-column kernels
 
@@ -36,41 +38,6 @@ inline __m256i bcast4(const int8_t* p) {
 
 inline __m256i madd1(__m256i v16) { return _mm256_madd_epi16(v16, _mm256_set1_epi16(1)); }
 
-// Exact integer dot products of the 8 rows' codes (wv[j]: inputs 4j..4j+3) with the block's
-// activations: lo = inputs 0-15, hi = inputs 16-31.
-template <int CODES>
-inline void dots(const __m256i* wv, const int8_t* q, const ActMeta& m, __m256i* lo, __m256i* hi) {
-  if (CODES == kNibble) {
-    __m256i a = _mm256_maddubs_epi16(wv[0], bcast4(q));
-    __m256i b = _mm256_maddubs_epi16(wv[4], bcast4(q + 16));
-    for (int j = 1; j < 4; ++j) {
-      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(wv[j], bcast4(q + 4 * j)));
-      b = _mm256_add_epi16(b, _mm256_maddubs_epi16(wv[j + 4], bcast4(q + 16 + 4 * j)));
-    }
-    *lo = madd1(a);
-    *hi = madd1(b);
-  } else if (CODES == kSmall) {
-    __m256i s[4];
-    for (int j = 0; j < 4; ++j) {
-      s[j] = madd1(_mm256_add_epi16(_mm256_maddubs_epi16(wv[2 * j], bcast4(q + 8 * j)),
-                                    _mm256_maddubs_epi16(wv[2 * j + 1], bcast4(q + 8 * j + 4))));
-    }
-    *lo = _mm256_add_epi32(s[0], s[1]);
-    *hi = _mm256_add_epi32(s[2], s[3]);
-  } else {
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    __m256i s[8];
-    for (int j = 0; j < 8; ++j) {
-      const __m256i ws = _mm256_xor_si256(wv[j], flip);  // u - 128 as int8
-      s[j] = madd1(_mm256_maddubs_epi16(_mm256_abs_epi8(ws), _mm256_sign_epi8(bcast4(q + 4 * j), ws)));
-    }
-    const __m256i l = _mm256_add_epi32(_mm256_add_epi32(s[0], s[1]), _mm256_add_epi32(s[2], s[3]));
-    const __m256i h = _mm256_add_epi32(_mm256_add_epi32(s[4], s[5]), _mm256_add_epi32(s[6], s[7]));
-    *lo = _mm256_add_epi32(l, _mm256_set1_epi32(128 * m.s_half[0]));
-    *hi = _mm256_add_epi32(h, _mm256_set1_epi32(128 * m.s_half[1]));
-  }
-}
-
 // Byte i of the result is `bit` where bit i of m is set, else 0.
 inline __m256i plane_bits(uint32_t m, __m256i bit) {
   const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
@@ -80,81 +47,76 @@ inline __m256i plane_bits(uint32_t m, __m256i bit) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(v, select), select), bit);
 }
 
-// Half `half` (rows 8*half .. 8*half+7) of tile t against columns [c0, c0 + NC); BITS = w.code_bits
-// (the layout, qk_common.h), CODES the dot product the codes' range allows.
-template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
-void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0, float* y, int64_t ldy) {
-  const int64_t nb = w.blocks;
-  constexpr bool bits8 = BITS == 8;
-  constexpr int64_t cb = bits8 ? 512 : 256 + 64 * (BITS - 4);
-  const uint8_t* codes = w.codes + t * nb * cb + half * 32;
-  const int nsub = SUB16 ? 2 : 1;
-  const int64_t sbase = t * nb * nsub * kRows + half * 8;
-  const bool f16 = w.f16_scales != 0;
+// Code vector j of half `half` (rows 8*half .. 8*half+7) of block b of a tile (its codes at tile_codes,
+// BITS the layout of qk_common.h): inputs 4j..4j+3 of the 8 rows as bytes.
+template <int BITS>
+__attribute__((always_inline)) inline __m256i code_vec(const uint8_t* tile_codes, int64_t b, int half, int j) {
+  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  const uint8_t* block = tile_codes + b * cb;
+  if (BITS == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + j * 64 + half * 32));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[NC];
-  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
-  const int64_t esz = f16 ? 2 : 4;
-  const char* sbytes = static_cast<const char*>(w.scales) + (t * nb * nsub * kRows) * esz;
-  const char* obytes = SYM ? nullptr : static_cast<const char*>(w.offsets) + (t * nb * nsub * kRows) * esz;
-  const uint8_t* tile_codes = w.codes + t * nb * cb;
-  for (int64_t b = 0; b < nb; ++b) {
-    if ((NC <= 2 || c0 == 0) && half == 0) {  // few columns or the first pass over a tile: fetch ahead (the
-      // second half hits L1)
-      const char* next = reinterpret_cast<const char*>(tile_codes + (b + kAhead) * cb);
-      for (int l = 0; l < cb; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
-      _mm_prefetch(sbytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
-      if (!SYM) _mm_prefetch(obytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
-    }
-    __m256i wv[8];
-    if (bits8) {
-      for (int j = 0; j < 8; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * 512 + j * 64));
-    } else {
-      for (int j = 0; j < 4; ++j) {
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * cb + j * 64));
-        wv[j] = _mm256_and_si256(p, m4);
-        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(p, 4), m4);
-      }
-      for (int plane = 0; plane < BITS - 4; ++plane) {  // bit 4 + plane of each code: this half's 32 bits a word
-        const __m256i bit = _mm256_set1_epi8(static_cast<char>(0x10 << plane));
-        for (int j = 0; j < 8; ++j) {
-          uint32_t m;
-          std::memcpy(&m, tile_codes + b * cb + 256 + plane * 64 + j * 8 + half * 4, 4);
-          wv[j] = _mm256_or_si256(wv[j], plane_bits(m, bit));
-        }
-      }
-    }
-    const int64_t si = sbase + b * nsub * kRows;
-    const __m256 s0 = load_scales8(w.scales, si, f16);
-    const __m256 s1 = SUB16 ? load_scales8(w.scales, si + kRows, f16) : s0;
-    __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
-    if (!SYM) {
-      o0 = load_scales8(w.offsets, si, f16);
-      if (SUB16) o1 = load_scales8(w.offsets, si + kRows, f16);
-    }
-    for (int c = 0; c < NC; ++c) {
-      const int8_t* q = a.q + (c0 + c) * a.blocks * kBlock + b * kBlock;
-      const ActMeta& m = a.meta[(c0 + c) * a.blocks + b];
-      const __m256 dv = _mm256_set1_ps(m.d);
-      __m256i lo, hi;
-      dots<CODES>(wv, q, m, &lo, &hi);
-      if (!SUB16) {
-        __m256i s = _mm256_add_epi32(lo, hi);
-        if (SYM) s = _mm256_sub_epi32(s, _mm256_set1_epi32(w.zero * m.s));
-        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(s0, dv), acc[c]);
-        if (!SYM) acc[c] = _mm256_fmadd_ps(o0, _mm256_set1_ps(m.sx), acc[c]);
-      } else {
-        if (SYM) {
-          lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(w.zero * m.s_half[0]));
-          hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(w.zero * m.s_half[1]));
-        }
-        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_mul_ps(s0, dv), acc[c]);
-        if (!SYM) acc[c] = _mm256_fmadd_ps(o0, _mm256_set1_ps(m.sx_half[0]), acc[c]);
-        acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_mul_ps(s1, dv), acc[c]);
-        if (!SYM) acc[c] = _mm256_fmadd_ps(o1, _mm256_set1_ps(m.sx_half[1]), acc[c]);
-      }
-    }
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + (j & 3) * 64 + half * 32));
+  __m256i v = _mm256_and_si256(j < 4 ? p : _mm256_srli_epi16(p, 4), m4);
+  for (int plane = 0; plane < BITS - 4; ++plane) {  // bit 4 + plane of each code: this half's 32 bits a word
+    uint32_t m;
+    std::memcpy(&m, block + 256 + plane * 64 + j * 8 + half * 4, 4);
+    v = _mm256_or_si256(v, plane_bits(m, _mm256_set1_epi8(static_cast<char>(0x10 << plane))));
   }
+  return v;
+}
+
+// Tiles [t0, t1) of w's codes rewritten as 8-bit codes (512 bytes a block) into out: a GEMM over many
+// columns expands each block once instead of once per group of 4 columns.
+template <int BITS>
+void expand_tiles(const QWeight& w, int64_t t0, int64_t t1, uint8_t* out) {
+  const int64_t nb = w.blocks, cb = w.code_bytes_per_block();
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t b = 0; b < nb; ++b)
+      for (int half = 0; half < 2; ++half) {
+        uint8_t* dst = out + ((t - t0) * nb + b) * 512 + half * 32;
+        for (int j = 0; j < 8; ++j)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j * 64), code_vec<BITS>(w.codes + t * nb * cb, b, half, j));
+      }
+}
+
+// The tile's scales (or offsets) of rows 8*half .. 8*half+7 for sub-block `part` of block b.
+template <bool SUB16>
+__attribute__((always_inline)) inline __m256 part_scales(const QWeight& w, const void* base, int64_t t, int half,
+                                                         int64_t b, int part) {
+  constexpr int nsub = SUB16 ? 2 : 1;
+  return load_scales8(base, ((t * w.blocks + b) * nsub + part) * kRows + half * 8, w.f16_scales != 0);
+}
+
+// Adds the float value of one part's integer sums (`isum`: sum of u * q, plus `shift` times the part's
+// activation sum) to acc, in the order of qk_common.h.
+template <bool SUB16, bool SYM>
+__attribute__((always_inline)) inline __m256 part_value(__m256 acc, __m256i isum, const ActMeta& m, int part,
+                                                        int32_t shift, __m256 sc, __m256 off) {
+  const int32_t qsum = SUB16 ? m.s_half[part] : m.s;
+  if (shift != 0) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(shift * qsum));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc, _mm256_set1_ps(m.d)), acc);
+  if (!SYM) acc = _mm256_fmadd_ps(off, _mm256_set1_ps(SUB16 ? m.sx_half[part] : m.sx), acc);
+  return acc;
+}
+
+// Starts loading block b + kAhead of the tile (codes, scales, offsets) on the first pass over it.
+template <int BITS, bool SUB16, bool SYM>
+__attribute__((always_inline)) inline void prefetch_ahead(const QWeight& w, const uint8_t* tile_codes, int64_t t,
+                                                          int64_t b) {
+  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  constexpr int nsub = SUB16 ? 2 : 1;
+  const int64_t esz = w.f16_scales ? 2 : 4;
+  const int64_t si = (t * w.blocks + b + kAhead) * nsub * kRows * esz;
+  const char* next = reinterpret_cast<const char*>(tile_codes + (b + kAhead) * cb);
+  for (int l = 0; l < cb; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(w.scales) + si, _MM_HINT_T0);
+  if (!SYM) _mm_prefetch(static_cast<const char*>(w.offsets) + si, _MM_HINT_T0);
+}
+
+// Stores the NC accumulators of rows 8*half .. 8*half+7 of tile t (the rows that exist).
+template <int NC>
+__attribute__((always_inline)) inline void store_rows(const QWeight& w, const __m256* acc, int64_t t, int half,
+                                                      int64_t c0, float* y, int64_t ldy) {
   const int64_t left = w.out - t * kRows - half * 8;
   if (left <= 0) return;
   for (int c = 0; c < NC; ++c) {
@@ -169,25 +131,130 @@ void half_cols(const QWeight& w, const QAct& a, int64_t t, int half, int64_t c0,
   }
 }
 
+// Half `half` (rows 8*half .. 8*half+7) of tile t against columns [c0, c0 + NC), codes <= 63 (the tile's
+// codes at tile_codes in layout BITS: w.code_bits, or 8 after expand_tiles): the block's 8 code vectors
+// are decoded once and held while each column's pairs of vpmaddubsw results are summed in int16.
+template <int NC, int BITS, bool SUB16, bool SYM>
+void half_cols_small(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64_t t, int half, int64_t c0,
+                     float* y, int64_t ldy) {
+  const int32_t shift = SYM ? -w.zero : 0;
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    if ((NC <= 2 || c0 == 0) && half == 0) prefetch_ahead<BITS, SUB16, SYM>(w, tile_codes, t, b);  // 2nd half: L1
+    __m256i wv[8];
+    for (int j = 0; j < 8; ++j) wv[j] = code_vec<BITS>(tile_codes, b, half, j);
+    const __m256 s0 = part_scales<SUB16>(w, w.scales, t, half, b, 0);
+    const __m256 s1 = SUB16 ? part_scales<SUB16>(w, w.scales, t, half, b, 1) : s0;
+    const __m256 o0 = SYM ? _mm256_setzero_ps() : part_scales<SUB16>(w, w.offsets, t, half, b, 0);
+    const __m256 o1 = SYM || !SUB16 ? o0 : part_scales<SUB16>(w, w.offsets, t, half, b, 1);
+    for (int c = 0; c < NC; ++c) {
+      const int8_t* q = a.q + ((c0 + c) * a.blocks + b) * kBlock;
+      const ActMeta& m = a.meta[(c0 + c) * a.blocks + b];
+      __m256i s[4];
+      for (int j = 0; j < 4; ++j)
+        s[j] = madd1(_mm256_add_epi16(_mm256_maddubs_epi16(wv[2 * j], bcast4(q + 8 * j)),
+                                      _mm256_maddubs_epi16(wv[2 * j + 1], bcast4(q + 8 * j + 4))));
+      const __m256i lo = _mm256_add_epi32(s[0], s[1]), hi = _mm256_add_epi32(s[2], s[3]);
+      if (SUB16) {
+        acc[c] = part_value<SUB16, SYM>(acc[c], lo, m, 0, shift, s0, o0);
+        acc[c] = part_value<SUB16, SYM>(acc[c], hi, m, 1, shift, s1, o1);
+      } else {
+        acc[c] = part_value<SUB16, SYM>(acc[c], _mm256_add_epi32(lo, hi), m, 0, shift, s0, o0);
+      }
+    }
+  }
+  store_rows<NC>(w, acc, t, half, c0, y, ldy);
+}
+
+// As half_cols_small for any code (8-bit codes up to 255): |u - 128| x (q with the sign of u - 128),
+// then + 128 * sum(q). Each code vector needs two registers (u - 128 and its magnitude): one at a time,
+// for all columns together (held for the block, the 16 of them spill out of the 16 ymm registers).
+template <int NC, bool SUB16, bool SYM>
+void half_cols_full(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64_t t, int half, int64_t c0,
+                    float* y, int64_t ldy) {
+  constexpr int nsub = SUB16 ? 2 : 1;
+  const int32_t shift = 128 - (SYM ? w.zero : 0);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.blocks; ++b) {
+    if ((NC <= 2 || c0 == 0) && half == 0) prefetch_ahead<8, SUB16, SYM>(w, tile_codes, t, b);
+    for (int part = 0; part < nsub; ++part) {  // sub16: inputs 0-15, then 16-31; else all 32 at once
+      __m256i isum[NC];
+      for (int c = 0; c < NC; ++c) isum[c] = _mm256_setzero_si256();
+      for (int j = part * 8 / nsub; j < (part + 1) * 8 / nsub; ++j) {
+        const __m256i ws = _mm256_xor_si256(code_vec<8>(tile_codes, b, half, j), flip);
+        const __m256i wa = _mm256_abs_epi8(ws);
+        for (int c = 0; c < NC; ++c) {
+          const int8_t* q = a.q + ((c0 + c) * a.blocks + b) * kBlock + 4 * j;
+          isum[c] = _mm256_add_epi32(isum[c], madd1(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(bcast4(q), ws))));
+        }
+      }
+      const __m256 sc = part_scales<SUB16>(w, w.scales, t, half, b, part);
+      const __m256 off = SYM ? _mm256_setzero_ps() : part_scales<SUB16>(w, w.offsets, t, half, b, part);
+      for (int c = 0; c < NC; ++c)
+        acc[c] = part_value<SUB16, SYM>(acc[c], isum[c], a.meta[(c0 + c) * a.blocks + b], part, shift, sc, off);
+    }
+  }
+  store_rows<NC>(w, acc, t, half, c0, y, ldy);
+}
+
+template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
+void half_cols(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64_t t, int half, int64_t c0, float* y,
+               int64_t ldy) {
+  if constexpr (CODES == kSmall)
+    half_cols_small<NC, BITS, SUB16, SYM>(w, tile_codes, a, t, half, c0, y, ldy);
+  else
+    half_cols_full<NC, SUB16, SYM>(w, tile_codes, a, t, half, c0, y, ldy);
+}
+
+// Columns [c0, c0 + NC) against tiles [g0, g1), whose codes (layout BITS) start at codes (tile g0's).
+template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
+void tiles_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g0, int64_t g1, int64_t c0, float* y,
+                int64_t ldy) {
+  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  for (int64_t t = g0; t < g1; ++t)
+    for (int h = 0; h < 2; ++h)
+      half_cols<NC, BITS, CODES, SUB16, SYM>(w, codes + (t - g0) * w.blocks * cb, a, t, h, c0, y, ldy);
+}
+
+// All columns against tiles [g0, g1) (codes as in tiles_cols): 4 at a time, then 2, then 1.
+template <int BITS, int CODES, bool SUB16, bool SYM>
+void group_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g0, int64_t g1, float* y, int64_t ldy) {
+  int64_t c = 0;
+  for (; c + 4 <= a.cols; c += 4) tiles_cols<4, BITS, CODES, SUB16, SYM>(w, codes, a, g0, g1, c, y, ldy);
+  if (c + 2 <= a.cols) {
+    tiles_cols<2, BITS, CODES, SUB16, SYM>(w, codes, a, g0, g1, c, y, ldy);
+    c += 2;
+  }
+  if (c < a.cols) tiles_cols<1, BITS, CODES, SUB16, SYM>(w, codes, a, g0, g1, c, y, ldy);
+}
+
+// Tiles in groups of ~256 KiB (the weights stay in L2 while every column passes over them). With more
+// than 4 columns, 5- and 6-bit codes are first expanded to bytes, once per group (the bit planes cost
+// more than the dot products they feed when every 4 columns repeat them).
 template <int BITS, int CODES, bool SUB16, bool SYM>
 void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+  constexpr bool expand = BITS == 5 || BITS == 6;
+  const bool expanding = expand && a.cols > 4;
   const int64_t esz = w.f16_scales ? 2 : 4;
-  const int64_t tile_bytes = w.blocks * (w.code_bytes_per_block() + w.nsub() * kRows * esz * (SYM ? 1 : 2));
+  const int64_t code_bytes = expanding ? 512 : w.code_bytes_per_block();
+  const int64_t tile_bytes = w.blocks * (code_bytes + w.nsub() * kRows * esz * (SYM ? 1 : 2));
   const int64_t group = a.cols <= 4 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
+  thread_local std::vector<uint8_t> expanded;
+  if (expanding && static_cast<int64_t>(expanded.size()) < group * w.blocks * 512)
+    expanded.resize(static_cast<size_t>(group * w.blocks * 512));
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
-    int64_t c = 0;
-    for (; c + 4 <= a.cols; c += 4)
-      for (int64_t t = g0; t < g1; ++t)
-        for (int h = 0; h < 2; ++h) half_cols<4, BITS, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
-    if (c + 2 <= a.cols) {
-      for (int64_t t = g0; t < g1; ++t)
-        for (int h = 0; h < 2; ++h) half_cols<2, BITS, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
-      c += 2;
+    if constexpr (expand) {
+      if (expanding) {
+        expand_tiles<BITS>(w, g0, g1, expanded.data());
+        group_cols<8, CODES, SUB16, SYM>(w, expanded.data(), a, g0, g1, y, ldy);
+        continue;
+      }
     }
-    if (c < a.cols)
-      for (int64_t t = g0; t < g1; ++t)
-        for (int h = 0; h < 2; ++h) half_cols<1, BITS, CODES, SUB16, SYM>(w, a, t, h, c, y, ldy);
+    group_cols<BITS, CODES, SUB16, SYM>(w, w.codes + g0 * w.blocks * w.code_bytes_per_block(), a, g0, g1, y, ldy);
   }
 }
 
@@ -220,8 +287,8 @@ inline int32_t hsum8i(__m256i v) {
 }  // namespace
 
 void gemm_avx2(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
-  switch (w.code_bits) {  // codes up to 63 (5 and 6 bits, or 8-bit storage) take kSmall's dot product
-    case 4: gemm_codes<4, kNibble>(w, a, t0, t1, y, ldy); break;
+  switch (w.code_bits) {  // codes up to 63 (4, 5 and 6 bits, or 8-bit storage) take kSmall's dot product
+    case 4: gemm_codes<4, kSmall>(w, a, t0, t1, y, ldy); break;
     case 5: gemm_codes<5, kSmall>(w, a, t0, t1, y, ldy); break;
     case 6: gemm_codes<6, kSmall>(w, a, t0, t1, y, ldy); break;
     default:

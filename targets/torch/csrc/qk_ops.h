@@ -33,6 +33,43 @@ __attribute__((always_inline)) inline void store16(float* p, f16v v) { __builtin
 
 __attribute__((always_inline)) inline f16v splat(float x) { return f16v{} + x; }
 
+// The widest float vector the ISA keeps in registers, for the loops that are not the attention's
+// 16-key groups (softmax, SiLU, norms): one ymm (8 lanes) on AVX2, where GCC keeps 16-lane values in
+// memory, else f16v (one zmm, or four xmm on the scalar path).
+#if LLMC_QK_SIMD == 1
+typedef float fvec __attribute__((vector_size(32)));
+typedef int32_t ivec __attribute__((vector_size(32)));
+#else
+typedef f16v fvec;
+typedef i16v ivec;
+#endif
+constexpr int kW = static_cast<int>(sizeof(fvec) / sizeof(float));
+
+__attribute__((always_inline)) inline fvec loadw(const float* p) {
+  fvec v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+__attribute__((always_inline)) inline void storew(float* p, fvec v) { __builtin_memcpy(p, &v, sizeof v); }
+
+// Tree reductions of one fvec's lanes (depth log2(kW), not a chain).
+__attribute__((always_inline)) inline float hmax(fvec v) {
+  float a[kW];
+  storew(a, v);
+  for (int w = kW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] = a[i] > a[i + w] ? a[i] : a[i + w];
+  return a[0];
+}
+
+__attribute__((always_inline)) inline float hsum(fvec v) {
+  float a[kW];
+  storew(a, v);
+  for (int w = kW / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] = a[i] + a[i + w];
+  return a[0];
+}
+
 #if LLMC_QK_SIMD != 1
 // The attention's 16-lane helpers (AVX2 runs 8-lane loops there instead: GCC keeps 16-lane values that
 // are built from or split into __m256 halves in memory, ~20x slower).
@@ -58,23 +95,26 @@ __attribute__((always_inline)) inline f16v madd16(float a, f16v b, f16v c) {
 }
 #endif
 
-__attribute__((always_inline)) inline f16v exp16(f16v x) {  // exp_f32 on 16 lanes
-  const f16v lo = splat(-87.0f), hi = splat(88.0f);
+// exp_f32 on every lane of V (float lanes; I: int32 lanes of the same count): fvec, the width whose
+// registers hold it (AVX-512, scalar), 8-lane on AVX2, where GCC keeps 16-lane values in memory.
+template <typename V, typename I>
+__attribute__((always_inline)) inline V exp_lanes(V x) {
+  const V lo = V{} - 87.0f, hi = V{} + 88.0f;
   x = x < lo ? lo : (x > hi ? hi : x);
-  const f16v t = x * 1.44269504088896341f;
-  const f16v fn = (t + 12582912.0f) - 12582912.0f;
-  f16v r = x - fn * 0.693359375f;
+  const V t = x * 1.44269504088896341f;
+  const V fn = (t + 12582912.0f) - 12582912.0f;
+  V r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  f16v p = splat(1.9875691500e-4f);
+  V p = V{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = (p * r) * r + r + 1.0f;
-  const i16v n = __builtin_convertvector(fn, i16v);
-  const i16v bits = (n + 127) << 23;
-  f16v scale;
+  const I n = __builtin_convertvector(fn, I);
+  const I bits = (n + 127) << 23;
+  V scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
@@ -100,23 +140,6 @@ inline float exp_f32(float x) {
   return p * scale;
 }
 
-// Tree reductions of 16 values (depth 4 instead of a chain of 15).
-inline float max16(const float* v) {
-  float a[8];
-  for (int i = 0; i < 8; ++i) a[i] = v[i] > v[i + 8] ? v[i] : v[i + 8];
-  for (int i = 0; i < 4; ++i) a[i] = a[i] > a[i + 4] ? a[i] : a[i + 4];
-  for (int i = 0; i < 2; ++i) a[i] = a[i] > a[i + 2] ? a[i] : a[i + 2];
-  return a[0] > a[1] ? a[0] : a[1];
-}
-
-inline float sum16(const float* v) {
-  float a[8];
-  for (int i = 0; i < 8; ++i) a[i] = v[i] + v[i + 8];
-  for (int i = 0; i < 4; ++i) a[i] = a[i] + a[i + 4];
-  for (int i = 0; i < 2; ++i) a[i] = a[i] + a[i + 2];
-  return a[0] + a[1];
-}
-
 }  // namespace
 
 // y[r] = rms_norm(x[r] (+ res[r])) * w for rows [r0, r1); with res, sum[r] = x[r] + res[r].
@@ -131,16 +154,13 @@ void rms_norm(const float* x, int64_t ldx, const float* res, int64_t ldr, const 
       for (int64_t i = 0; i < n; ++i) sr[i] = xr[i] + rr[i];
       src = sr;
     }
-    f16v acc = f16v{};
+    fvec acc = fvec{};
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes) {
-      const f16v v = load16(src + i);
+    for (; i + kW <= n; i += kW) {
+      const fvec v = loadw(src + i);
       acc += v * v;
     }
-    float part[kLanes];
-    store16(part, acc);
-    float total = 0.0f;
-    for (int j = 0; j < kLanes; ++j) total += part[j];
+    float total = hsum(acc);
     for (; i < n; ++i) total = LLMC_QK_MADD(src[i], src[i], total);
     const float inv = 1.0f / __builtin_sqrtf(total / static_cast<float>(n) + eps);
     float* yr = y + r * ldy;
@@ -155,13 +175,22 @@ void elementwise(int kind, const float* a, int64_t lda, const float* b, int64_t 
   for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict ar = a + r * lda;
     float* __restrict yr = y + r * ldy;
-    if (kind == 0) {
-      for (int64_t i = 0; i < n; ++i) yr[i] = ar[i] / (1.0f + exp_f32(-ar[i]));
+    int64_t i = 0;
+    if (kind == 0) {  // explicit vectors: GCC does not vectorize exp_f32's loop for AVX2
+      for (; i + kW <= n; i += kW) {
+        const fvec v = loadw(ar + i);
+        storew(yr + i, v / (1.0f + exp_lanes<fvec, ivec>(-v)));
+      }
+      for (; i < n; ++i) yr[i] = ar[i] / (1.0f + exp_f32(-ar[i]));
       continue;
     }
     const float* __restrict br = b + r * ldb;
     if (kind == 1) {
-      for (int64_t i = 0; i < n; ++i) yr[i] = ar[i] / (1.0f + exp_f32(-ar[i])) * br[i];
+      for (; i + kW <= n; i += kW) {
+        const fvec v = loadw(ar + i);
+        storew(yr + i, v / (1.0f + exp_lanes<fvec, ivec>(-v)) * loadw(br + i));
+      }
+      for (; i < n; ++i) yr[i] = ar[i] / (1.0f + exp_f32(-ar[i])) * br[i];
     } else if (kind == 2) {
       for (int64_t i = 0; i < n; ++i) yr[i] = ar[i] * br[i];
     } else {
@@ -351,25 +380,19 @@ inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const 
   score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s);
   for (int g = 0; g < G; ++g) {
     for (int j = valid; j < kChunk; ++j) s[g][j] = -__builtin_inff();
-    f16v vmax = load16(s[g]);
-    for (int c = 1; c < kVec; ++c) {
-      const f16v o = load16(s[g] + c * kLanes);
+    fvec vmax = loadw(s[g]);
+    for (int c = kW; c < kChunk; c += kW) {
+      const fvec o = loadw(s[g] + c);
       vmax = vmax > o ? vmax : o;
     }
-    float lanes[kLanes];
-    store16(lanes, vmax);
-    const float cmax = max16(lanes);
+    const float cmax = hmax(vmax);
     const float m_new = mx[g] > cmax ? mx[g] : cmax;
     alpha[g] = mx[g] == -__builtin_inff() ? 0.0f : exp_f32(mx[g] - m_new);
-    f16v vsum = f16v{};
-    for (int c = 0; c < kVec; ++c) {
-      const f16v e = exp16(load16(s[g] + c * kLanes) - m_new);
-      store16(p[g] + c * kLanes, e);
-    }
-    for (int j = valid; j < kChunk; ++j) p[g][j] = 0.0f;
-    for (int c = 0; c < kVec; ++c) vsum += load16(p[g] + c * kLanes);
-    store16(lanes, vsum);
-    sm[g] = sm[g] * alpha[g] + sum16(lanes);
+    for (int c = 0; c < kChunk; c += kW) storew(p[g] + c, exp_lanes<fvec, ivec>(loadw(s[g] + c) - m_new));
+    for (int j = valid; j < kChunk; ++j) p[g][j] = 0.0f;  // exp clamps -inf to exp(-87), not 0
+    fvec vsum = fvec{};
+    for (int c = 0; c < kChunk; c += kW) vsum += loadw(p[g] + c);
+    sm[g] = sm[g] * alpha[g] + hsum(vsum);
     mx[g] = m_new;
   }
   accumulate_values<G>(ac, alpha, p, vrows, valid, hd);
