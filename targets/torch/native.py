@@ -108,9 +108,35 @@ def lower_native(fn: Function, params: dict[str, TorchWeight], config: ModelConf
     return _Lowering(fn, params, config, prog).run()
 
 
+def linears_together(nodes: list[Node]) -> list[Node]:
+    """``nodes`` with each linear moved up to just after the previous linear of the same input (its
+    weight's ``param`` node with it), so that the program runs them as one group: one quantization of
+    the input and one parallel region for all their tiles (gate and up, q, k and v of mixed formats).
+    Only the order changes: a linear reads its input and its weight, nothing that runs in between."""
+    order: list[Node] = []
+    last_linear: dict[Value, Node] = {}  # input -> the last linear reading it so far
+    for node in nodes:
+        prev = last_linear.get(node.inputs[0]) if node.op == "linear" else None
+        if prev is not None:
+            at = order.index(prev) + 1
+            weight = node.inputs[1].node
+            later = weight in order[at:]
+            if not later or weight.op == "param":  # a param has no inputs: it can move up too
+                if later:
+                    order.remove(weight)
+                order[at:at] = [weight, node] if later else [node]
+                last_linear[node.inputs[0]] = node
+                continue
+        if node.op == "linear":
+            last_linear[node.inputs[0]] = node
+        order.append(node)
+    return order
+
+
 class _Lowering:
     def __init__(self, fn: Function, params: dict[str, TorchWeight], config: ModelConfig, prog: Any) -> None:
         self.fn, self.params, self.config, self.prog = fn, params, config, prog
+        self.nodes = linears_together(list(fn.nodes))
         self.values: dict[Value, _Val] = {}
         self.free: dict[tuple[int, bool], list[int]] = defaultdict(list)
         self.width: dict[int, tuple[int, bool]] = {}
@@ -119,12 +145,12 @@ class _Lowering:
         self.count = 0
         self.last_use: dict[Value, int] = {}
         self.uses: dict[Value, int] = defaultdict(int)
-        for i, node in enumerate(fn.nodes):
+        for i, node in enumerate(self.nodes):
             for v in node.inputs:
                 self.last_use[v] = i
                 self.uses[v] += 1
         for v in fn.outputs.values():
-            self.last_use[v] = len(fn.nodes)
+            self.last_use[v] = len(self.nodes)
 
     # -- buffers ---------------------------------------------------------------------------
     def new_view(self, width: int, output_rows: bool) -> View:
@@ -173,7 +199,7 @@ class _Lowering:
 
     # -- ops -------------------------------------------------------------------------------
     def run(self) -> NativeStep:
-        for index, node in enumerate(self.fn.nodes):
+        for index, node in enumerate(self.nodes):
             self.lower(node)
             self.count += node.op not in ("input", "param", "split", "split_heads", "merge_heads")
             self.release(index, node)

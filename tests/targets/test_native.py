@@ -30,7 +30,7 @@ from llmc.compiler.weights import QuantizedTensor
 from llmc.errors import LlmcError, RequestError
 from llmc.targets.torch import qkernels
 from llmc.targets.torch.executor import TorchExecutor
-from llmc.targets.torch.native import Unsupported, lower_native
+from llmc.targets.torch.native import Unsupported, linears_together, lower_native
 from tests.helpers import SequenceDriver, assert_int8_activation_close, int8_activation_error
 from tests.passes.util import llama_config, random_llama, run_pipeline
 from tests.targets.test_qkernels import random_blocks
@@ -288,3 +288,30 @@ def test_logits_larger_than_the_keep_limit_are_not_held(kernels, monkeypatch) ->
     assert all(step._array is None for step in ex.native.values())
     np.testing.assert_array_equal(first, SequenceDriver(TorchExecutor(module, weights), max_seqs=1).step(
         {0: [1, 2, 3]})[0])
+
+
+def test_linears_of_one_input_are_lowered_next_to_each_other() -> None:
+    """q/k/v and gate/up of the unfused IR become neighbours (one group in the program), and the new
+    order still defines every value before its use. No kernels needed: only the node order."""
+    _, module, _ = model(PIPELINES[0])
+    for fn in module:
+        order = linears_together(list(fn.nodes))
+        assert sorted(map(id, order)) == sorted(map(id, fn.nodes))
+        seen: set[int] = set()
+        for node in order:
+            assert all(id(v.node) in seen for v in node.inputs), node.op
+            seen.add(id(node))
+        # between two linears of one input only param nodes (their weights), in the new order only
+        def apart(nodes: list) -> int:
+            last: dict[int, int] = {}
+            count = 0
+            for i, n in enumerate(nodes):
+                if n.op != "linear":
+                    continue
+                j = last.get(id(n.inputs[0]))
+                count += j is not None and any(m.op != "param" for m in nodes[j + 1:i])
+                last[id(n.inputs[0])] = i
+            return count
+
+        assert apart(order) == 0
+        assert apart(list(fn.nodes)) > 0  # the IR's gate, silu, up order

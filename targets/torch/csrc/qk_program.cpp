@@ -126,7 +126,25 @@ int32_t Program::add_rope_table(std::vector<float> cos_t, std::vector<float> sin
   return static_cast<int32_t>(ropes_.size() - 1);
 }
 
-void Program::linear(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
+size_t Program::linear_group_end(size_t first) const {
+  const Instr& head = code_[first];
+  if (head.dst.buf == head.a.buf) return first + 1;
+  auto same = [](const View& x, const View& y) { return x.buf == y.buf && x.col == y.col && x.width == y.width; };
+  size_t end = first + 1;
+  for (; end < code_.size() && end < first + kMaxGroup; ++end) {
+    const Instr& next = code_[end];
+    if (next.op != Op::kLinear || !same(next.a, head.a) || next.dst.buf == head.a.buf ||
+        qweights_[next.weight]->blocks != qweights_[head.weight]->blocks)
+      break;
+    bool shared_dst = false;  // members run at once: each writes its own buffer
+    for (size_t k = first; k < end; ++k) shared_dst = shared_dst || code_[k].dst.buf == next.dst.buf;
+    if (shared_dst) break;
+  }
+  return end;
+}
+
+void Program::linear(size_t first, size_t end, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
+  const Instr& ins = code_[first];
   const QWeight& w = *qweights_[ins.weight];
   const int64_t rows = rows_of(ins.a, in);
   ActCache& cache = act_cache_[ins.a.buf];
@@ -143,11 +161,47 @@ void Program::linear(const Instr& ins, const StepInput& in, ThreadPool& pool, co
     cache.version = src.version;
   }
   const QAct act{cache.q.data(), cache.meta.data(), rows, w.blocks};
-  float* y = ptr(ins.dst);
-  const int64_t ldy = ld(ins.dst);
-  const int64_t work = w.tiles * w.blocks * rows;
-  pool.parallel_for(w.tiles, work < 4096 ? w.tiles + 1 : 2,
-                    [&](int64_t t0, int64_t t1) { ops.gemm(w, act, t0, t1, y, ldy); });
+  // The group's tiles in one parallel region (one barrier, not one per weight), split by their bytes:
+  // weight k's tiles are [start[k], start[k + 1]) of the group's, each costing cost[k].
+  const size_t n = end - first;
+  int64_t start[kMaxGroup + 1], cost[kMaxGroup];
+  start[0] = 0;
+  int64_t total = 0;
+  for (size_t k = 0; k < n; ++k) {
+    const QWeight& wk = *qweights_[code_[first + k].weight];
+    const int64_t esz = wk.f16_scales ? 2 : 4;
+    cost[k] = wk.blocks * (wk.code_bytes_per_block() + wk.nsub() * kRows * esz * (wk.offsets ? 2 : 1));
+    start[k + 1] = start[k] + wk.tiles;
+    total += wk.tiles * cost[k];
+  }
+  // tiles [g0, g1) of the group, in order
+  auto run_tiles = [&](int64_t g0, int64_t g1) {
+    for (size_t k = 0; k < n; ++k) {
+      const int64_t t0 = std::max(g0, start[k]) - start[k], t1 = std::min(g1, start[k + 1]) - start[k];
+      if (t0 >= t1) continue;
+      const Instr& ik = code_[first + k];
+      ops.gemm(*qweights_[ik.weight], act, t0, t1, ptr(ik.dst), ld(ik.dst));
+    }
+  };
+  if (pool.size() == 1 || start[n] * w.blocks * rows < 4096 || start[n] < 2) {  // too small to share
+    run_tiles(0, start[n]);
+    return;
+  }
+  pool.run([&](int t, int nt) {
+    // the first tile whose cumulative cost reaches t / nt of the total, for t and t + 1
+    auto boundary = [&](int part) {
+      const int64_t goal = total * part / nt;
+      int64_t acc = 0;
+      for (size_t k = 0; k < n; ++k) {
+        const int64_t span = (start[k + 1] - start[k]) * cost[k];
+        if (acc + span >= goal) return start[k] + (goal - acc + cost[k] - 1) / cost[k];
+        acc += span;
+      }
+      return start[n];
+    };
+    const int64_t g0 = boundary(t), g1 = t + 1 == nt ? start[n] : boundary(t + 1);
+    if (g0 < g1) run_tiles(g0, g1);
+  });
 }
 
 void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
@@ -300,9 +354,14 @@ void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
         if (add) buffers_[ins.dst1.buf].version++;
         break;
       }
-      case Op::kLinear:
-        linear(ins, in, pool, ops);
+      case Op::kLinear: {
+        // consecutive linears of one input run as one group (profiled as its last instruction)
+        const size_t end = linear_group_end(index);
+        linear(index, end, in, pool, ops);
+        for (size_t k = index + 1; k < end; ++k) buffers_[code_[k].dst.buf].version++;
+        index = end - 1;
         break;
+      }
       case Op::kRope: {
         const float* a = ptr(ins.a);
         float* y = ptr(ins.dst);

@@ -142,7 +142,13 @@ class Program {
   int64_t rows_of(const View& v, const StepInput& in) const {
     return buffers_[v.buf].output_rows ? in.outputs : in.tokens;
   }
-  void linear(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
+  // Instructions [first, end) are linears of one input (linear_group_end): quantized once, their tiles
+  // split across the pool in one region by bytes.
+  void linear(size_t first, size_t end, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
+  // The end of the run of linears from `first` (at most kMaxGroup) that read the same view, write none
+  // of it and each write a buffer of its own.
+  size_t linear_group_end(size_t first) const;
+  static constexpr size_t kMaxGroup = 8;
   void attention(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
 
   std::vector<Buffer> buffers_;
