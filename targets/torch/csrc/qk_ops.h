@@ -268,13 +268,44 @@ __attribute__((always_inline)) inline f8v madd8(float a, f8v b, f8v c) {  // a *
 }
 #endif
 
+// Where a chunk's 16-key groups lie in the cache, so that the chunk before it can ask for them a group at a
+// time while it computes (keys while it scores, values before it sums them; one burst for the whole chunk
+// took 8% longer on AVX2, 5% on AVX-512: 30 layers at 32 x 96 positions): group c's keys are `key_pieces`
+// runs of `key_bytes` (stride key_stride) from key[c], its values one run of val_bytes[c] from val[c].
+struct ChunkPrefetch {
+  int groups = 0;
+  const char* key[kVec];
+  const char* val[kVec];
+  int64_t val_bytes[kVec];
+  int64_t key_bytes = 0, key_stride = 0;
+  int key_pieces = 0;
+};
+
+// Asks for the cache lines of [p, p + bytes) ahead of their use (into L2: a chunk's keys and values
+// would crowd L1): attention would otherwise wait on DRAM for each block it reaches.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+  __builtin_prefetch(c + bytes - 1, 0, 2);
+}
+
+__attribute__((always_inline)) inline void prefetch_group_keys(const ChunkPrefetch* pf, int c) {
+  if (pf == nullptr || c >= pf->groups) return;
+  for (int i = 0; i < pf->key_pieces; ++i) prefetch_bytes(pf->key[c] + i * pf->key_stride, pf->key_bytes);
+}
+
+__attribute__((always_inline)) inline void prefetch_group_values(const ChunkPrefetch* pf, int c) {
+  if (pf != nullptr && c < pf->groups) prefetch_bytes(pf->val[c], pf->val_bytes[c]);
+}
+
 // s[g][j] = query g . key j (query g at q + g * hd) for the chunk's 16-key groups [0, groups): group c's
 // keys are `kg[c]`, [hd][ks[c]] (key j of the group at column j).
 template <int G, typename TK>
 inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, int groups, int hd,
-                        float (*s)[kChunk]) {
+                        float (*s)[kChunk], const ChunkPrefetch* pf) {
 #if LLMC_QK_SIMD == 1
   for (int c = 0; c < kVec; ++c) {
+    prefetch_group_keys(pf, c);
     f8v acc[G][2];
     for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = f8v{};
     if (c < groups)
@@ -296,6 +327,7 @@ inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, 
   f16v acc[G][kVec];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < kVec; ++c) acc[g][c] = f16v{};
+  for (int c = 0; c < kVec; ++c) prefetch_group_keys(pf, c);
   if (groups == kVec && LLMC_QK_SIMD == 2) {  // every key vector of a dimension loaded once
     for (int d = 0; d < hd; ++d) {
       f16v kv[kVec];
@@ -373,11 +405,11 @@ inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kC
 // online softmax update of each head's running max `mx` and sum `sm`, and the weighted values into `ac`.
 template <int G, typename TK, typename TV>
 inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
-                         const int64_t* ks, const TV* const* vrows, int valid, int hd) {
+                         const int64_t* ks, const TV* const* vrows, int valid, int hd, const ChunkPrefetch* pf) {
   alignas(64) float s[G][kChunk];
   alignas(64) float p[G][kChunk];
   float alpha[G];
-  score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s);
+  score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s, pf);
   for (int g = 0; g < G; ++g) {
     for (int j = valid; j < kChunk; ++j) s[g][j] = -__builtin_inff();
     fvec vmax = loadw(s[g]);
@@ -395,45 +427,47 @@ inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const 
     sm[g] = sm[g] * alpha[g] + hsum(vsum);
     mx[g] = m_new;
   }
+  for (int c = 0; c < kVec; ++c) prefetch_group_values(pf, c);
   accumulate_values<G>(ac, alpha, p, vrows, valid, hd);
 }
 
 template <typename TK, typename TV>
 inline void attend_heads(int n, const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
-                         const int64_t* ks, const TV* const* vrows, int valid, int hd) {
+                         const int64_t* ks, const TV* const* vrows, int valid, int hd, const ChunkPrefetch* pf) {
   for (int g0 = 0; g0 < n; g0 += kHeads) {
     const int m = n - g0 < kHeads ? n - g0 : kHeads;
     switch (m) {
-      case 1: attend_chunk<1>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
-      case 2: attend_chunk<2>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
-      case 3: attend_chunk<3>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
-      case 4: attend_chunk<4>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd); break;
+      case 1: attend_chunk<1>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
+      case 2: attend_chunk<2>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
+      case 3: attend_chunk<3>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
+      case 4: attend_chunk<4>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
       default: break;
     }
   }
 }
 
-// Asks for the cache lines of [p, p + bytes) ahead of their use (into L2: a chunk's keys and values
-// would crowd L1): attention would otherwise wait on DRAM for each block it reaches.
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
-  __builtin_prefetch(c + bytes - 1, 0, 2);
-}
-
-// The keys and values of block-major chunk [p0, min(p0 + kChunk, end)) of one kv head.
+// Where the keys and values of block-major chunk [p0, min(p0 + kChunk, end)) of one kv head lie.
 template <typename T>
-inline void prefetch_chunk(const T* kc, const T* vc, const int64_t* table, int64_t bs, int kv_heads, int kvh, int hd,
-                           int64_t p0, int64_t end) {
-  for (int64_t pos = p0; pos < end && pos < p0 + kChunk; pos += kLanes) {
+inline ChunkPrefetch chunk_ranges(const T* kc, const T* vc, const int64_t* table, int64_t bs, int kv_heads, int kvh,
+                                  int hd, int64_t p0, int64_t end) {
+  ChunkPrefetch r;
+  r.key_pieces = bs == kLanes ? 1 : hd;  // a 16-slot block's [hd][16] keys are one run, else hd runs of 16
+  r.key_bytes = static_cast<int64_t>(sizeof(T)) * (bs == kLanes ? hd * bs : kLanes);
+  r.key_stride = static_cast<int64_t>(sizeof(T)) * bs;
+  for (int64_t pos = p0; pos < end && pos < p0 + kChunk; pos += kLanes, ++r.groups) {
     const int64_t head = table[pos / bs] * kv_heads + kvh, off = pos % bs;
     const int64_t n = end - pos < kLanes ? end - pos : kLanes;
-    if (bs == kLanes) {
-      prefetch_bytes(kc + head * hd * bs, static_cast<int64_t>(sizeof(T)) * hd * bs);
-    } else {
-      for (int d = 0; d < hd; ++d) prefetch_bytes(kc + (head * hd + d) * bs + off, static_cast<int64_t>(sizeof(T)) * n);
-    }
-    prefetch_bytes(vc + (head * bs + off) * hd, static_cast<int64_t>(sizeof(T)) * n * hd);
+    r.key[r.groups] = reinterpret_cast<const char*>(kc + head * hd * bs + off);
+    r.val[r.groups] = reinterpret_cast<const char*>(vc + (head * bs + off) * hd);
+    r.val_bytes[r.groups] = static_cast<int64_t>(sizeof(T)) * n * hd;
+  }
+  return r;
+}
+
+inline void prefetch_all(const ChunkPrefetch& r) {
+  for (int c = 0; c < r.groups; ++c) {
+    prefetch_group_keys(&r, c);
+    prefetch_group_values(&r, c);
   }
 }
 
@@ -470,7 +504,8 @@ void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* 
   const float* tgroup[kVec];  // slot-major: ... gathered into kt
   int64_t kstride[kVec];
   for (int64_t p0 = 0; p0 < last; p0 += kChunk) {
-    if (a.block_major && p0 + kChunk < last) prefetch_chunk(kc, vc, table, bs, a.kv_heads, kvh, hd, p0 + kChunk, last);
+    ChunkPrefetch next;  // the next chunk's groups, asked for a group at a time while this one computes
+    if (a.block_major && p0 + kChunk < last) next = chunk_ranges(kc, vc, table, bs, a.kv_heads, kvh, hd, p0 + kChunk, last);
     const int valid_all = static_cast<int>(last - p0 < kChunk ? last - p0 : kChunk);
     for (int c = 0; c < kVec; ++c) {
       const int n = valid_all - c * kLanes < kLanes ? valid_all - c * kLanes : kLanes;
@@ -496,15 +531,18 @@ void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* 
       for (int j = n > 0 ? n : 0; j < kLanes; ++j)
         for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = 0.0f;
     }
+    bool asked = false;
     for (int i = 0; i < rows; ++i) {
       const int64_t nk = past + i0 + i + 1;
       if (p0 >= nk) continue;
       const int valid = static_cast<int>(nk - p0 < kChunk ? nk - p0 : kChunk);
       const int k = i * g_n;
+      const ChunkPrefetch* pf = !asked && next.groups > 0 ? &next : nullptr;  // by the first row attending
+      asked = true;
       if (a.block_major)
-        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, kgroup, kstride, vrows, valid, hd);
+        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, kgroup, kstride, vrows, valid, hd, pf);
       else
-        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, tgroup, kstride, vrows, valid, hd);
+        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, tgroup, kstride, vrows, valid, hd, pf);
     }
   }
   for (int i = 0; i < rows; ++i)
@@ -537,11 +575,11 @@ void attention_prefetch(const AttnArgs& a, int seq, int kvh, int i0) {
   const int64_t end = a.ctx_lens[seq] - a.query_lens[seq] + i0 + 1;  // keys of the task's first row
   const int64_t* table = a.tables + static_cast<int64_t>(seq) * a.table_stride;
   if (a.kv_f16)
-    prefetch_chunk(static_cast<const uint16_t*>(a.k), static_cast<const uint16_t*>(a.v), table, a.block_size,
-                   a.kv_heads, kvh, a.head_dim, 0, end);
+    prefetch_all(chunk_ranges(static_cast<const uint16_t*>(a.k), static_cast<const uint16_t*>(a.v), table,
+                              a.block_size, a.kv_heads, kvh, a.head_dim, 0, end));
   else
-    prefetch_chunk(static_cast<const float*>(a.k), static_cast<const float*>(a.v), table, a.block_size, a.kv_heads,
-                   kvh, a.head_dim, 0, end);
+    prefetch_all(chunk_ranges(static_cast<const float*>(a.k), static_cast<const float*>(a.v), table, a.block_size,
+                              a.kv_heads, kvh, a.head_dim, 0, end));
 }
 
 }  // namespace LLMC_QK_ISA
