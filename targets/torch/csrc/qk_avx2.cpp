@@ -345,5 +345,5 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t 
 
 namespace llmc_qk {
 const OpsTable ops_avx2 = {"avx2", gemm_avx2, quantize_avx2, avx2::rms_norm, avx2::elementwise, avx2::rope,
-                             avx2::attention, avx2::attention_prefetch, avx2::to_half};
+                             avx2::attention, avx2::to_half};
 }  // namespace llmc_qk

@@ -203,5 +203,5 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
 
 namespace llmc_qk {
 const OpsTable ops_avx512 = {"avx512", gemm_avx512, quantize_avx512, avx512::rms_norm, avx512::elementwise, avx512::rope,
-                             avx512::attention, avx512::attention_prefetch, avx512::to_half};
+                             avx512::attention, avx512::to_half};
 }  // namespace llmc_qk

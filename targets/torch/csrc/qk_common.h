@@ -110,6 +110,13 @@ struct AttnArgs {
   int kv_f16;       // cache elements are float16
 };
 
+// One attention task: sequence `seq`, kv head `kvh`, query rows [i0, ...) of the step's rows of `seq`.
+struct AttnTask {
+  int seq = -1;
+  int kvh = 0;
+  int i0 = 0;
+};
+
 inline int64_t attention_scratch_floats(int head_dim, int group, int rows) {
   return static_cast<int64_t>(head_dim) * 64 + 128 + 2 * static_cast<int64_t>(rows) * group * head_dim +
          2 * static_cast<int64_t>(rows) * group + 16;
@@ -126,9 +133,9 @@ struct OpsTable {
                       int64_t n, int64_t r0, int64_t r1);
   void (*rope)(float* x, int64_t ldx, int heads, int hd, int rot, int half, const float* cos_t, const float* sin_t,
                const int64_t* positions, int64_t r0, int64_t r1);
-  void (*attention)(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch);
-  // Starts loading the first keys and values the task (seq, kvh, rows from i0) reads into the cache.
-  void (*attention_prefetch)(const AttnArgs& a, int seq, int kvh, int i0);
+  // `next`: the task the same thread runs after this one (seq < 0: none), whose first keys and values
+  // this one asks for while it computes its last chunk.
+  void (*attention)(const AttnArgs& a, int seq, int kvh, int i0, int i1, const AttnTask& next, float* scratch);
   // y[i] = x[i] rounded to float16 (round to nearest even, as vcvtps2ph), i < n: the same bits on every ISA.
   void (*to_half)(const float* x, uint16_t* y, int64_t n);
 };

@@ -464,16 +464,9 @@ inline ChunkPrefetch chunk_ranges(const T* kc, const T* vc, const int64_t* table
   return r;
 }
 
-inline void prefetch_all(const ChunkPrefetch& r) {
-  for (int c = 0; c < r.groups; ++c) {
-    prefetch_group_keys(&r, c);
-    prefetch_group_values(&r, c);
-  }
-}
-
 // One attention task over a cache of element type T (float or float16 bits); see attention().
 template <typename T>
-void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch) {
+void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, const AttnTask& after, float* scratch) {
   const int hd = a.head_dim, g_n = a.heads / a.kv_heads;
   const int rows = i1 - i0;
   const int64_t ctx = a.ctx_lens[seq], qlen = a.query_lens[seq], past = ctx - qlen;
@@ -504,8 +497,14 @@ void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* 
   const float* tgroup[kVec];  // slot-major: ... gathered into kt
   int64_t kstride[kVec];
   for (int64_t p0 = 0; p0 < last; p0 += kChunk) {
-    ChunkPrefetch next;  // the next chunk's groups, asked for a group at a time while this one computes
-    if (a.block_major && p0 + kChunk < last) next = chunk_ranges(kc, vc, table, bs, a.kv_heads, kvh, hd, p0 + kChunk, last);
+    ChunkPrefetch next;  // the next chunk's groups (the next task's first), asked for while this one computes
+    if (a.block_major && p0 + kChunk < last) {
+      next = chunk_ranges(kc, vc, table, bs, a.kv_heads, kvh, hd, p0 + kChunk, last);
+    } else if (a.block_major && after.seq >= 0) {
+      const int64_t end = a.ctx_lens[after.seq] - a.query_lens[after.seq] + after.i0 + 1;  // its first row's keys
+      next = chunk_ranges(kc, vc, a.tables + static_cast<int64_t>(after.seq) * a.table_stride, bs, a.kv_heads,
+                          after.kvh, hd, 0, end);
+    }
     const int valid_all = static_cast<int>(last - p0 < kChunk ? last - p0 : kChunk);
     for (int c = 0; c < kVec; ++c) {
       const int n = valid_all - c * kLanes < kLanes ? valid_all - c * kLanes : kLanes;
@@ -563,23 +562,11 @@ void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* 
 // transposed into `scratch`), scored against the kv head's query heads together (each key and value
 // vector loaded once for all of them), with an online softmax per row and head. `scratch` holds at
 // least attention_scratch_floats(hd, group, 16) floats.
-void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, float* scratch) {
+void attention(const AttnArgs& a, int seq, int kvh, int i0, int i1, const AttnTask& next, float* scratch) {
   if (a.kv_f16)
-    attention_task<uint16_t>(a, seq, kvh, i0, i1, scratch);
+    attention_task<uint16_t>(a, seq, kvh, i0, i1, next, scratch);
   else
-    attention_task<float>(a, seq, kvh, i0, i1, scratch);
-}
-
-void attention_prefetch(const AttnArgs& a, int seq, int kvh, int i0) {
-  if (!a.block_major) return;  // slot-major caches are gathered key by key: left to the hardware
-  const int64_t end = a.ctx_lens[seq] - a.query_lens[seq] + i0 + 1;  // keys of the task's first row
-  const int64_t* table = a.tables + static_cast<int64_t>(seq) * a.table_stride;
-  if (a.kv_f16)
-    prefetch_all(chunk_ranges(static_cast<const uint16_t*>(a.k), static_cast<const uint16_t*>(a.v), table,
-                              a.block_size, a.kv_heads, kvh, a.head_dim, 0, end));
-  else
-    prefetch_all(chunk_ranges(static_cast<const float*>(a.k), static_cast<const float*>(a.v), table, a.block_size,
-                              a.kv_heads, kvh, a.head_dim, 0, end));
+    attention_task<float>(a, seq, kvh, i0, i1, next, scratch);
 }
 
 }  // namespace LLMC_QK_ISA

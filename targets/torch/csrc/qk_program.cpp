@@ -280,15 +280,16 @@ void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool,
   for (auto& s : scratch_)
     if (static_cast<int64_t>(s.size()) < need) s.resize(static_cast<size_t>(need));
   pool.dynamic_for(n_tasks, [&](int64_t task, int64_t next, int thread) {
-    if (next < n_tasks)  // its first keys and values start on their way from memory while this task runs
-      ops.attention_prefetch(args, static_cast<int>(task_seq[next / kvh]), static_cast<int>(next % kvh),
-                             static_cast<int>(task_q0[next / kvh]));
+    AttnTask after;  // its first keys and values start on their way from memory while this task ends
+    if (next < n_tasks)
+      after = AttnTask{static_cast<int>(task_seq[next / kvh]), static_cast<int>(next % kvh),
+                       static_cast<int>(task_q0[next / kvh])};
     const int64_t t = task / kvh, h = task % kvh;
     const int64_t s = task_seq[t], i0 = task_q0[t];
     const int64_t i1 = std::min<int64_t>(i0 + 16, in.query_lens[s]);
     if (in.query_lens[s] <= 16)
       for (int64_t i = i0; i < i1; ++i) store(query_starts_[s] + i, h, thread);
-    ops.attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1),
+    ops.attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1), after,
                   scratch_[thread].data());
   });
 }

@@ -191,5 +191,5 @@ void gemm_scalar(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float*
 
 namespace llmc_qk {
 const OpsTable ops_scalar = {"scalar", gemm_scalar, quantize_scalar, scalar::rms_norm, scalar::elementwise, scalar::rope,
-                             scalar::attention, scalar::attention_prefetch, scalar::to_half};
+                             scalar::attention, scalar::to_half};
 }  // namespace llmc_qk
