@@ -31,8 +31,6 @@ __attribute__((always_inline)) inline f16v load16(const float* p) {
 
 __attribute__((always_inline)) inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
 
-__attribute__((always_inline)) inline f16v splat(float x) { return f16v{} + x; }
-
 // The widest float vector the ISA keeps in registers, for the loops that are not the attention's
 // 16-key groups (softmax, SiLU, norms): one ymm (8 lanes) on AVX2, where GCC keeps 16-lane values in
 // memory, else f16v (one zmm, or four xmm on the scalar path).
@@ -252,18 +250,12 @@ __attribute__((always_inline)) inline float value_at(const float* p) { return *p
 __attribute__((always_inline)) inline float value_at(const uint16_t* p) { return half_to_float(*p); }
 
 #if LLMC_QK_SIMD == 1
-typedef float f8v __attribute__((vector_size(32)));  // one ymm register
-__attribute__((always_inline)) inline f8v load8(const float* p) {
-  f8v v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
+// The attention's AVX2 loops run on fvec (one ymm): 8 float16 values as floats, and a fused a * b + c.
+__attribute__((always_inline)) inline fvec loadw(const uint16_t* p) {
+  return reinterpret_cast<fvec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-__attribute__((always_inline)) inline f8v load8(const uint16_t* p) {
-  return reinterpret_cast<f8v>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-__attribute__((always_inline)) inline void store8(float* p, f8v v) { __builtin_memcpy(p, &v, sizeof v); }
-__attribute__((always_inline)) inline f8v madd8(float a, f8v b, f8v c) {  // a * b + c, fused
-  return reinterpret_cast<f8v>(
+__attribute__((always_inline)) inline fvec maddw(float a, fvec b, fvec c) {
+  return reinterpret_cast<fvec>(
       _mm256_fmadd_ps(_mm256_set1_ps(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
 }
 #endif
@@ -307,21 +299,21 @@ inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, 
 #if LLMC_QK_SIMD == 1
   for (int c = 0; c < kVec; ++c) {
     prefetch_group_keys(pf, c);
-    f8v acc[G][2];
-    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = f8v{};
+    fvec acc[G][2];
+    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = fvec{};
     if (c < groups)
       for (int d = 0; d < hd; ++d) {
         const TK* kp = kg[c] + d * ks[c];
-        const f8v k0 = load8(kp), k1 = load8(kp + 8);
+        const fvec k0 = loadw(kp), k1 = loadw(kp + 8);
         for (int g = 0; g < G; ++g) {
           const float qd = q[g * hd + d];
-          acc[g][0] = madd8(qd, k0, acc[g][0]);
-          acc[g][1] = madd8(qd, k1, acc[g][1]);
+          acc[g][0] = maddw(qd, k0, acc[g][0]);
+          acc[g][1] = maddw(qd, k1, acc[g][1]);
         }
       }
     for (int g = 0; g < G; ++g) {
-      store8(s[g] + c * kLanes, acc[g][0]);
-      store8(s[g] + c * kLanes + 8, acc[g][1]);
+      storew(s[g] + c * kLanes, acc[g][0]);
+      storew(s[g] + c * kLanes + 8, acc[g][1]);
     }
   }
 #else
@@ -355,20 +347,20 @@ template <int G, int NV, typename TV>
 inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
                         int valid, int d0) {
 #if LLMC_QK_SIMD == 1
-  f8v t[G][2 * NV];
+  fvec t[G][2 * NV];
   for (int g = 0; g < G; ++g)
-    for (int v = 0; v < 2 * NV; ++v) t[g][v] = load8(ac + g * hd + d0 + 8 * v) * alpha[g];
+    for (int v = 0; v < 2 * NV; ++v) t[g][v] = loadw(ac + g * hd + d0 + 8 * v) * alpha[g];
   for (int j = 0; j < valid; ++j) {
     const TV* vr = vrows[j] + d0;
-    f8v x[2 * NV];
-    for (int v = 0; v < 2 * NV; ++v) x[v] = load8(vr + 8 * v);
+    fvec x[2 * NV];
+    for (int v = 0; v < 2 * NV; ++v) x[v] = loadw(vr + 8 * v);
     for (int g = 0; g < G; ++g) {
       const float pj = p[g][j];
-      for (int v = 0; v < 2 * NV; ++v) t[g][v] = madd8(pj, x[v], t[g][v]);
+      for (int v = 0; v < 2 * NV; ++v) t[g][v] = maddw(pj, x[v], t[g][v]);
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int v = 0; v < 2 * NV; ++v) store8(ac + g * hd + d0 + 8 * v, t[g][v]);
+    for (int v = 0; v < 2 * NV; ++v) storew(ac + g * hd + d0 + 8 * v, t[g][v]);
 #else
   f16v t[G][NV];
   for (int g = 0; g < G; ++g)
