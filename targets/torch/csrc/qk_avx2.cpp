@@ -51,7 +51,7 @@ inline __m256i plane_bits(uint32_t m, __m256i bit) {
 // BITS the layout of qk_common.h): inputs 4j..4j+3 of the 8 rows as bytes.
 template <int BITS>
 __attribute__((always_inline)) inline __m256i code_vec(const uint8_t* tile_codes, int64_t b, int half, int j) {
-  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  constexpr int64_t cb = code_block_bytes(BITS);
   const uint8_t* block = tile_codes + b * cb;
   if (BITS == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + j * 64 + half * 32));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -103,7 +103,7 @@ __attribute__((always_inline)) inline __m256 part_value(__m256 acc, __m256i isum
 template <int BITS, bool SUB16, bool SYM>
 __attribute__((always_inline)) inline void prefetch_ahead(const QWeight& w, const uint8_t* tile_codes, int64_t t,
                                                           int64_t b) {
-  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  constexpr int64_t cb = code_block_bytes(BITS);
   constexpr int nsub = SUB16 ? 2 : 1;
   const int64_t esz = w.f16_scales ? 2 : 4;
   const int64_t si = (t * w.blocks + b + kAhead) * nsub * kRows * esz;
@@ -213,7 +213,7 @@ void half_cols(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64
 template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
 void tiles_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g0, int64_t g1, int64_t c0, float* y,
                 int64_t ldy) {
-  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  constexpr int64_t cb = code_block_bytes(BITS);
   for (int64_t t = g0; t < g1; ++t)
     for (int h = 0; h < 2; ++h)
       half_cols<NC, BITS, CODES, SUB16, SYM>(w, codes + (t - g0) * w.blocks * cb, a, t, h, c0, y, ldy);
@@ -238,9 +238,7 @@ template <int BITS, int CODES, bool SUB16, bool SYM>
 void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   constexpr bool expand = BITS == 5 || BITS == 6;
   const bool expanding = expand && a.cols > 4;
-  const int64_t esz = w.f16_scales ? 2 : 4;
-  const int64_t code_bytes = expanding ? 512 : w.code_bytes_per_block();
-  const int64_t tile_bytes = w.blocks * (code_bytes + w.nsub() * kRows * esz * (SYM ? 1 : 2));
+  const int64_t tile_bytes = w.tile_bytes(expanding ? code_block_bytes(8) : w.code_bytes_per_block());
   const int64_t group = a.cols <= 4 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
   thread_local std::vector<uint8_t> expanded;
   if (expanding && static_cast<int64_t>(expanded.size()) < group * w.blocks * 512)

@@ -33,7 +33,7 @@ inline __m512i bcast4(const int8_t* p) {
 template <int NC, int BITS, bool SUB16, bool SYM>
 void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y, int64_t ldy) {
   const int64_t nb = w.blocks;
-  constexpr int64_t cb = BITS == 8 ? 512 : 256 + 64 * (BITS - 4);
+  constexpr int64_t cb = code_block_bytes(BITS);
   const uint8_t* codes = w.codes + t * nb * cb;
   const int nsub = SUB16 ? 2 : 1;
   const int64_t sbase = t * nb * nsub * kRows;
@@ -119,8 +119,7 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
 template <int BITS, bool SUB16, bool SYM>
 void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   // Tiles in groups whose weights stay in L2 while every column block passes over them.
-  const int64_t esz = w.f16_scales ? 2 : 4;
-  const int64_t tile_bytes = w.blocks * (w.code_bytes_per_block() + w.nsub() * kRows * esz * (SYM ? 1 : 2));
+  const int64_t tile_bytes = w.tile_bytes(w.code_bytes_per_block());
   const int64_t group = a.cols <= 8 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;

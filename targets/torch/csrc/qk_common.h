@@ -25,7 +25,8 @@
 // in this order for every ISA, so the scalar, AVX2 and AVX-512 paths give identical bits.
 //
 // This header is included by translation units compiled for different ISAs: it declares plain
-// structs and functions only (no inline code that the linker could merge across ISAs).
+// structs and functions only (no inline code that the linker could merge across ISAs), but for a few
+// integer helpers, which every unit includes before its `#pragma GCC target`.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +48,9 @@ struct ActMeta {
 // every path (defined in the scalar translation unit: no ISA-specific copy to merge at link time).
 ActMeta act_meta(float d, int32_t h0, int32_t h1);
 
+// Bytes of one block of a tile's codes in the layout of `bits`-bit codes (see above).
+constexpr int64_t code_block_bytes(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
+
 struct QWeight {
   const uint8_t* codes;
   const void* scales;
@@ -60,8 +64,12 @@ struct QWeight {
   int f16_scales;       // 1: scales/offsets are float16, else float32
   int zero;             // symmetric zero point
 
-  int64_t code_bytes_per_block() const { return code_bits == 8 ? 512 : 256 + 64 * (code_bits - 4); }
+  int64_t code_bytes_per_block() const { return code_block_bytes(code_bits); }
   int nsub() const { return sub16 ? 2 : 1; }
+  // Bytes of one block's scales and offsets in a tile.
+  int64_t scale_bytes_per_block() const { return nsub() * kRows * (f16_scales ? 2 : 4) * (offsets ? 2 : 1); }
+  // Bytes of one tile (codes, scales, offsets), its codes `code_bytes` a block.
+  int64_t tile_bytes(int64_t code_bytes) const { return blocks * (code_bytes + scale_bytes_per_block()); }
 };
 
 struct QAct {

@@ -129,11 +129,10 @@ int32_t Program::add_rope_table(std::vector<float> cos_t, std::vector<float> sin
 size_t Program::linear_group_end(size_t first) const {
   const Instr& head = code_[first];
   if (head.dst.buf == head.a.buf) return first + 1;
-  auto same = [](const View& x, const View& y) { return x.buf == y.buf && x.col == y.col && x.width == y.width; };
   size_t end = first + 1;
   for (; end < code_.size() && end < first + kMaxGroup; ++end) {
     const Instr& next = code_[end];
-    if (next.op != Op::kLinear || !same(next.a, head.a) || next.dst.buf == head.a.buf ||
+    if (next.op != Op::kLinear || !(next.a == head.a) || next.dst.buf == head.a.buf ||
         qweights_[next.weight]->blocks != qweights_[head.weight]->blocks)
       break;
     bool shared_dst = false;  // members run at once: each writes its own buffer
@@ -149,7 +148,7 @@ void Program::linear(size_t first, size_t end, const StepInput& in, ThreadPool& 
   const int64_t rows = rows_of(ins.a, in);
   ActCache& cache = act_cache_[ins.a.buf];
   const Buffer& src = buffers_[ins.a.buf];
-  if (cache.version != src.version || cache.src.col != ins.a.col || cache.src.width != ins.a.width) {
+  if (cache.version != src.version || !(cache.src == ins.a)) {
     cache.q.resize(static_cast<size_t>(rows * w.blocks * kBlock));
     cache.meta.resize(static_cast<size_t>(rows * w.blocks));
     const float* x = ptr(ins.a);
@@ -169,8 +168,7 @@ void Program::linear(size_t first, size_t end, const StepInput& in, ThreadPool& 
   int64_t total = 0;
   for (size_t k = 0; k < n; ++k) {
     const QWeight& wk = *qweights_[code_[first + k].weight];
-    const int64_t esz = wk.f16_scales ? 2 : 4;
-    cost[k] = wk.blocks * (wk.code_bytes_per_block() + wk.nsub() * kRows * esz * (wk.offsets ? 2 : 1));
+    cost[k] = wk.tile_bytes(wk.code_bytes_per_block());
     start[k + 1] = start[k] + wk.tiles;
     total += wk.tiles * cost[k];
   }

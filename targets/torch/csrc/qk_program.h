@@ -61,6 +61,7 @@ struct View {
   int32_t buf = -1;
   int64_t col = 0;
   int64_t width = 0;
+  bool operator==(const View& o) const { return buf == o.buf && col == o.col && width == o.width; }
 };
 
 struct Instr {
