@@ -297,24 +297,34 @@ template <int G, typename TK>
 inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, int groups, int hd,
                         float (*s)[kChunk], const ChunkPrefetch* pf) {
 #if LLMC_QK_SIMD == 1
-  for (int c = 0; c < kVec; ++c) {
-    prefetch_group_keys(pf, c);
-    fvec acc[G][2];
-    for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = fvec{};
-    if (c < groups)
-      for (int d = 0; d < hd; ++d) {
-        const TK* kp = kg[c] + d * ks[c];
-        const fvec k0 = loadw(kp), k1 = loadw(kp + 8);
-        for (int g = 0; g < G; ++g) {
-          const float qd = q[g * hd + d];
-          acc[g][0] = maddw(qd, k0, acc[g][0]);
-          acc[g][1] = maddw(qd, k1, acc[g][1]);
+  // NG 16-key groups a pass: G x 2 NG accumulators (12 ymm at G = 3), enough independent sums to keep
+  // both FMA pipes busy (one group at G = 3 is 6 chains of 4-cycle FMAs); G = 4 has 8 with one group.
+  constexpr int NG = G <= 3 ? 2 : 1;
+  for (int c = 0; c < kVec; c += NG) {
+    for (int n = 0; n < NG; ++n) prefetch_group_keys(pf, c + n);
+    fvec acc[G][2 * NG];
+    for (int g = 0; g < G; ++g)
+      for (int v = 0; v < 2 * NG; ++v) acc[g][v] = fvec{};
+    if (c + NG <= groups) {
+      for (int d = 0; d < hd; ++d)
+        for (int v = 0; v < 2 * NG; ++v) {
+          const fvec k = loadw(kg[c + v / 2] + d * ks[c + v / 2] + 8 * (v % 2));
+          for (int g = 0; g < G; ++g) acc[g][v] = maddw(q[g * hd + d], k, acc[g][v]);
         }
-      }
-    for (int g = 0; g < G; ++g) {
-      storew(s[g] + c * kLanes, acc[g][0]);
-      storew(s[g] + c * kLanes + 8, acc[g][1]);
+    } else {
+      for (int n = 0; c + n < groups; ++n)
+        for (int d = 0; d < hd; ++d) {
+          const TK* kp = kg[c + n] + d * ks[c + n];
+          const fvec k0 = loadw(kp), k1 = loadw(kp + 8);
+          for (int g = 0; g < G; ++g) {
+            const float qd = q[g * hd + d];
+            acc[g][2 * n] = maddw(qd, k0, acc[g][2 * n]);
+            acc[g][2 * n + 1] = maddw(qd, k1, acc[g][2 * n + 1]);
+          }
+        }
     }
+    for (int g = 0; g < G; ++g)
+      for (int v = 0; v < 2 * NG; ++v) storew(s[g] + c * kLanes + 8 * v, acc[g][v]);
   }
 #else
   f16v acc[G][kVec];
@@ -352,11 +362,9 @@ inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[
     for (int v = 0; v < 2 * NV; ++v) t[g][v] = loadw(ac + g * hd + d0 + 8 * v) * alpha[g];
   for (int j = 0; j < valid; ++j) {
     const TV* vr = vrows[j] + d0;
-    fvec x[2 * NV];
-    for (int v = 0; v < 2 * NV; ++v) x[v] = loadw(vr + 8 * v);
-    for (int g = 0; g < G; ++g) {
-      const float pj = p[g][j];
-      for (int v = 0; v < 2 * NV; ++v) t[g][v] = maddw(pj, x[v], t[g][v]);
+    for (int v = 0; v < 2 * NV; ++v) {  // one value vector live at a time, the G weights p[g][j] held
+      const fvec x = loadw(vr + 8 * v);
+      for (int g = 0; g < G; ++g) t[g][v] = maddw(p[g][j], x, t[g][v]);
     }
   }
   for (int g = 0; g < G; ++g)
@@ -382,7 +390,8 @@ inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[
 template <int G, typename TV>
 inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
                               int valid, int hd) {
-  constexpr int kWide = LLMC_QK_SIMD == 1 ? 1 : 4;  // 16-lane value vectors per pass (AVX2: 2 ymm)
+  // 16-lane value vectors per pass: AVX2 2 (4 ymm each for G <= 3 heads: 12 sums, both FMA pipes busy), else 4
+  constexpr int kWide = LLMC_QK_SIMD == 1 ? (G <= 3 ? 2 : 1) : 4;
   int d0 = 0;
   for (; d0 + 16 * kWide <= hd; d0 += 16 * kWide) values_part<G, kWide>(ac, hd, alpha, p, vrows, valid, d0);
   for (; d0 + 16 <= hd; d0 += 16) values_part<G, 1>(ac, hd, alpha, p, vrows, valid, d0);
