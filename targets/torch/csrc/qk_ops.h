@@ -291,6 +291,23 @@ __attribute__((always_inline)) inline void prefetch_group_values(const ChunkPref
   if (pf != nullptr && c < pf->groups) prefetch_bytes(pf->val[c], pf->val_bytes[c]);
 }
 
+#if LLMC_QK_SIMD != 1
+// acc[g][c] += query g . the keys of group c, for groups [0, NG): each dimension's NG key vectors loaded
+// once for all G heads, the G x NG sums interleaved (independent FMA chains).
+template <int G, int NG, typename TK>
+__attribute__((always_inline)) inline void score_groups(const float* q, const TK* const* kg, const int64_t* ks,
+                                                        int hd, f16v (*acc)[kVec]) {
+  for (int d = 0; d < hd; ++d) {
+    f16v kv[NG];
+    for (int c = 0; c < NG; ++c) kv[c] = load16(kg[c] + d * ks[c]);
+    for (int g = 0; g < G; ++g) {
+      const float qd = q[g * hd + d];
+      for (int c = 0; c < NG; ++c) acc[g][c] = madd16(qd, kv[c], acc[g][c]);
+    }
+  }
+}
+#endif
+
 // s[g][j] = query g . key j (query g at q + g * hd) for the chunk's 16-key groups [0, groups): group c's
 // keys are `kg[c]`, [hd][ks[c]] (key j of the group at column j).
 template <int G, typename TK>
@@ -331,21 +348,13 @@ inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, 
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < kVec; ++c) acc[g][c] = f16v{};
   for (int c = 0; c < kVec; ++c) prefetch_group_keys(pf, c);
-  if (groups == kVec && LLMC_QK_SIMD == 2) {  // every key vector of a dimension loaded once
-    for (int d = 0; d < hd; ++d) {
-      f16v kv[kVec];
-      for (int c = 0; c < kVec; ++c) kv[c] = load16(kg[c] + d * ks[c]);
-      for (int g = 0; g < G; ++g) {
-        const float qd = q[g * hd + d];
-        for (int c = 0; c < kVec; ++c) acc[g][c] = madd16(qd, kv[c], acc[g][c]);
-      }
-    }
-  } else {
-    for (int c = 0; c < groups; ++c)
-      for (int d = 0; d < hd; ++d) {
-        const f16v kv = load16(kg[c] + d * ks[c]);
-        for (int g = 0; g < G; ++g) acc[g][c] = madd16(q[g * hd + d], kv, acc[g][c]);
-      }
+  static_assert(kVec == 4, "score_groups is dispatched for 1-4 groups");
+  switch (groups) {  // a chunk's last (partial) groups too: one group alone is G chains of 4-cycle FMAs
+    case 4: score_groups<G, 4>(q, kg, ks, hd, acc); break;
+    case 3: score_groups<G, 3>(q, kg, ks, hd, acc); break;
+    case 2: score_groups<G, 2>(q, kg, ks, hd, acc); break;
+    case 1: score_groups<G, 1>(q, kg, ks, hd, acc); break;
+    default: break;
   }
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < kVec; ++c) store16(s[g] + c * kLanes, acc[g][c]);
