@@ -87,15 +87,51 @@ __attribute__((always_inline)) inline __m256 part_scales(const QWeight& w, const
   return load_scales8(base, ((t * w.blocks + b) * nsub + part) * kRows + half * 8, w.f16_scales != 0);
 }
 
-// Adds the float value of one part's integer sums (`isum`: sum of u * q, plus `shift` times the part's
-// activation sum) to acc, in the order of qk_common.h.
-template <bool SUB16, bool SYM>
-__attribute__((always_inline)) inline __m256 part_value(__m256 acc, __m256i isum, const ActMeta& m, int part,
-                                                        int32_t shift, __m256 sc, __m256 off) {
-  const int32_t qsum = SUB16 ? m.s_half[part] : m.s;
-  if (shift != 0) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(shift * qsum));
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc, _mm256_set1_ps(m.d)), acc);
-  if (!SYM) acc = _mm256_fmadd_ps(off, _mm256_set1_ps(SUB16 ? m.sx_half[part] : m.sx), acc);
+// One GEMM call's activations laid out block-major for the kernels below: a block's columns sit at
+// fixed offsets from one pointer (the column loop, unrolled, has no address arithmetic left), and each
+// part's zero-point correction (shift times the part's sum of q) is an int32 read as it is added.
+struct PackedAct {
+  const int8_t* q;      // [blocks][cols][32]
+  const float* d;       // [blocks][cols]: the block's scale
+  const int32_t* corr;  // [blocks][cols][nsub]: shift * the part's sum of q
+  const float* sx;      // [blocks][cols][nsub]: d * the part's sum of q (asymmetric weights)
+  int64_t cols;
+};
+
+// a re-laid out as PackedAct, in this thread's buffers (valid until its next call); nsub 2: the sums of
+// inputs 0-15 and 16-31 (sub16 scales), else the block's.
+inline PackedAct pack_act(const QAct& a, int nsub, int32_t shift) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d, sx;
+  thread_local std::vector<int32_t> corr;
+  const int64_t n = a.cols * a.blocks;
+  q.resize(static_cast<size_t>(n * kBlock));
+  d.resize(static_cast<size_t>(n));
+  sx.resize(static_cast<size_t>(n * nsub));
+  corr.resize(static_cast<size_t>(n * nsub));
+  for (int64_t b = 0; b < a.blocks; ++b)
+    for (int64_t c = 0; c < a.cols; ++c) {
+      const int64_t i = b * a.cols + c;
+      const ActMeta& m = a.meta[c * a.blocks + b];
+      std::memcpy(&q[i * kBlock], a.q + (c * a.blocks + b) * kBlock, kBlock);
+      d[i] = m.d;
+      for (int part = 0; part < nsub; ++part) {
+        corr[i * nsub + part] = shift * (nsub == 2 ? m.s_half[part] : m.s);
+        sx[i * nsub + part] = nsub == 2 ? m.sx_half[part] : m.sx;
+      }
+    }
+  return PackedAct{q.data(), d.data(), corr.data(), sx.data(), a.cols};
+}
+
+// Adds the float value of one part's integer sums (`isum`: sum of u * q; plus `corr`, the shift times
+// the part's sum of q, when SHIFT) to acc, in the order of qk_common.h (d: the block's scale, sx: d times
+// the part's sum).
+template <bool SHIFT, bool SYM>
+__attribute__((always_inline)) inline __m256 part_value(__m256 acc, __m256i isum, const int32_t* corr, const float* d,
+                                                        const float* sx, __m256 sc, __m256 off) {
+  if (SHIFT) isum = _mm256_add_epi32(isum, _mm256_set1_epi32(*corr));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(sc, _mm256_set1_ps(*d)), acc);
+  if (!SYM) acc = _mm256_fmadd_ps(off, _mm256_set1_ps(*sx), acc);
   return acc;
 }
 
@@ -135,9 +171,9 @@ __attribute__((always_inline)) inline void store_rows(const QWeight& w, const __
 // codes at tile_codes in layout BITS: w.code_bits, or 8 after expand_tiles): the block's 8 code vectors
 // are decoded once and held while each column's pairs of vpmaddubsw results are summed in int16.
 template <int NC, int BITS, bool SUB16, bool SYM>
-void half_cols_small(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64_t t, int half, int64_t c0,
+void half_cols_small(const QWeight& w, const uint8_t* tile_codes, const PackedAct& a, int64_t t, int half, int64_t c0,
                      float* y, int64_t ldy) {
-  const int32_t shift = SYM ? -w.zero : 0;
+  constexpr int nsub = SUB16 ? 2 : 1;
   __m256 acc[NC];
   for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
@@ -148,19 +184,22 @@ void half_cols_small(const QWeight& w, const uint8_t* tile_codes, const QAct& a,
     const __m256 s1 = SUB16 ? part_scales<SUB16>(w, w.scales, t, half, b, 1) : s0;
     const __m256 o0 = SYM ? _mm256_setzero_ps() : part_scales<SUB16>(w, w.offsets, t, half, b, 0);
     const __m256 o1 = SYM || !SUB16 ? o0 : part_scales<SUB16>(w, w.offsets, t, half, b, 1);
+    const int64_t i0 = b * a.cols + c0;  // column c0 of block b
     for (int c = 0; c < NC; ++c) {
-      const int8_t* q = a.q + ((c0 + c) * a.blocks + b) * kBlock;
-      const ActMeta& m = a.meta[(c0 + c) * a.blocks + b];
+      const int8_t* q = a.q + (i0 + c) * kBlock;
+      const int32_t* corr = a.corr + (i0 + c) * nsub;
+      const float* sx = a.sx + (i0 + c) * nsub;
       __m256i s[4];
       for (int j = 0; j < 4; ++j)
         s[j] = madd1(_mm256_add_epi16(_mm256_maddubs_epi16(wv[2 * j], bcast4(q + 8 * j)),
                                       _mm256_maddubs_epi16(wv[2 * j + 1], bcast4(q + 8 * j + 4))));
       const __m256i lo = _mm256_add_epi32(s[0], s[1]), hi = _mm256_add_epi32(s[2], s[3]);
-      if (SUB16) {
-        acc[c] = part_value<SUB16, SYM>(acc[c], lo, m, 0, shift, s0, o0);
-        acc[c] = part_value<SUB16, SYM>(acc[c], hi, m, 1, shift, s1, o1);
+      const float* d = a.d + i0 + c;
+      if (SUB16) {  // symmetric codes are shifted by -zero, the others' offsets are in sx
+        acc[c] = part_value<SYM, SYM>(acc[c], lo, corr, d, sx, s0, o0);
+        acc[c] = part_value<SYM, SYM>(acc[c], hi, corr + 1, d, sx + 1, s1, o1);
       } else {
-        acc[c] = part_value<SUB16, SYM>(acc[c], _mm256_add_epi32(lo, hi), m, 0, shift, s0, o0);
+        acc[c] = part_value<SYM, SYM>(acc[c], _mm256_add_epi32(lo, hi), corr, d, sx, s0, o0);
       }
     }
   }
@@ -171,15 +210,15 @@ void half_cols_small(const QWeight& w, const uint8_t* tile_codes, const QAct& a,
 // then + 128 * sum(q). Each code vector needs two registers (u - 128 and its magnitude): one at a time,
 // for all columns together (held for the block, the 16 of them spill out of the 16 ymm registers).
 template <int NC, bool SUB16, bool SYM>
-void half_cols_full(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64_t t, int half, int64_t c0,
+void half_cols_full(const QWeight& w, const uint8_t* tile_codes, const PackedAct& a, int64_t t, int half, int64_t c0,
                     float* y, int64_t ldy) {
   constexpr int nsub = SUB16 ? 2 : 1;
-  const int32_t shift = 128 - (SYM ? w.zero : 0);
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256 acc[NC];
   for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     if ((NC <= 2 || c0 == 0) && half == 0) prefetch_ahead<8, SUB16, SYM>(w, tile_codes, t, b);
+    const int64_t i0 = b * a.cols + c0;  // column c0 of block b
     for (int part = 0; part < nsub; ++part) {  // sub16: inputs 0-15, then 16-31; else all 32 at once
       __m256i isum[NC];
       for (int c = 0; c < NC; ++c) isum[c] = _mm256_setzero_si256();
@@ -187,21 +226,22 @@ void half_cols_full(const QWeight& w, const uint8_t* tile_codes, const QAct& a, 
         const __m256i ws = _mm256_xor_si256(code_vec<8>(tile_codes, b, half, j), flip);
         const __m256i wa = _mm256_abs_epi8(ws);
         for (int c = 0; c < NC; ++c) {
-          const int8_t* q = a.q + ((c0 + c) * a.blocks + b) * kBlock + 4 * j;
+          const int8_t* q = a.q + (i0 + c) * kBlock + 4 * j;
           isum[c] = _mm256_add_epi32(isum[c], madd1(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(bcast4(q), ws))));
         }
       }
       const __m256 sc = part_scales<SUB16>(w, w.scales, t, half, b, part);
       const __m256 off = SYM ? _mm256_setzero_ps() : part_scales<SUB16>(w, w.offsets, t, half, b, part);
-      for (int c = 0; c < NC; ++c)
-        acc[c] = part_value<SUB16, SYM>(acc[c], isum[c], a.meta[(c0 + c) * a.blocks + b], part, shift, sc, off);
+      for (int c = 0; c < NC; ++c)  // the codes are shifted by 128 - zero (symmetric) or 128
+        acc[c] = part_value<true, SYM>(acc[c], isum[c], a.corr + (i0 + c) * nsub + part, a.d + i0 + c,
+                                       a.sx + (i0 + c) * nsub + part, sc, off);
     }
   }
   store_rows<NC>(w, acc, t, half, c0, y, ldy);
 }
 
 template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
-void half_cols(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64_t t, int half, int64_t c0, float* y,
+void half_cols(const QWeight& w, const uint8_t* tile_codes, const PackedAct& a, int64_t t, int half, int64_t c0, float* y,
                int64_t ldy) {
   if constexpr (CODES == kSmall)
     half_cols_small<NC, BITS, SUB16, SYM>(w, tile_codes, a, t, half, c0, y, ldy);
@@ -211,7 +251,7 @@ void half_cols(const QWeight& w, const uint8_t* tile_codes, const QAct& a, int64
 
 // Columns [c0, c0 + NC) against tiles [g0, g1), whose codes (layout BITS) start at codes (tile g0's).
 template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
-void tiles_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g0, int64_t g1, int64_t c0, float* y,
+void tiles_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int64_t g0, int64_t g1, int64_t c0, float* y,
                 int64_t ldy) {
   constexpr int64_t cb = code_block_bytes(BITS);
   for (int64_t t = g0; t < g1; ++t)
@@ -221,7 +261,7 @@ void tiles_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g
 
 // All columns against tiles [g0, g1) (codes as in tiles_cols): 4 at a time, then 2, then 1.
 template <int BITS, int CODES, bool SUB16, bool SYM>
-void group_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g0, int64_t g1, float* y, int64_t ldy) {
+void group_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int64_t g0, int64_t g1, float* y, int64_t ldy) {
   int64_t c = 0;
   for (; c + 4 <= a.cols; c += 4) tiles_cols<4, BITS, CODES, SUB16, SYM>(w, codes, a, g0, g1, c, y, ldy);
   if (c + 2 <= a.cols) {
@@ -235,7 +275,10 @@ void group_cols(const QWeight& w, const uint8_t* codes, const QAct& a, int64_t g
 // than 4 columns, 5- and 6-bit codes are first expanded to bytes, once per group (the bit planes cost
 // more than the dot products they feed when every 4 columns repeat them).
 template <int BITS, int CODES, bool SUB16, bool SYM>
-void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+  // codes u shifted to u - zero (symmetric) or, for the sign trick on full bytes, to u - 128
+  const int32_t shift = CODES == kFull ? 128 - (SYM ? w.zero : 0) : (SYM ? -w.zero : 0);
+  const PackedAct a = pack_act(qa, SUB16 ? 2 : 1, shift);
   constexpr bool expand = BITS == 5 || BITS == 6;
   const bool expanding = expand && a.cols > 4;
   const int64_t tile_bytes = w.tile_bytes(expanding ? code_block_bytes(8) : w.code_bytes_per_block());
