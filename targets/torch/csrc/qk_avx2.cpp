@@ -11,7 +11,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "qk_common.h"
 
@@ -85,42 +84,6 @@ __attribute__((always_inline)) inline __m256 part_scales(const QWeight& w, const
                                                          int64_t b, int part) {
   constexpr int nsub = SUB16 ? 2 : 1;
   return load_scales8(base, ((t * w.blocks + b) * nsub + part) * kRows + half * 8, w.f16_scales != 0);
-}
-
-// One GEMM call's activations laid out block-major for the kernels below: a block's columns sit at
-// fixed offsets from one pointer (the column loop, unrolled, has no address arithmetic left), and each
-// part's zero-point correction (shift times the part's sum of q) is an int32 read as it is added.
-struct PackedAct {
-  const int8_t* q;      // [blocks][cols][32]
-  const float* d;       // [blocks][cols]: the block's scale
-  const int32_t* corr;  // [blocks][cols][nsub]: shift * the part's sum of q
-  const float* sx;      // [blocks][cols][nsub]: d * the part's sum of q (asymmetric weights)
-  int64_t cols;
-};
-
-// a re-laid out as PackedAct, in this thread's buffers (valid until its next call); nsub 2: the sums of
-// inputs 0-15 and 16-31 (sub16 scales), else the block's.
-inline PackedAct pack_act(const QAct& a, int nsub, int32_t shift) {
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<float> d, sx;
-  thread_local std::vector<int32_t> corr;
-  const int64_t n = a.cols * a.blocks;
-  q.resize(static_cast<size_t>(n * kBlock));
-  d.resize(static_cast<size_t>(n));
-  sx.resize(static_cast<size_t>(n * nsub));
-  corr.resize(static_cast<size_t>(n * nsub));
-  for (int64_t b = 0; b < a.blocks; ++b)
-    for (int64_t c = 0; c < a.cols; ++c) {
-      const int64_t i = b * a.cols + c;
-      const ActMeta& m = a.meta[c * a.blocks + b];
-      std::memcpy(&q[i * kBlock], a.q + (c * a.blocks + b) * kBlock, kBlock);
-      d[i] = m.d;
-      for (int part = 0; part < nsub; ++part) {
-        corr[i * nsub + part] = shift * (nsub == 2 ? m.s_half[part] : m.s);
-        sx[i * nsub + part] = nsub == 2 ? m.sx_half[part] : m.sx;
-      }
-    }
-  return PackedAct{q.data(), d.data(), corr.data(), sx.data(), a.cols};
 }
 
 // Adds the float value of one part's integer sums (`isum`: sum of u * q; plus `corr`, the shift times
@@ -283,15 +246,13 @@ void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, floa
   const bool expanding = expand && a.cols > 4;
   const int64_t tile_bytes = w.tile_bytes(expanding ? code_block_bytes(8) : w.code_bytes_per_block());
   const int64_t group = a.cols <= 4 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
-  thread_local std::vector<uint8_t> expanded;
-  if (expanding && static_cast<int64_t>(expanded.size()) < group * w.blocks * 512)
-    expanded.resize(static_cast<size_t>(group * w.blocks * 512));
+  uint8_t* expanded = expanding ? thread_scratch(group * w.blocks * 512) : nullptr;
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
     if constexpr (expand) {
       if (expanding) {
-        expand_tiles<BITS>(w, g0, g1, expanded.data());
-        group_cols<8, CODES, SUB16, SYM>(w, expanded.data(), a, g0, g1, y, ldy);
+        expand_tiles<BITS>(w, g0, g1, expanded);
+        group_cols<8, CODES, SUB16, SYM>(w, expanded, a, g0, g1, y, ldy);
         continue;
       }
     }

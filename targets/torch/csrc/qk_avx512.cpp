@@ -31,7 +31,7 @@ inline __m512i bcast4(const int8_t* p) {
 
 // Tile t against columns [c0, c0 + NC) of a; BITS = w.code_bits (the layout, qk_common.h).
 template <int NC, int BITS, bool SUB16, bool SYM>
-void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y, int64_t ldy) {
+void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, float* y, int64_t ldy) {
   const int64_t nb = w.blocks;
   constexpr int64_t cb = code_block_bytes(BITS);
   const uint8_t* codes = w.codes + t * nb * cb;
@@ -78,11 +78,13 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
       o0 = load_scales(w.offsets, si, f16);
       if (SUB16) o1 = load_scales(w.offsets, si + kRows, f16);
     }
+    const int64_t i0 = b * a.cols + c0;  // column c0 of block b
 #pragma GCC unroll 8
     for (int c = 0; c < NC; ++c) {
-      const int8_t* q = a.q + (c0 + c) * a.blocks * kBlock + b * kBlock;
-      const ActMeta& m = a.meta[(c0 + c) * a.blocks + b];
-      const __m512 dv = _mm512_set1_ps(m.d);
+      const int8_t* q = a.q + (i0 + c) * kBlock;
+      const int32_t* corr = a.corr + (i0 + c) * nsub;  // -zero * the part's sum (symmetric weights)
+      const float* sx = a.sx + (i0 + c) * nsub;
+      const __m512 dv = _mm512_set1_ps(a.d[i0 + c]);
       const __m512i z = _mm512_setzero_si512();
       // two independent chains: inputs 0-15 and 16-31 (also the two halves of a sub16 block)
       __m512i lo = _mm512_dpbusd_epi32(z, wv[0], bcast4(q));
@@ -95,18 +97,18 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
       hi = _mm512_dpbusd_epi32(hi, wv[7], bcast4(q + 28));
       if (!SUB16) {
         __m512i s = _mm512_add_epi32(lo, hi);
-        if (SYM) s = _mm512_sub_epi32(s, _mm512_set1_epi32(w.zero * m.s));
+        if (SYM) s = _mm512_add_epi32(s, _mm512_set1_epi32(corr[0]));
         acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(s0, dv), acc[c]);
-        if (!SYM) acc[c] = _mm512_fmadd_ps(o0, _mm512_set1_ps(m.sx), acc[c]);
+        if (!SYM) acc[c] = _mm512_fmadd_ps(o0, _mm512_set1_ps(sx[0]), acc[c]);
       } else {
         if (SYM) {
-          lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(w.zero * m.s_half[0]));
-          hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(w.zero * m.s_half[1]));
+          lo = _mm512_add_epi32(lo, _mm512_set1_epi32(corr[0]));
+          hi = _mm512_add_epi32(hi, _mm512_set1_epi32(corr[1]));
         }
         acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_mul_ps(s0, dv), acc[c]);
-        if (!SYM) acc[c] = _mm512_fmadd_ps(o0, _mm512_set1_ps(m.sx_half[0]), acc[c]);
+        if (!SYM) acc[c] = _mm512_fmadd_ps(o0, _mm512_set1_ps(sx[0]), acc[c]);
         acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_mul_ps(s1, dv), acc[c]);
-        if (!SYM) acc[c] = _mm512_fmadd_ps(o1, _mm512_set1_ps(m.sx_half[1]), acc[c]);
+        if (!SYM) acc[c] = _mm512_fmadd_ps(o1, _mm512_set1_ps(sx[1]), acc[c]);
       }
     }
   }
@@ -117,7 +119,8 @@ void tile_cols(const QWeight& w, const QAct& a, int64_t t, int64_t c0, float* y,
 }
 
 template <int BITS, bool SUB16, bool SYM>
-void gemm_variant(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+  const PackedAct a = pack_act(qa, SUB16 ? 2 : 1, SYM ? -w.zero : 0);
   // Tiles in groups whose weights stay in L2 while every column block passes over them.
   const int64_t tile_bytes = w.tile_bytes(w.code_bytes_per_block());
   const int64_t group = a.cols <= 8 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);

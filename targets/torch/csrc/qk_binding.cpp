@@ -161,7 +161,7 @@ class KernelWeight {
     at::parallel_for(0, cols, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, in)), [&](int64_t c0, int64_t c1) {
       isa.quantize(xp, in, in, c0, c1, blocks, q.data(), meta.data());
     });
-    const QAct act{q.data(), meta.data(), cols, blocks};
+    const QAct act{q.data(), meta.data(), cols, blocks, new_act_id()};
     float* yp = y.data_ptr<float>();
     const int64_t work_per_tile = std::max<int64_t>(1, w_.blocks * cols);
     const int64_t grain = std::max<int64_t>(1, 2048 / work_per_tile);

@@ -77,7 +77,32 @@ struct QAct {
   const ActMeta* meta;   // [cols][blocks]
   int64_t cols;
   int64_t blocks;
+  uint64_t id;           // new_act_id() of this quantization (the linears of one input share it), 0: none
 };
+
+// A process-wide unique id for a fresh quantization of activations (never 0).
+uint64_t new_act_id();
+
+// One GEMM call's activations laid out block-major for the ISA kernels: a block's columns sit at fixed
+// offsets from one pointer (an unrolled column loop has no address arithmetic left), and each part's
+// zero-point correction is an int32 read as it is added.
+struct PackedAct {
+  const int8_t* q;      // [blocks][cols][32]
+  const float* d;       // [blocks][cols]: the block's scale
+  const int32_t* corr;  // [blocks][cols][nsub]: shift * the part's sum of q
+  const float* sx;      // [blocks][cols][nsub]: d * the part's sum of q (asymmetric weights)
+  int64_t cols;
+};
+
+// a as PackedAct in the calling thread's buffers (valid until that thread's next call); nsub 2: parts
+// are inputs 0-15 and 16-31 (sub16 scales), else the whole block. The linears of one input (same
+// a.id) reuse the thread's copy of the values, and its corrections while nsub and shift stay the same.
+// Defined, like the buffers' std::vector code, in the scalar translation unit: nothing ISA-specific to
+// merge at link time.
+PackedAct pack_act(const QAct& a, int nsub, int32_t shift);
+
+// The calling thread's scratch of at least `bytes` (valid until that thread's next call).
+uint8_t* thread_scratch(int64_t bytes);
 
 // Computes y[c * ldy + r] for all columns c and the rows of tiles [t0, t1).
 using GemmFn = void (*)(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);

@@ -158,8 +158,9 @@ void Program::linear(size_t first, size_t end, const StepInput& in, ThreadPool& 
     pool.parallel_for(rows, 8, [&](int64_t c0, int64_t c1) { ops.quantize(x, ldx, width, c0, c1, blocks, q, meta); });
     cache.src = ins.a;
     cache.version = src.version;
+    cache.id = new_act_id();
   }
-  const QAct act{cache.q.data(), cache.meta.data(), rows, w.blocks};
+  const QAct act{cache.q.data(), cache.meta.data(), rows, w.blocks, cache.id};
   // The group's tiles in one parallel region (one barrier, not one per weight), split by their bytes:
   // weight k's tiles are [start[k], start[k + 1]) of the group's, each costing cost[k].
   const size_t n = end - first;

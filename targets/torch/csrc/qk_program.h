@@ -135,6 +135,7 @@ class Program {
   struct ActCache {
     View src;
     uint64_t version = ~0ull;
+    uint64_t id = 0;  // new_act_id() of the quantization held
     std::vector<int8_t> q;
     std::vector<ActMeta> meta;
   };

@@ -1,7 +1,9 @@
 // Portable reference path of the int8-activation kernels (qk_common.h): plain C++, no SIMD.
 // It runs on any x86-64 CPU and defines the exact arithmetic the SIMD paths reproduce bit for bit.
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "qk_common.h"
 
@@ -17,6 +19,58 @@ ActMeta act_meta(float d, int32_t h0, int32_t h1) {
   m.sx_half[0] = d * static_cast<float>(h0);
   m.sx_half[1] = d * static_cast<float>(h1);
   return m;
+}
+
+uint64_t new_act_id() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+
+PackedAct pack_act(const QAct& a, int nsub, int32_t shift) {
+  struct Packed {
+    std::vector<int8_t> q;
+    std::vector<float> d, sx;
+    std::vector<int32_t> corr;
+    uint64_t id = 0;  // the quantization q holds (0: none)
+    int nsub = 0;     // ... and the one d, sx and corr were made for, with these
+    int32_t shift = 0;
+    uint64_t meta_id = 0;
+  };
+  thread_local Packed p;
+  const int64_t n = a.cols * a.blocks;
+  const bool copy = a.cols > 1;  // one column's values are block-major already
+  if (copy && (a.id == 0 || a.id != p.id)) {
+    p.q.resize(static_cast<size_t>(n * kBlock));
+    for (int64_t b = 0; b < a.blocks; ++b)
+      for (int64_t c = 0; c < a.cols; ++c)
+        std::memcpy(&p.q[static_cast<size_t>((b * a.cols + c) * kBlock)], a.q + (c * a.blocks + b) * kBlock, kBlock);
+    p.id = a.id;
+  }
+  if (a.id == 0 || a.id != p.meta_id || nsub != p.nsub || shift != p.shift) {
+    p.d.resize(static_cast<size_t>(n));
+    p.sx.resize(static_cast<size_t>(n * nsub));
+    p.corr.resize(static_cast<size_t>(n * nsub));
+    for (int64_t b = 0; b < a.blocks; ++b)
+      for (int64_t c = 0; c < a.cols; ++c) {
+        const int64_t i = b * a.cols + c;
+        const ActMeta& m = a.meta[c * a.blocks + b];
+        p.d[static_cast<size_t>(i)] = m.d;
+        for (int part = 0; part < nsub; ++part) {
+          p.corr[static_cast<size_t>(i * nsub + part)] = shift * (nsub == 2 ? m.s_half[part] : m.s);
+          p.sx[static_cast<size_t>(i * nsub + part)] = nsub == 2 ? m.sx_half[part] : m.sx;
+        }
+      }
+    p.meta_id = a.id;
+    p.nsub = nsub;
+    p.shift = shift;
+  }
+  return PackedAct{copy ? p.q.data() : a.q, p.d.data(), p.corr.data(), p.sx.data(), a.cols};
+}
+
+uint8_t* thread_scratch(int64_t bytes) {
+  thread_local std::vector<uint8_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < bytes) scratch.resize(static_cast<size_t>(bytes));
+  return scratch.data();
 }
 
 float half_to_float(uint16_t h) {
