@@ -167,6 +167,25 @@ def load() -> ModuleType | None:
     return _module
 
 
+def load_from(directory: str | Path) -> ModuleType:
+    """Make the kernels already built in ``directory`` (a ``llmc_qk_<hash>`` folder of
+    :func:`build_dir`, e.g. an earlier checkout's build) this process's kernels: benchmarks that set two
+    builds side by side run one per process. Call it before anything else loads the kernels."""
+    global _module
+    from torch.utils import cpp_extension
+
+    folder = Path(directory).resolve()
+    if _built_library(folder, folder.name) is None:
+        raise FileNotFoundError(f"no built llmc kernels ({folder.name}*.so) in {folder}")
+    with _lock:
+        if _module is not None:
+            if Path(str(_module.__file__)).resolve().parent != folder:
+                raise RuntimeError(f"the kernels of {Path(str(_module.__file__)).parent} are loaded already")
+            return _module
+        _module = cpp_extension._import_module_from_library(folder.name, str(folder), True)
+    return _module
+
+
 def available() -> bool:
     """Whether the kernels can run here (builds the extension on the first call)."""
     return load() is not None

@@ -202,6 +202,20 @@ def test_unknown_or_missing_path_is_refused(kernels) -> None:
     assert qkernels.isa_paths()[-1] == "scalar" and qkernels.current_isa() == qkernels.isa_paths()[0]
 
 
+def test_a_built_folder_can_be_chosen_before_loading_only(kernels, tmp_path: Path) -> None:
+    """qkernels.load_from (benchmarks/kernels_lockstep_ab.py's children): the loaded build's own folder
+    gives it back; a folder without a build, or another build once one is loaded, is refused."""
+    here = Path(qkernels.load().__file__).parent
+    assert qkernels.load_from(here) is qkernels.load()
+    with pytest.raises(FileNotFoundError, match="no built llmc kernels"):
+        qkernels.load_from(tmp_path / "llmc_qk_0000000000000000")
+    other = tmp_path / "llmc_qk_1111111111111111"
+    other.mkdir()
+    (other / "llmc_qk_1111111111111111.so").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="loaded already"):
+        qkernels.load_from(other)
+
+
 def test_unsupported_groups_dequantize(kernels) -> None:
     qt = _llmc_qt(QuantSpec(4, 10, True), 33, 70, seed=1)
     pw = PackedWeight(qt, torch.device("cpu"))
