@@ -204,8 +204,8 @@ void half_cols_full(const QWeight& w, const uint8_t* tile_codes, const PackedAct
 }
 
 template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
-void half_cols(const QWeight& w, const uint8_t* tile_codes, const PackedAct& a, int64_t t, int half, int64_t c0, float* y,
-               int64_t ldy) {
+void half_cols(const QWeight& w, const uint8_t* tile_codes, const PackedAct& a, int64_t t, int half, int64_t c0,
+               float* y, int64_t ldy) {
   if constexpr (CODES == kSmall)
     half_cols_small<NC, BITS, SUB16, SYM>(w, tile_codes, a, t, half, c0, y, ldy);
   else
@@ -214,8 +214,8 @@ void half_cols(const QWeight& w, const uint8_t* tile_codes, const PackedAct& a, 
 
 // Columns [c0, c0 + NC) against tiles [g0, g1), whose codes (layout BITS) start at codes (tile g0's).
 template <int NC, int BITS, int CODES, bool SUB16, bool SYM>
-void tiles_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int64_t g0, int64_t g1, int64_t c0, float* y,
-                int64_t ldy) {
+void tiles_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int64_t g0, int64_t g1, int64_t c0,
+                float* y, int64_t ldy) {
   constexpr int64_t cb = code_block_bytes(BITS);
   for (int64_t t = g0; t < g1; ++t)
     for (int h = 0; h < 2; ++h)
@@ -224,7 +224,8 @@ void tiles_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int6
 
 // All columns against tiles [g0, g1) (codes as in tiles_cols): 4 at a time, then 2, then 1.
 template <int BITS, int CODES, bool SUB16, bool SYM>
-void group_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int64_t g0, int64_t g1, float* y, int64_t ldy) {
+void group_cols(const QWeight& w, const uint8_t* codes, const PackedAct& a, int64_t g0, int64_t g1, float* y,
+                int64_t ldy) {
   int64_t c = 0;
   for (; c + 4 <= a.cols; c += 4) tiles_cols<4, BITS, CODES, SUB16, SYM>(w, codes, a, g0, g1, c, y, ldy);
   if (c + 2 <= a.cols) {

@@ -43,7 +43,8 @@ PackedAct pack_act(const QAct& a, int nsub, int32_t shift) {
     p.q.resize(static_cast<size_t>(n * kBlock));
     for (int64_t b = 0; b < a.blocks; ++b)
       for (int64_t c = 0; c < a.cols; ++c)
-        std::memcpy(&p.q[static_cast<size_t>((b * a.cols + c) * kBlock)], a.q + (c * a.blocks + b) * kBlock, kBlock);
+        std::memcpy(&p.q[static_cast<size_t>((b * a.cols + c) * kBlock)], a.q + (c * a.blocks + b) * kBlock,
+                    kBlock);
     p.id = a.id;
   }
   if (a.id == 0 || a.id != p.meta_id || nsub != p.nsub || shift != p.shift) {
