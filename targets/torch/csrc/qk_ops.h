@@ -29,7 +29,6 @@ __attribute__((always_inline)) inline f16v load16(const float* p) {
   return v;
 }
 
-__attribute__((always_inline)) inline void store16(float* p, f16v v) { __builtin_memcpy(p, &v, sizeof v); }
 
 // The widest float vector the ISA keeps in registers, for the loops that are not the attention's
 // 16-key groups (softmax, SiLU, norms): one ymm (8 lanes) on AVX2, where GCC keeps 16-lane values in
@@ -69,8 +68,8 @@ __attribute__((always_inline)) inline float hsum(fvec v) {
 }
 
 #if LLMC_QK_SIMD != 1
-// The attention's 16-lane helpers (AVX2 runs 8-lane loops there instead: GCC keeps 16-lane values that
-// are built from or split into __m256 halves in memory, ~20x slower).
+// The 16-lane helpers of the attention's loops where fvec is f16v (AVX2's run on 8-lane fvecs: GCC keeps
+// 16-lane values that are built from or split into __m256 halves in memory, ~20x slower).
 // 16 float16 values (IEEE binary16 bits) as floats: exact.
 __attribute__((always_inline)) inline f16v load16(const uint16_t* p) {
 #if LLMC_QK_SIMD == 2
@@ -243,7 +242,7 @@ namespace {
 constexpr int kChunk = 64, kVec = kChunk / kLanes;
 // Query heads of one kv head scored and summed together, so each key and value vector is loaded once
 // for all of them (accumulators: up to kHeads x kVec scores and kHeads x 4 value vectors of 16 lanes on
-// AVX-512; AVX2 runs its own 8-lane loops below, as GCC keeps 16-lane values in memory there).
+// AVX-512; AVX2's loops run on 8-lane fvecs, as GCC keeps 16-lane values in memory there).
 constexpr int kHeads = 4;
 
 __attribute__((always_inline)) inline float value_at(const float* p) { return *p; }
@@ -258,7 +257,13 @@ __attribute__((always_inline)) inline fvec maddw(float a, fvec b, fvec c) {
   return reinterpret_cast<fvec>(
       _mm256_fmadd_ps(_mm256_set1_ps(a), reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(c)));
 }
+#else
+// fvec is f16v here: the 16-lane helpers.
+__attribute__((always_inline)) inline fvec loadw(const uint16_t* p) { return load16(p); }
+__attribute__((always_inline)) inline fvec maddw(float a, fvec b, fvec c) { return madd16(a, b, c); }
 #endif
+// A 16-key group (or 16 values) is kPer fvecs: 2 ymm on AVX2, one f16v elsewhere.
+constexpr int kPer = kLanes / kW;
 
 // Where a chunk's 16-key groups lie in the cache, so that the chunk before it (in its task, or the last
 // chunk of the thread's previous task) can ask for them a group at a time while it computes: keys while it
@@ -291,109 +296,63 @@ __attribute__((always_inline)) inline void prefetch_group_values(const ChunkPref
   if (pf != nullptr && c < pf->groups) prefetch_bytes(pf->val[c], pf->val_bytes[c]);
 }
 
-#if LLMC_QK_SIMD != 1
-// acc[g][c] += query g . the keys of group c, for groups [0, NG): each dimension's NG key vectors loaded
-// once for all G heads, the G x NG sums interleaved (independent FMA chains).
-template <int G, int NG, typename TK>
-__attribute__((always_inline)) inline void score_groups(const float* q, const TK* const* kg, const int64_t* ks,
-                                                        int hd, f16v (*acc)[kVec]) {
-  for (int d = 0; d < hd; ++d) {
-    f16v kv[NG];
-    for (int c = 0; c < NG; ++c) kv[c] = load16(kg[c] + d * ks[c]);
-    for (int g = 0; g < G; ++g) {
-      const float qd = q[g * hd + d];
-      for (int c = 0; c < NG; ++c) acc[g][c] = madd16(qd, kv[c], acc[g][c]);
+// acc[g][v] += query g . the keys in fvec v of groups [0, NG) (kPer fvecs a group): each key vector
+// loaded once for all G heads, the G x NG x kPer sums independent FMA chains. Groups [0, live) only,
+// live <= NG: the template for `live` groups runs.
+template <int G, int NG, int ROW, typename TK>
+__attribute__((always_inline)) inline void score_groups(int live, const float* q, const TK* const* kg,
+                                                        const int64_t* ks, int hd, fvec (*acc)[ROW]) {
+  if constexpr (NG > 1) {
+    if (live < NG) {
+      score_groups<G, NG - 1, ROW>(live, q, kg, ks, hd, acc);
+      return;
     }
   }
+  if (live < 1) return;
+  for (int d = 0; d < hd; ++d)
+    for (int v = 0; v < NG * kPer; ++v) {
+      const fvec k = loadw(kg[v / kPer] + d * ks[v / kPer] + kW * (v % kPer));
+      for (int g = 0; g < G; ++g) acc[g][v] = maddw(q[g * hd + d], k, acc[g][v]);
+    }
 }
-#endif
 
 // s[g][j] = query g . key j (query g at q + g * hd) for the chunk's 16-key groups [0, groups): group c's
 // keys are `kg[c]`, [hd][ks[c]] (key j of the group at column j).
 template <int G, typename TK>
 inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, int groups, int hd,
                         float (*s)[kChunk], const ChunkPrefetch* pf) {
-#if LLMC_QK_SIMD == 1
-  // NG 16-key groups a pass: G x 2 NG accumulators (12 ymm at G = 3), enough independent sums to keep
-  // both FMA pipes busy (one group at G = 3 is 6 chains of 4-cycle FMAs); G = 4 has 8 with one group.
-  constexpr int NG = G <= 3 ? 2 : 1;
+  // NG groups a pass: enough independent sums to keep both FMA pipes busy in the registers there are
+  // (AVX2: 12 ymm at G = 3 with 2, 8 at G = 4 with 1; else all 4, G x 4 zmm); each pass's keys are asked
+  // for from memory as it starts
+  constexpr int NG = LLMC_QK_SIMD == 1 ? (G <= 3 ? 2 : 1) : kVec;
+  static_assert(kVec % NG == 0, "passes cover the chunk");
   for (int c = 0; c < kVec; c += NG) {
     for (int n = 0; n < NG; ++n) prefetch_group_keys(pf, c + n);
-    fvec acc[G][2 * NG];
+    fvec acc[G][NG * kPer];
     for (int g = 0; g < G; ++g)
-      for (int v = 0; v < 2 * NG; ++v) acc[g][v] = fvec{};
-    if (c + NG <= groups) {
-      for (int d = 0; d < hd; ++d)
-        for (int v = 0; v < 2 * NG; ++v) {
-          const fvec k = loadw(kg[c + v / 2] + d * ks[c + v / 2] + 8 * (v % 2));
-          for (int g = 0; g < G; ++g) acc[g][v] = maddw(q[g * hd + d], k, acc[g][v]);
-        }
-    } else {
-      for (int n = 0; c + n < groups; ++n)
-        for (int d = 0; d < hd; ++d) {
-          const TK* kp = kg[c + n] + d * ks[c + n];
-          const fvec k0 = loadw(kp), k1 = loadw(kp + 8);
-          for (int g = 0; g < G; ++g) {
-            const float qd = q[g * hd + d];
-            acc[g][2 * n] = maddw(qd, k0, acc[g][2 * n]);
-            acc[g][2 * n + 1] = maddw(qd, k1, acc[g][2 * n + 1]);
-          }
-        }
-    }
+      for (int v = 0; v < NG * kPer; ++v) acc[g][v] = fvec{};
+    score_groups<G, NG, NG * kPer>(groups - c, q, kg + c, ks + c, hd, acc);
     for (int g = 0; g < G; ++g)
-      for (int v = 0; v < 2 * NG; ++v) storew(s[g] + c * kLanes + 8 * v, acc[g][v]);
+      for (int v = 0; v < NG * kPer; ++v) storew(s[g] + c * kLanes + kW * v, acc[g][v]);
   }
-#else
-  f16v acc[G][kVec];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < kVec; ++c) acc[g][c] = f16v{};
-  for (int c = 0; c < kVec; ++c) prefetch_group_keys(pf, c);
-  static_assert(kVec == 4, "score_groups is dispatched for 1-4 groups");
-  switch (groups) {  // a chunk's last (partial) groups too: one group alone is G chains of 4-cycle FMAs
-    case 4: score_groups<G, 4>(q, kg, ks, hd, acc); break;
-    case 3: score_groups<G, 3>(q, kg, ks, hd, acc); break;
-    case 2: score_groups<G, 2>(q, kg, ks, hd, acc); break;
-    case 1: score_groups<G, 1>(q, kg, ks, hd, acc); break;
-    default: break;
-  }
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < kVec; ++c) store16(s[g] + c * kLanes, acc[g][c]);
-#endif
 }
 
 // ac[g hd + d0, g hd + d0 + 16 NV) = that * alpha[g] + sum over keys j < valid of p[g][j] * value j.
 template <int G, int NV, typename TV>
 inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
                         int valid, int d0) {
-#if LLMC_QK_SIMD == 1
-  fvec t[G][2 * NV];
+  fvec t[G][NV * kPer];
   for (int g = 0; g < G; ++g)
-    for (int v = 0; v < 2 * NV; ++v) t[g][v] = loadw(ac + g * hd + d0 + 8 * v) * alpha[g];
+    for (int v = 0; v < NV * kPer; ++v) t[g][v] = loadw(ac + g * hd + d0 + kW * v) * alpha[g];
   for (int j = 0; j < valid; ++j) {
     const TV* vr = vrows[j] + d0;
-    for (int v = 0; v < 2 * NV; ++v) {  // one value vector live at a time, the G weights p[g][j] held
-      const fvec x = loadw(vr + 8 * v);
+    for (int v = 0; v < NV * kPer; ++v) {  // one value vector live at a time, the G weights p[g][j] held
+      const fvec x = loadw(vr + kW * v);
       for (int g = 0; g < G; ++g) t[g][v] = maddw(p[g][j], x, t[g][v]);
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int v = 0; v < 2 * NV; ++v) storew(ac + g * hd + d0 + 8 * v, t[g][v]);
-#else
-  f16v t[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < NV; ++v) t[g][v] = load16(ac + g * hd + d0 + 16 * v) * alpha[g];
-  for (int j = 0; j < valid; ++j) {
-    const TV* vr = vrows[j] + d0;
-    f16v x[NV];
-    for (int v = 0; v < NV; ++v) x[v] = load16(vr + 16 * v);
-    for (int g = 0; g < G; ++g) {
-      const float pj = p[g][j];
-      for (int v = 0; v < NV; ++v) t[g][v] = madd16(pj, x[v], t[g][v]);
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < NV; ++v) store16(ac + g * hd + d0 + 16 * v, t[g][v]);
-#endif
+    for (int v = 0; v < NV * kPer; ++v) storew(ac + g * hd + d0 + kW * v, t[g][v]);
 }
 
 template <int G, typename TV>
