@@ -4,6 +4,7 @@
     python benchmarks/kernels_lockstep_ab.py gemm A B [--case q5_0] [--rows 32] [--count 20] [--steps 40]
     python benchmarks/kernels_lockstep_ab.py attention A B [--layers 30] [--cache distinct] [--ctx 96]
     python benchmarks/kernels_lockstep_ab.py batch|engine A B --artifact DIR [--seqs 32] [--gen 32] [--steps 12]
+    ... [--contend 0.25]   (any workload: a competing process keeps a quarter of one core busy)
 
 ``where`` builds the kernels of this checkout (if not built yet) and prints their folder; A and B are
 two such folders (build one, check out the other version, build again). Each workload runs in two
@@ -12,7 +13,9 @@ the same moments of a shared machine's drift, which on a VM can exceed the effec
 (separate processes run one after the other have differed by 20-40% on the same code here). Prints
 both medians, the median of the per-turn ratios B/A and whether both builds gave the same bits.
 ``LLMC_CPU_ISA`` picks the kernel path for both; the host's other work should be held off (e.g. under
-a CPU lock) as for any benchmark.
+a CPU lock) as for any benchmark. ``--contend F`` adds a known competitor instead: a process that keeps
+F of one core busy (in bursts, 10 ms apart) through every turn, as an HTTP load client and the server's
+event loop do beside the step (how the kernels' thread pool copes with losing a core at times).
 
 - ``gemm``: ``KernelWeight.linear`` at ``--rows`` rows over ``--count`` distinct random weights of a
   SmolLM2 shape and block format (beyond the caches when many), 1 torch thread (``--threads``).
@@ -146,8 +149,30 @@ def child(args: argparse.Namespace) -> None:
         print(f"{seconds:.7f} {result}", flush=True)
 
 
+CONTENDER = """
+import sys, time
+busy, period = float(sys.argv[1]) * 0.01, 0.01
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < busy:
+        pass
+    time.sleep(max(period - busy, 0.0))
+"""
+"""Keeps ``argv[1]`` of one core busy in bursts every 10 ms."""
+
+
 def parent(args: argparse.Namespace, argv: list[str]) -> int:
     options = [a for a in argv if a not in (args.workload, args.a, args.b)]
+    contender = (subprocess.Popen([sys.executable, "-c", CONTENDER, str(args.contend)]) if args.contend > 0 else None)
+    try:
+        return compare(args, options)
+    finally:
+        if contender is not None:
+            contender.kill()
+            contender.wait()
+
+
+def compare(args: argparse.Namespace, options: list[str]) -> int:
     kids = [subprocess.Popen([sys.executable, __file__, "--child", build, args.workload, *options],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for build in (args.a, args.b)]
     for kid in kids:
@@ -197,11 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="turns each (default: gemm/attention 40, else 12)")
+    parser.add_argument("--contend", type=float, default=0.0,
+                        help="fraction of one core a competing process keeps busy during the turns (0: none)")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1 if args.workload == "gemm" else 2
     if args.steps is None:
         args.steps = 12 if args.workload in ("batch", "engine") else 40
+    if not 0.0 <= args.contend <= 1.0:
+        parser.error("--contend is a fraction of one core, in [0, 1]")
     if args.workload in ("batch", "engine") and not args.artifact:
         parser.error(f"{args.workload} needs --artifact")
     if args.build:

@@ -43,3 +43,26 @@ def test_a_folder_without_a_build_is_refused(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "no built llmc kernels" in run.stderr or "failed to start" in run.stderr + run.stdout
+
+
+def _contenders() -> list[str]:
+    """Processes running the harness's competing busy loop (Linux /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "busy, period = float(sys.argv[1])" in text:
+            found.append(cmdline.parent.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="looks for the competitor in /proc (Linux)")
+def test_a_competing_load_runs_beside_the_turns_and_ends_with_them(build: str) -> None:
+    run = subprocess.run([sys.executable, str(SCRIPT), "gemm", build, build, "--case", "q8_0", "--rows", "2",
+                          "--count", "1", "--steps", "3", "--contend", "0.3"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "same bits: True" in run.stdout.strip().splitlines()[-1]
+    assert _contenders() == []
