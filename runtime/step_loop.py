@@ -63,10 +63,11 @@ THROUGHPUT_WINDOW_S = 10.0
 class InFlight:
     """A launched step: what it computes, which sequences it samples, and its pending result."""
 
-    def __init__(self, out: SchedulerOutput, sampled: list[ScheduledSeq], pending: PendingStep) -> None:
+    def __init__(self, out: SchedulerOutput, sampled: list[ScheduledSeq], pending: PendingStep, kind: str) -> None:
         self.out = out
         self.sampled = sampled
         self.pending = pending
+        self.kind = kind  # "decode" or "other" (see StepLoop.stats)
         self.row_of = {s.seq.seq_id: i for i, s in enumerate(sampled)}
 
 
@@ -118,6 +119,7 @@ class StepLoop:
         self._by_seq: dict[int, RequestState] = {}
         self._closed = False
         self._counters: collections.Counter[str] = collections.Counter()
+        self._executor_s = {"decode": 0.0, "other": 0.0}  # the loop thread's time in the executor, by step kind
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._t_start = time.perf_counter()
         self._inflight: InFlight | None = None
@@ -167,7 +169,11 @@ class StepLoop:
             self._thread.join()
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot: queue sizes, KV usage, prefix-cache hits, token counters, throughput."""
+        """A snapshot: queue sizes, KV usage, prefix-cache hits, token counters, throughput, and the
+        steps run and the loop's seconds in the executor (the forward pass and sampling: launching a
+        step and waiting for its tokens) for ``decode`` steps (every sequence feeds one token) and
+        ``other`` ones (a prompt chunk in the batch); their ratio is the mean step time, which the
+        loop's own work (scheduling, delivering tokens) and, in a server, the event loop add to."""
         with self._cond:
             now = time.perf_counter()
             while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
@@ -180,6 +186,10 @@ class StepLoop:
                 **self.kv.stats().to_dict(),
                 "num_preemptions": self.scheduler.num_preemptions,
                 "steps": self._counters["steps"],
+                "decode_steps": self._counters["decode_steps"],
+                "decode_executor_s": self._executor_s["decode"],
+                "other_steps": self._counters["other_steps"],
+                "other_executor_s": self._executor_s["other"],
                 "prompt_tokens": self._counters["prompt_tokens"],
                 "computed_tokens": self._counters["computed_tokens"],
                 "generation_tokens": self._counters["generation_tokens"],
@@ -267,15 +277,20 @@ class StepLoop:
         # pass runs without the GIL (delivered at the end of the step, their wake-up would contend
         # for the GIL with this thread's scheduling and batch building)
         self.delivery.flush()
+        kind = "decode" if all(s.num_new == 1 for s in out.scheduled) else "other"
         try:
             if host:
                 assert not batch.has_deferred, "host-side steps are scheduled with no step in flight"
+                t0 = time.perf_counter()
                 logits = self.executor.step(batch)
+                self._executor_s[kind] += time.perf_counter() - t0
                 mask = masks.result() if masks is not None else None
             else:
                 with self._cond:
                     sample_rows = [self._by_seq[s.seq.seq_id].sampler.row() for s in rows.sampled]
+                t0 = time.perf_counter()
                 pending = self.executor.launch(batch, sample_rows)
+                self._executor_s[kind] += time.perf_counter() - t0
         except Exception as exc:  # the step failed: fail its requests, keep serving the others
             if previous is not None:
                 self._collect(previous)
@@ -290,6 +305,7 @@ class StepLoop:
             for s in rows.sampled if not host else ():
                 s.seq.num_pending += 1
             self._counters["steps"] += 1
+            self._counters[f"{kind}_steps"] += 1
             self._counters["computed_tokens"] += out.num_tokens
         if host:
             with self._cond:
@@ -298,7 +314,7 @@ class StepLoop:
                 if rows.sampled:
                     self._sample(logits[rows.sample_rows], rows.sampled, mask)
             return
-        self._inflight = InFlight(out, rows.sampled, pending)
+        self._inflight = InFlight(out, rows.sampled, pending, kind)
         if previous is not None:
             self._collect(previous)  # the device runs the step just launched meanwhile
             self.delivery.flush()  # its tokens go out now, not a step later
@@ -346,6 +362,7 @@ class StepLoop:
         """Wait for a launched step's tokens and deliver them (the step's requests fail if it failed)."""
         if self._inflight is inflight:
             self._inflight = None
+        t0 = time.perf_counter()
         try:
             result = inflight.pending.result()
         except Exception as exc:
@@ -357,6 +374,7 @@ class StepLoop:
                     if req is not None:
                         self._finish(req, "cancelled", None, error=exc)
             return
+        self._executor_s[inflight.kind] += time.perf_counter() - t0
         with self._cond:
             self._deliver(result, inflight.sampled)
 

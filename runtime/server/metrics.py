@@ -39,6 +39,16 @@ class _EngineCollector(Collector):
                                 value=s.get("generation_tok_s", 0.0))
         yield CounterMetricFamily("llmc_num_preemptions", "Sequences preempted (KV cache full) and recomputed.",
                                   value=s.get("num_preemptions", 0))
+        steps = CounterMetricFamily("llmc_engine_steps", "Engine steps run, by kind: decode (one token per "
+                                    "sequence) or other (with a prompt chunk).", labels=["kind"])
+        seconds = CounterMetricFamily("llmc_engine_executor_seconds", "The engine loop's time in the executor "
+                                      "(forward pass and sampling), by step kind; / steps = mean step time.",
+                                      labels=["kind"])
+        for kind in ("decode", "other"):
+            steps.add_metric([kind], s.get(f"{kind}_steps", 0))
+            seconds.add_metric([kind], s.get(f"{kind}_executor_s", 0.0))
+        yield steps
+        yield seconds
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

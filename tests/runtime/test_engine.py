@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -58,6 +59,22 @@ def test_concurrent_requests_match_reference(layout: str) -> None:
     assert all(b.layout.num_tokens <= 32 for b in ex.batches)  # token budget
     if layout == "paged":
         assert stats["prefix_cache_hits"] > 0  # the shared 9-token prefix was reused
+
+
+def test_stats_count_decode_and_prompt_steps_and_the_time_in_the_executor() -> None:
+    delay = 0.02
+    ex = FakeExecutor(vocab=VOCAB, delay=delay)
+    with Engine(ex, config=EngineConfig(max_running=4, max_num_tokens=32)) as engine:
+        t0 = time.perf_counter()
+        out = engine.generate([[5, 6, 7, 8, 9]], _greedy(6))[0]
+        wall = time.perf_counter() - t0
+        stats = engine.stats()
+    assert len(out.token_ids) == 6
+    # the prompt's step samples the first token; each of the other five is a decode step
+    assert (stats["other_steps"], stats["decode_steps"], stats["steps"]) == (1, 5, 6)
+    # each step sleeps `delay` in the executor: the loop waits most of it (overlapped launches: less)
+    assert 0.5 * 5 * delay <= stats["decode_executor_s"] <= wall
+    assert 0.5 * delay <= stats["other_executor_s"] <= wall
 
 
 def test_kv_exhaustion_queues_and_preempts() -> None:

@@ -179,3 +179,17 @@ def test_the_model_card_and_the_length_check_use_the_engines_max_model_len(token
         assert card["max_model_len"] == 32
         error = _error(c.post("/v1/completions", json={"model": "fake", "prompt": "a" * 40, "max_tokens": 1}), 400)
         assert error["code"] == "context_length_exceeded" and "32 tokens" in str(error["message"])
+
+
+def test_metrics_give_the_engine_steps_and_their_time_by_kind(client: TestClient) -> None:
+    ok = client.post("/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 3, "temperature": 0})
+    assert ok.status_code == 200, ok.text
+    values = {}
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(("llmc_engine_steps_total", "llmc_engine_executor_seconds_total")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values['llmc_engine_steps_total{kind="other"}'] == 1  # the prompt, sampling the first token
+    assert values['llmc_engine_steps_total{kind="decode"}'] == 2
+    assert values['llmc_engine_executor_seconds_total{kind="decode"}'] > 0
+    assert values['llmc_engine_executor_seconds_total{kind="other"}'] > 0
