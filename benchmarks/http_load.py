@@ -59,11 +59,38 @@ class RequestFailed(RuntimeError):
     """Some requests of a point failed (the message counts them and quotes the first)."""
 
 
+ENGINE_STEP_METRICS = ('llmc_engine_steps_total{kind="decode"}', 'llmc_engine_executor_seconds_total{kind="decode"}')
+"""llmc serve's /metrics lines whose change over a run gives its engine's mean decode step."""
+
+
+def engine_decode_counters(base_url: str) -> tuple[float, float] | None:
+    """(decode steps, seconds in the executor) from the server's /metrics, if it exports llmc's engine
+    counters (``llmc serve``; others: None)."""
+    import httpx
+
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        text = httpx.get(f"{root}/metrics", timeout=10.0).text
+    except httpx.HTTPError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in ENGINE_STEP_METRICS:
+            values[name] = float(value)
+    if len(values) < len(ENGINE_STEP_METRICS):
+        return None
+    return values[ENGINE_STEP_METRICS[0]], values[ENGINE_STEP_METRICS[1]]
+
+
 class HttpBackend(Backend):
-    """An OpenAI-compatible server under load: ``run_concurrent`` sends one streamed request per prompt."""
+    """An OpenAI-compatible server under load: ``run_concurrent`` sends one streamed request per prompt.
+    Against ``llmc serve`` it also sums, per concurrency, the engine's decode steps and their time in the
+    executor over the runs (``decode_steps``: concurrency -> [steps, seconds])."""
 
     def __init__(self, target: HttpTarget) -> None:
         self.target = target
+        self.decode_steps: dict[int, list[float]] = {}
 
     def info(self) -> BackendInfo:
         return BackendInfo(engine="http", label=self.target.label or f"http:{self.target.model}", version=None,
@@ -75,7 +102,20 @@ class HttpBackend(Backend):
         raise NotImplementedError("an HTTP server has no static-batch mode; use --scenario concurrency")
 
     def run_concurrent(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
-        return asyncio.run(self._run_all(prompts, gen_len))
+        before = engine_decode_counters(self.target.base_url)
+        runs = asyncio.run(self._run_all(prompts, gen_len))
+        after = engine_decode_counters(self.target.base_url) if before is not None else None
+        if before is not None and after is not None:
+            total = self.decode_steps.setdefault(len(prompts), [0.0, 0.0])
+            total[0] += after[0] - before[0]
+            total[1] += after[1] - before[1]
+        return runs
+
+    def step_notes(self) -> list[str]:
+        """One note per concurrency: the engine's mean decode step under that load (llmc serve only)."""
+        return [f"{self.info().label}, concurrency {c}: the engine's decode steps took {seconds / steps * 1e3:.2f} ms "
+                f"on average in the executor ({int(steps)} steps, /metrics; TPOT adds the rest of the server's "
+                f"work and the machine's)" for c, (steps, seconds) in sorted(self.decode_steps.items()) if steps]
 
     async def _run_all(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
         from openai import AsyncOpenAI
@@ -152,10 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         close()
     report.backends.append(info.to_dict())
     report.results.extend(rows)
+    report.notes.extend(backend.step_notes())
     data = report.to_dict()
     validate(data)
     write_outputs(data, args.json_out, args.plot_out)
     print(markdown_table(data["results"]))
+    for note in data["notes"]:
+        print(note)
     return 1 if any(r["error"] for r in rows) else 0
 
 

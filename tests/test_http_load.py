@@ -51,6 +51,11 @@ def test_concurrency_sweep_report(server, tmp_path: Path) -> None:
         assert row["output_tokens"] == 2 * size * 5  # ignore_eos: exactly gen_len tokens per request
         assert row["ttft_s"]["n"] == 2 * size and 0 < row["ttft_s"]["p50"] <= row["e2e_s"]["p50"]
         assert row["aggregate_tok_s"] > 0
+    # llmc serve's /metrics give the engine's decode steps under each load: 2 runs x 4 decode steps at
+    # concurrency 1 (5 tokens: the first comes from the prompt's step), a note for concurrency 3 too
+    notes = [n for n in report["notes"] if "the engine's decode steps took" in n]
+    assert len(notes) == 2 and "concurrency 1:" in notes[0] and "(8 steps" in notes[0]
+    assert "concurrency 3:" in notes[1]
 
 
 def test_failed_requests_fail_the_point(server, tmp_path: Path) -> None:
