@@ -59,28 +59,35 @@ class RequestFailed(RuntimeError):
     """Some requests of a point failed (the message counts them and quotes the first)."""
 
 
-ENGINE_STEP_METRICS = ('llmc_engine_steps_total{kind="decode"}', 'llmc_engine_executor_seconds_total{kind="decode"}')
-"""llmc serve's /metrics lines whose change over a run gives its engine's mean decode step."""
-
-
 def engine_decode_counters(base_url: str) -> tuple[float, float] | None:
-    """(decode steps, seconds in the executor) from the server's /metrics, if it exports llmc's engine
-    counters (``llmc serve``; others: None)."""
+    """(decode steps, seconds in the executor) from the server's /metrics, summed over its engines (a
+    scale-out server labels each replica's), if it exports llmc's engine counters (``llmc serve``;
+    other servers, or no prometheus_client here: None)."""
     import httpx
 
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+    except ImportError:
+        return None
     root = base_url.rstrip("/").removesuffix("/v1")
     try:
-        text = httpx.get(f"{root}/metrics", timeout=10.0).text
+        response = httpx.get(f"{root}/metrics", timeout=10.0)
     except httpx.HTTPError:
         return None
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name in ENGINE_STEP_METRICS:
-            values[name] = float(value)
-    if len(values) < len(ENGINE_STEP_METRICS):
+    if response.status_code != 200:
         return None
-    return values[ENGINE_STEP_METRICS[0]], values[ENGINE_STEP_METRICS[1]]
+    text = response.text
+    totals = {"llmc_engine_steps_total": 0.0, "llmc_engine_executor_seconds_total": 0.0}
+    found = False
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in totals and sample.labels.get("kind") == "decode":
+                    totals[sample.name] += sample.value
+                    found = True
+    except ValueError:  # not Prometheus text (another server's page)
+        return None
+    return (totals["llmc_engine_steps_total"], totals["llmc_engine_executor_seconds_total"]) if found else None
 
 
 class HttpBackend(Backend):
