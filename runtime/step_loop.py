@@ -39,6 +39,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,9 +172,10 @@ class StepLoop:
     def stats(self) -> dict[str, Any]:
         """A snapshot: queue sizes, KV usage, prefix-cache hits, token counters, throughput, and the
         steps run and the loop's seconds in the executor (the forward pass and sampling: launching a
-        step and waiting for its tokens) for ``decode`` steps (every sequence feeds one token) and
-        ``other`` ones (a prompt chunk in the batch); their ratio is the mean step time, which the
-        loop's own work (scheduling, delivering tokens) and, in a server, the event loop add to."""
+        step and waiting for its tokens) for ``decode`` steps (:attr:`StepBatch.is_decode`: every
+        sequence feeds one token and samples) and ``other`` ones (a prompt chunk in the batch); their
+        ratio is the mean step time, which the loop's own work (scheduling, delivering tokens) and, in a
+        server, the event loop add to."""
         with self._cond:
             now = time.perf_counter()
             while self._recent and now - self._recent[0][0] > THROUGHPUT_WINDOW_S:
@@ -277,20 +279,18 @@ class StepLoop:
         # pass runs without the GIL (delivered at the end of the step, their wake-up would contend
         # for the GIL with this thread's scheduling and batch building)
         self.delivery.flush()
-        kind = "decode" if all(s.num_new == 1 for s in out.scheduled) else "other"
+        kind = "decode" if batch.is_decode else "other"
         try:
             if host:
                 assert not batch.has_deferred, "host-side steps are scheduled with no step in flight"
-                t0 = time.perf_counter()
-                logits = self.executor.step(batch)
-                self._executor_s[kind] += time.perf_counter() - t0
+                with self._in_executor(kind):
+                    logits = self.executor.step(batch)
                 mask = masks.result() if masks is not None else None
             else:
                 with self._cond:
                     sample_rows = [self._by_seq[s.seq.seq_id].sampler.row() for s in rows.sampled]
-                t0 = time.perf_counter()
-                pending = self.executor.launch(batch, sample_rows)
-                self._executor_s[kind] += time.perf_counter() - t0
+                with self._in_executor(kind):
+                    pending = self.executor.launch(batch, sample_rows)
         except Exception as exc:  # the step failed: fail its requests, keep serving the others
             if previous is not None:
                 self._collect(previous)
@@ -320,6 +320,14 @@ class StepLoop:
             self.delivery.flush()  # its tokens go out now, not a step later
         if self._inflight is not None and self._inflight.pending.ready():
             self._collect(self._inflight)
+
+    @contextlib.contextmanager
+    def _in_executor(self, kind: str) -> Iterator[None]:
+        """Adds the block's time to the loop's seconds in the executor for ``kind`` steps (when it
+        raises, nothing: a failed step is not counted)."""
+        t0 = time.perf_counter()
+        yield
+        self._executor_s[kind] += time.perf_counter() - t0
 
     def _build_batch(self, out: SchedulerOutput) -> tuple[StepBatch, StepRows]:
         tokens: list[int] = []
@@ -362,9 +370,9 @@ class StepLoop:
         """Wait for a launched step's tokens and deliver them (the step's requests fail if it failed)."""
         if self._inflight is inflight:
             self._inflight = None
-        t0 = time.perf_counter()
         try:
-            result = inflight.pending.result()
+            with self._in_executor(inflight.kind):
+                result = inflight.pending.result()
         except Exception as exc:
             with self._cond:
                 for s in inflight.sampled:
@@ -374,7 +382,6 @@ class StepLoop:
                     if req is not None:
                         self._finish(req, "cancelled", None, error=exc)
             return
-        self._executor_s[inflight.kind] += time.perf_counter() - t0
         with self._cond:
             self._deliver(result, inflight.sampled)
 

@@ -40,7 +40,7 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("llmc_num_preemptions", "Sequences preempted (KV cache full) and recomputed.",
                                   value=s.get("num_preemptions", 0))
         steps = CounterMetricFamily("llmc_engine_steps", "Engine steps run, by kind: decode (one token per "
-                                    "sequence) or other (with a prompt chunk).", labels=["kind"])
+                                    "sequence, each sampled) or other (with a prompt chunk).", labels=["kind"])
         seconds = CounterMetricFamily("llmc_engine_executor_seconds", "The engine loop's time in the executor "
                                       "(forward pass and sampling), by step kind; / steps = mean step time.",
                                       labels=["kind"])
