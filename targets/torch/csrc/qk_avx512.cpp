@@ -40,7 +40,7 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
   const bool f16 = w.f16_scales != 0;
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NC];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
   const int64_t esz = f16 ? 2 : 4;
   const char* sbytes = static_cast<const char*>(w.scales) + sbase * esz;
@@ -79,7 +79,7 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
       if (SUB16) o1 = load_scales(w.offsets, si + kRows, f16);
     }
     const int64_t i0 = b * a.cols + c0;  // column c0 of block b
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int c = 0; c < NC; ++c) {
       const int8_t* q = a.q + (i0 + c) * kBlock;
       const int32_t* corr = a.corr + (i0 + c) * nsub;  // -zero * the part's sum (symmetric weights)
@@ -114,7 +114,7 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
   }
   const int64_t left = w.out - t * kRows;
   const __mmask16 mask = left >= kRows ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * ldy + t * kRows, mask, acc[c]);
 }
 
@@ -126,9 +126,16 @@ void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, floa
   const int64_t group = a.cols <= 8 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
+    // 16 columns a pass where there are: 16 accumulators beside the block's 8 code vectors fill the 32 zmm
+    // registers, and each tile's codes are expanded and read from L2 half as often as with 8 (32 rows: the
+    // GEMM 0.90x the time of 8-column passes, the Q8_0 head 0.75x, a 32-sequence step 0.87x).
     int64_t c = 0;
-    for (; c + 8 <= a.cols; c += 8)
+    for (; c + 16 <= a.cols; c += 16)
+      for (int64_t t = g0; t < g1; ++t) tile_cols<16, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
+    if (c + 8 <= a.cols) {
       for (int64_t t = g0; t < g1; ++t) tile_cols<8, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
+      c += 8;
+    }
     if (c + 4 <= a.cols) {
       for (int64_t t = g0; t < g1; ++t) tile_cols<4, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
       c += 4;
