@@ -244,14 +244,18 @@ void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool,
         std::memcpy(kdst, ksrc, sizeof(float) * hd);
       return;
     }
-    // keys transposed within the block: [kv head][d][offset]
-    const char* bytes = reinterpret_cast<const char*>(ksrc);
-    if (in.kv_f16) {
-      ops.to_half(ksrc, key_halves_[thread].data(), hd);
-      bytes = reinterpret_cast<const char*>(key_halves_[thread].data());
-    }
+    // keys transposed within the block: [kv head][d][offset], one element every bs (typed stores: a
+    // memcpy of a run-time size per element was a library call each, ~20% of a decode step's attention)
     char* kbase = kc + ((block * kvh + h) * hd * bs + off) * elem;
-    for (int64_t d = 0; d < hd; ++d) std::memcpy(kbase + d * bs * elem, bytes + d * elem, static_cast<size_t>(elem));
+    if (in.kv_f16) {
+      uint16_t* halves = key_halves_[thread].data();
+      ops.to_half(ksrc, halves, hd);
+      uint16_t* kdst = reinterpret_cast<uint16_t*>(kbase);
+      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = halves[d];
+    } else {
+      float* kdst = reinterpret_cast<float*>(kbase);
+      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = ksrc[d];
+    }
   };
   // A sequence of more than 16 new rows has several tasks per kv head, each reading the keys of the
   // rows before its own: its rows are stored first, by every thread. Shorter ones (decode) are
