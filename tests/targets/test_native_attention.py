@@ -95,7 +95,8 @@ SHAPES = [(9, 3, 64), (8, 1, 16), (4, 4, 80), (6, 2, 24), (8, 2, 128), (16, 2, 3
 def test_attention_matches_float64_on_every_kernel_path(qk, shape, layout, dtype) -> None:
     heads, kv_heads, hd = shape
     block_size, block_major = layout
-    steps = [[70, 5, 1, 17], [1, 1, 1, 1], [1, 40, 1, 2]]  # ragged prefills, decode, chunks after a past
+    # ragged prefills, decode, chunks after a past, and 8 new rows across a 64-key chunk boundary
+    steps = [[70, 5, 1, 17], [1, 1, 1, 1], [1, 40, 1, 2], [1, 14, 1, 1], [1, 8, 1, 1]]
     for isa in qkernels.isa_paths():
         run_steps(qk, heads, kv_heads, hd, block_size, block_major, dtype, steps, isa, seed=hd + heads)
 
