@@ -34,8 +34,8 @@ from llmc.targets.torch import qkernels
 from llmc.targets.torch.weights import PackedWeight
 
 ROWS = (1, 7, 32, 128)
-TAIL_ROWS = 29
-"""16 + 8 + 4 + 1 rows: every column-tile width of the AVX-512 GEMM in one product."""
+TAIL_ROWS = 31
+"""16 + 8 + 4 + 2 + 1 rows: every column-pass width of the AVX-512 GEMM in one product."""
 SCALE_FIELDS = {  # byte ranges of each block's float16 scale fields (the rest is codes / packed ints)
     "Q4_0": [(0, 2)], "Q4_1": [(0, 2), (2, 4)], "Q5_0": [(0, 2)], "Q5_1": [(0, 2), (2, 4)], "Q8_0": [(0, 2)],
     "Q2_K": [(80, 82), (82, 84)], "Q3_K": [(108, 110)], "Q4_K": [(0, 2), (2, 4)], "Q5_K": [(0, 2), (2, 4)],

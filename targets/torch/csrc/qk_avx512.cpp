@@ -127,8 +127,8 @@ void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, floa
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
     // 16 columns a pass where there are: 16 accumulators beside the block's 8 code vectors fill the 32 zmm
-    // registers, and each tile's codes are expanded and read from L2 half as often as with 8 (32 rows: the
-    // GEMM 0.90x the time of 8-column passes, the Q8_0 head 0.75x, a 32-sequence step 0.87x).
+    // registers, and each tile's codes are decoded and read from L2 half as often as with 8 (32 rows: the
+    // GEMM 0.90-0.92x the time of 8-column passes, the Q8_0 head 0.75x, a 32-sequence step ~0.91x).
     int64_t c = 0;
     for (; c + 16 <= a.cols; c += 16)
       for (int64_t t = g0; t < g1; ++t) tile_cols<16, BITS, SUB16, SYM>(w, a, t, c, y, ldy);

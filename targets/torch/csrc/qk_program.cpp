@@ -245,7 +245,7 @@ void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool,
       return;
     }
     // keys transposed within the block: [kv head][d][offset], one element every bs (typed stores: a
-    // memcpy of a run-time size per element was a library call each, ~20% of a decode step's attention)
+    // memcpy of a run-time size per element was a library call each)
     char* kbase = kc + ((block * kvh + h) * hd * bs + off) * elem;
     if (in.kv_f16) {
       uint16_t* halves = key_halves_[thread].data();
