@@ -93,11 +93,15 @@ def engine_decode_counters(base_url: str) -> tuple[float, float] | None:
 class HttpBackend(Backend):
     """An OpenAI-compatible server under load: ``run_concurrent`` sends one streamed request per prompt.
     Against ``llmc serve`` it also sums, per concurrency, the engine's decode steps and their time in the
-    executor over the runs (``decode_steps``: concurrency -> [steps, seconds])."""
+    executor over the runs (``decode_steps``: concurrency -> [steps, seconds]); against any server, this
+    client's own CPU time and streamed chunks (``client_cpu``: concurrency -> [CPU seconds, chunks, wall
+    seconds]), since a client on the server's machine takes that CPU from it."""
 
     def __init__(self, target: HttpTarget) -> None:
         self.target = target
         self.decode_steps: dict[int, list[float]] = {}
+        self.client_cpu: dict[int, list[float]] = {}
+        self._chunks = 0
 
     def info(self) -> BackendInfo:
         return BackendInfo(engine="http", label=self.target.label or f"http:{self.target.model}", version=None,
@@ -110,7 +114,12 @@ class HttpBackend(Backend):
 
     def run_concurrent(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
         before = engine_decode_counters(self.target.base_url)
+        cpu0, wall0, chunks0 = time.process_time(), time.perf_counter(), self._chunks
         runs = asyncio.run(self._run_all(prompts, gen_len))
+        cpu = self.client_cpu.setdefault(len(prompts), [0.0, 0.0, 0.0])
+        cpu[0] += time.process_time() - cpu0
+        cpu[1] += self._chunks - chunks0
+        cpu[2] += time.perf_counter() - wall0
         after = engine_decode_counters(self.target.base_url) if before is not None else None
         if before is not None and after is not None:
             total = self.decode_steps.setdefault(len(prompts), [0.0, 0.0])
@@ -123,6 +132,12 @@ class HttpBackend(Backend):
         return [f"{self.info().label}, concurrency {c}: the engine's decode steps took {seconds / steps * 1e3:.2f} ms "
                 f"on average in the executor ({int(steps)} steps, /metrics; TPOT adds the rest of the server's "
                 f"work and the machine's)" for c, (steps, seconds) in sorted(self.decode_steps.items()) if steps]
+
+    def client_notes(self) -> list[str]:
+        """One note per concurrency: the CPU this load client used per streamed chunk and in cores."""
+        return [f"{self.info().label}, concurrency {c}: the load client used {cpu / chunks * 1e3:.3f} ms of CPU per "
+                f"streamed chunk, {cpu / wall:.2f} cores over the runs (its process: parsing, the openai client, "
+                f"asyncio)" for c, (cpu, chunks, wall) in sorted(self.client_cpu.items()) if chunks and wall > 0]
 
     async def _run_all(self, prompts: list[list[int]], gen_len: int) -> list[RequestRun]:
         from openai import AsyncOpenAI
@@ -155,6 +170,7 @@ class HttpBackend(Backend):
                 usage_tokens = int(chunk.usage.completion_tokens)
             if chunk.choices and chunk.choices[0].text:
                 chunks += 1
+                self._chunks += 1
                 if first is None:
                     first = time.perf_counter()
         end = time.perf_counter()
@@ -200,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     report.backends.append(info.to_dict())
     report.results.extend(rows)
     report.notes.extend(backend.step_notes())
+    report.notes.extend(backend.client_notes())
     data = report.to_dict()
     validate(data)
     write_outputs(data, args.json_out, args.plot_out)

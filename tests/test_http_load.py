@@ -56,6 +56,11 @@ def test_concurrency_sweep_report(server, tmp_path: Path) -> None:
     notes = [n for n in report["notes"] if "the engine's decode steps took" in n]
     assert len(notes) == 2 and "concurrency 1:" in notes[0] and "(8 steps" in notes[0]
     assert "concurrency 3:" in notes[1]
+    # the client's own CPU per streamed chunk (2 runs x 1 x 5 chunks at concurrency 1, 2 x 3 x 5 at 3)
+    cpu = [n for n in report["notes"] if "the load client used" in n]
+    assert len(cpu) == 2 and "concurrency 1:" in cpu[0] and "concurrency 3:" in cpu[1]
+    per_chunk = [float(n.split("used ")[1].split(" ms")[0]) for n in cpu]
+    assert all(0 < ms < 1000 for ms in per_chunk)
 
 
 def test_failed_requests_fail_the_point(server, tmp_path: Path) -> None:
