@@ -136,3 +136,31 @@ def test_logits_rows_must_cover_a_row_per_token_view(qk) -> None:
     with pytest.raises(ValueError, match="logits_rows must list every row"):
         prog.run(*args, torch.tensor([3]), cache, cache.clone(), bs, 1, True)
     assert prog.run(*args, torch.arange(4), cache, cache.clone(), bs, 1, True).shape == (4, heads * hd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("shape", [(9, 3, 16), (4, 4, 16)], ids=str)
+def test_a_later_rows_value_never_reaches_an_earlier_row(qk, shape, dtype) -> None:
+    """A prompt's rows are attended several at a time (their query vectors together): a value that only
+    a later row may see, even an infinite one, leaves every earlier row's output as if it were absent."""
+    heads, kv_heads, hd = shape
+    rng = np.random.default_rng(5)
+    vocab, width, bs, n = 16, (heads + 2 * kv_heads) * hd, 16, 12
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    table[vocab - 1, (heads + kv_heads) * hd :] = np.inf  # token vocab-1's values
+    prog = qk.NativeProgram(1, kv_heads, hd)
+    x, out = prog.buffer(width, False), prog.buffer(heads * hd, False)
+    prog.embed((x, 0, width), torch.from_numpy(table))
+    prog.attention((out, 0, heads * hd), (x, 0, heads * hd), (x, heads * hd, kv_heads * hd),
+                   (x, (heads + kv_heads) * hd, kv_heads * hd), 0, heads, kv_heads, hd, 1.0 / np.sqrt(hd), -1, 0, False)
+    prog.set_logits((out, 0, heads * hd))
+    ids = [int(t) for t in rng.integers(0, vocab - 1, n - 1)] + [vocab - 1]
+    shape_kv = (1, 2 * bs, kv_heads, hd)
+    want = reference(table, [], ids[:-1], heads, kv_heads, hd, dtype == torch.float16)
+    for isa in qkernels.isa_paths():
+        k_cache, v_cache = torch.zeros(shape_kv, dtype=dtype), torch.zeros(shape_kv, dtype=dtype)
+        got = prog.run(torch.tensor(ids), torch.tensor([n]), torch.tensor([n]), torch.tensor([[0, 1]]),
+                       torch.arange(n), k_cache, v_cache, bs, 2, True, isa).numpy()
+        assert np.isfinite(got[: n - 1]).all(), isa
+        for i in range(n - 1):
+            assert np.linalg.norm(got[i] - want[i]) / np.linalg.norm(want[i]) <= 2e-5, (isa, i)

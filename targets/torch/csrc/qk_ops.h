@@ -338,14 +338,14 @@ inline void score_chunk(const float* q, const TK* const* kg, const int64_t* ks, 
   }
 }
 
-// ac[g hd + d0, g hd + d0 + 16 NV) = that * alpha[g] + sum over keys j < valid of p[g][j] * value j.
+// ac[g hd + d0, g hd + d0 + 16 NV) = that * alpha[g] + sum over keys j0 <= j < valid of p[g][j] * value j.
 template <int G, int NV, typename TV>
 inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
-                        int valid, int d0) {
+                        int j0, int valid, int d0) {
   fvec t[G][NV * kPer];
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV * kPer; ++v) t[g][v] = loadw(ac + g * hd + d0 + kW * v) * alpha[g];
-  for (int j = 0; j < valid; ++j) {
+  for (int j = j0; j < valid; ++j) {
     const TV* vr = vrows[j] + d0;
     for (int v = 0; v < NV * kPer; ++v) {  // one value vector live at a time, the G weights p[g][j] held
       const fvec x = loadw(vr + kW * v);
@@ -356,18 +356,19 @@ inline void values_part(float* ac, int hd, const float* alpha, const float (*p)[
     for (int v = 0; v < NV * kPer; ++v) storew(ac + g * hd + d0 + kW * v, t[g][v]);
 }
 
+// ac[g] = ac[g] * alpha[g] + sum over keys j0 <= j < valid of p[g][j] * value j, in order of j.
 template <int G, typename TV>
 inline void accumulate_values(float* ac, const float* alpha, const float (*p)[kChunk], const TV* const* vrows,
-                              int valid, int hd) {
+                              int j0, int valid, int hd) {
   // 16-lane value vectors per pass: AVX2 2 (4 ymm each for G <= 3 heads: 12 sums, both FMA pipes busy), else 4
   constexpr int kWide = LLMC_QK_SIMD == 1 ? (G <= 3 ? 2 : 1) : 4;
   int d0 = 0;
-  for (; d0 + 16 * kWide <= hd; d0 += 16 * kWide) values_part<G, kWide>(ac, hd, alpha, p, vrows, valid, d0);
-  for (; d0 + 16 <= hd; d0 += 16) values_part<G, 1>(ac, hd, alpha, p, vrows, valid, d0);
+  for (; d0 + 16 * kWide <= hd; d0 += 16 * kWide) values_part<G, kWide>(ac, hd, alpha, p, vrows, j0, valid, d0);
+  for (; d0 + 16 <= hd; d0 += 16) values_part<G, 1>(ac, hd, alpha, p, vrows, j0, valid, d0);
   if (d0 == hd) return;
   for (int g = 0; g < G; ++g)
     for (int d = d0; d < hd; ++d) ac[g * hd + d] *= alpha[g];
-  for (int j = 0; j < valid; ++j)
+  for (int j = j0; j < valid; ++j)
     for (int g = 0; g < G; ++g)
       for (int d = d0; d < hd; ++d) ac[g * hd + d] = LLMC_QK_MADD(p[g][j], value_at(vrows[j] + d), ac[g * hd + d]);
 }
@@ -401,8 +402,10 @@ __attribute__((always_inline)) inline void softmax_update(float (*s)[kChunk], fl
 
 // One chunk of keys for G query vectors (queries q, sums ac: [G][hd]; one row's heads, or consecutive
 // rows' heads in a prompt): scores, the softmax update and the weighted values into `ac`. Vector g sees
-// the chunk's keys [0, vlen[g]), vlen[g] >= 1; the keys are scored and the values summed up to the
-// largest, with the others' weights there 0 (exactly their sums alone).
+// the chunk's keys [0, vlen[g]), vlen[g] >= 1: the keys are scored up to the largest (the others' scores
+// there masked), the values summed together up to the smallest, then each longer vector's own last ones
+// (a later row's value, even an infinite one, never reaches an earlier row); each vector's sums are the
+// operations it would run alone, in the same order.
 template <int G, typename TK, typename TV>
 inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const TK* const* kg,
                          const int64_t* ks, const TV* const* vrows, const int* vlen, int hd,
@@ -419,7 +422,12 @@ inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const 
   else
     softmax_update<G, 0>(s, p, alpha, mx, sm, vlen, span);
   for (int c = 0; c < kVec; ++c) prefetch_group_values(pf, c);
-  accumulate_values<G>(ac, alpha, p, vrows, valid, hd);
+  int shortest = vlen[0];
+  for (int g = 1; g < G; ++g) shortest = vlen[g] < shortest ? vlen[g] : shortest;
+  accumulate_values<G>(ac, alpha, p, vrows, 0, shortest, hd);
+  static const float kOne = 1.0f;  // ac * 1 is ac: the rest continues the same sums
+  for (int g = 0; g < G; ++g)
+    if (vlen[g] > shortest) accumulate_values<1>(ac + g * hd, &kOne, p + g, vrows, shortest, vlen[g], hd);
 }
 
 // attend_chunk for the n = rows x g_n query vectors of consecutive rows, kHeads at a time; the row of
