@@ -1,12 +1,28 @@
-"""Small helpers shared by tests: drive an executor or the interpreter step by step."""
+"""Small helpers shared by tests: drive an executor or the interpreter step by step, load a script."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from llmc.compiler.ir.batch import BatchLayout
 from llmc.compiler.ir.interp import Interpreter, NumpyKVCache
 from llmc.runtime.executor import Executor, StepBatch
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """The script at ``path`` (a benchmark, not a package module) imported as module ``name``; registered
+    in ``sys.modules`` first, as dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class SequenceDriver:

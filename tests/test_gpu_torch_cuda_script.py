@@ -4,7 +4,6 @@ target's CPU executor (the same launch() calls the GPU run makes)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,17 +11,14 @@ from types import ModuleType
 
 import pytest
 
+from tests.helpers import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "torch_cuda.py"
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llmc_torch_cuda_device", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "llmc_torch_cuda_device")
 
 
 def test_dry_run_writes_the_plan_in_the_summary_schema(script: ModuleType, tmp_path: Path,

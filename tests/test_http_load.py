@@ -3,9 +3,7 @@ in the bench schema: every request makes exactly gen_len tokens, failures are re
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,18 +13,14 @@ pytest.importorskip("openai", reason="the load script uses the official openai c
 pytest.importorskip("jsonschema", reason="bench report validation needs jsonschema (the `bench` extra)")
 pytest.importorskip("fastapi", reason="llmc serve needs the `serve` extra")
 
+from tests.helpers import load_script
 from tests.runtime.serving import MODEL, VOCAB, ServerProcess, build_chat_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "http_load.py"
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llmc_http_load", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "llmc_http_load")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -10,17 +9,14 @@ import pytest
 
 from llmc.runtime.bench import BenchSettings, LlmcBackend, Report, make_prompts, validate
 from llmc.runtime.bench.harness import run_backend
+from tests.helpers import load_script
 
 pytest.importorskip("jsonschema", reason="bench report validation needs jsonschema (the `bench` extra)")
 PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
 
 
 def _peers() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llmc_bench_peers", PEERS)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PEERS, "llmc_bench_peers")
 
 
 @pytest.fixture(scope="module")

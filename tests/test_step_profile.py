@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from llmc.targets.torch import qkernels
+from tests.helpers import load_script
 from tests.models import write_random_hf_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_profile.py"
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llmc_step_profile", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "llmc_step_profile")
 
 
 def test_profile_splits_prompt_and_decode_steps(tmp_path: Path) -> None:
