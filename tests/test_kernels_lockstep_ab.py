@@ -26,7 +26,9 @@ def build() -> str:
 
 
 @pytest.mark.parametrize("workload", [["gemm", "--case", "q6_k", "--rows", "3", "--count", "2"],
-                                      ["attention", "--cache", "same", "--ctx", "20"]], ids=lambda w: w[0])
+                                      ["attention", "--cache", "same", "--ctx", "20"],
+                                      ["attention", "--cache", "same", "--prompt", "20", "--seqs", "2"]],
+                         ids=lambda w: "-".join(w[:1] + w[3:4]))
 def test_one_build_against_itself_gives_the_same_bits(build: str, workload: list[str]) -> None:
     run = subprocess.run([sys.executable, str(SCRIPT), workload[0], build, build, *workload[1:], "--steps", "4"],
                          capture_output=True, text=True, timeout=600)

@@ -48,18 +48,26 @@ def reference(table: np.ndarray, history: list[list[int]], new: list[int], heads
     return out.reshape(len(new), heads * hd)
 
 
-def run_steps(qk, heads: int, kv_heads: int, hd: int, block_size: int, block_major: bool, dtype: torch.dtype,
-              steps: list[list[int]], isa: str, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    vocab, width = 512, (heads + 2 * kv_heads) * hd
-    table = rng.standard_normal((vocab, width)).astype(np.float32)
-    table[:, heads * hd : (heads + kv_heads) * hd] *= 2.0  # keys large enough for peaked softmaxes
+def attention_program(qk, table: np.ndarray, heads: int, kv_heads: int, hd: int):
+    """A program of an embedding (rows of queries, keys and values from `table`) and attention over a
+    one-layer paged cache; its logits are the attention rows (one per token)."""
+    width = (heads + 2 * kv_heads) * hd
     prog = qk.NativeProgram(1, kv_heads, hd)
     x, out = prog.buffer(width, False), prog.buffer(heads * hd, False)
     prog.embed((x, 0, width), torch.from_numpy(table))
     prog.attention((out, 0, heads * hd), (x, 0, heads * hd), (x, heads * hd, kv_heads * hd),
                    (x, (heads + kv_heads) * hd, kv_heads * hd), 0, heads, kv_heads, hd, 1.0 / np.sqrt(hd), -1, 0, False)
     prog.set_logits((out, 0, heads * hd))
+    return prog
+
+
+def run_steps(qk, heads: int, kv_heads: int, hd: int, block_size: int, block_major: bool, dtype: torch.dtype,
+              steps: list[list[int]], isa: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    vocab, width = 512, (heads + 2 * kv_heads) * hd
+    table = rng.standard_normal((vocab, width)).astype(np.float32)
+    table[:, heads * hd : (heads + kv_heads) * hd] *= 2.0  # keys large enough for peaked softmaxes
+    prog = attention_program(qk, table, heads, kv_heads, hd)
     seqs = len(steps[0])
     max_len = sum(max(step) for step in steps) + 1
     per_seq = -(-max_len // block_size)
@@ -124,13 +132,8 @@ def test_logits_rows_must_cover_a_row_per_token_view(qk) -> None:
     """A program whose logits view has a row per token (no gather) copies every row out: a step asking
     for fewer logits rows is refused with a clear error, not written past the logits tensor."""
     heads, kv_heads, hd, bs = 2, 1, 16, 16
-    width = (heads + 2 * kv_heads) * hd
-    prog = qk.NativeProgram(1, kv_heads, hd)
-    x, out = prog.buffer(width, False), prog.buffer(heads * hd, False)
-    prog.embed((x, 0, width), torch.randn(8, width))
-    prog.attention((out, 0, heads * hd), (x, 0, heads * hd), (x, heads * hd, kv_heads * hd),
-                   (x, (heads + kv_heads) * hd, kv_heads * hd), 0, heads, kv_heads, hd, 0.25, -1, 0, False)
-    prog.set_logits((out, 0, heads * hd))
+    table = np.random.default_rng(0).standard_normal((8, (heads + 2 * kv_heads) * hd)).astype(np.float32)
+    prog = attention_program(qk, table, heads, kv_heads, hd)
     cache = torch.zeros((1, 2 * bs, kv_heads, hd))
     args = (torch.arange(4), torch.tensor([4]), torch.tensor([4]), torch.tensor([[0, 1]]))
     with pytest.raises(ValueError, match="logits_rows must list every row"):
@@ -148,12 +151,7 @@ def test_a_later_rows_value_never_reaches_an_earlier_row(qk, shape, dtype) -> No
     vocab, width, bs, n = 16, (heads + 2 * kv_heads) * hd, 16, 12
     table = rng.standard_normal((vocab, width)).astype(np.float32)
     table[vocab - 1, (heads + kv_heads) * hd :] = np.inf  # token vocab-1's values
-    prog = qk.NativeProgram(1, kv_heads, hd)
-    x, out = prog.buffer(width, False), prog.buffer(heads * hd, False)
-    prog.embed((x, 0, width), torch.from_numpy(table))
-    prog.attention((out, 0, heads * hd), (x, 0, heads * hd), (x, heads * hd, kv_heads * hd),
-                   (x, (heads + kv_heads) * hd, kv_heads * hd), 0, heads, kv_heads, hd, 1.0 / np.sqrt(hd), -1, 0, False)
-    prog.set_logits((out, 0, heads * hd))
+    prog = attention_program(qk, table, heads, kv_heads, hd)
     ids = [int(t) for t in rng.integers(0, vocab - 1, n - 1)] + [vocab - 1]
     shape_kv = (1, 2 * bs, kv_heads, hd)
     want = reference(table, [], ids[:-1], heads, kv_heads, hd, dtype == torch.float16)

@@ -413,8 +413,11 @@ inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const 
   alignas(64) float s[G][kChunk];
   alignas(64) float p[G][kChunk];
   float alpha[G];
-  int valid = vlen[0];
-  for (int g = 1; g < G; ++g) valid = vlen[g] > valid ? vlen[g] : valid;
+  int valid = vlen[0], shortest = vlen[0];  // the longest and the shortest vector's keys
+  for (int g = 1; g < G; ++g) {
+    valid = vlen[g] > valid ? vlen[g] : valid;
+    shortest = vlen[g] < shortest ? vlen[g] : shortest;
+  }
   score_chunk<G>(q, kg, ks, (valid + kLanes - 1) / kLanes, hd, s, pf);
   const int span = (valid + kW - 1) / kW * kW;  // the fvecs that hold keys
   if (span == kChunk)
@@ -422,8 +425,6 @@ inline void attend_chunk(const float* q, float* ac, float* mx, float* sm, const 
   else
     softmax_update<G, 0>(s, p, alpha, mx, sm, vlen, span);
   for (int c = 0; c < kVec; ++c) prefetch_group_values(pf, c);
-  int shortest = vlen[0];
-  for (int g = 1; g < G; ++g) shortest = vlen[g] < shortest ? vlen[g] : shortest;
   accumulate_values<G>(ac, alpha, p, vrows, 0, shortest, hd);
   static const float kOne = 1.0f;  // ac * 1 is ac: the rest continues the same sums
   for (int g = 0; g < G; ++g)
