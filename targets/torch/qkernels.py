@@ -51,10 +51,12 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("qk_binding.cpp", "qk_program.cpp", "qk_scalar.cpp", "qk_avx2.cpp", "qk_avx512.cpp")
 HEADERS = ("qk_common.h", "qk_ops.h", "qk_program.h")
-CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno"]
+CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno")
 """No ``-march``: ISA-specific code is compiled per function (``#pragma GCC target``) and chosen at
 run time, and ``-ffp-contract=off`` keeps every path's float arithmetic identical."""
-LDFLAGS = ["-fopenmp"]
+LDFLAGS = ("-fopenmp",)
+"""Tuples: torch's ``cpp_extension.load`` appends its libraries to the lists it is given, which would
+change :func:`extension_name` in the process that built the kernels."""
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -135,8 +137,8 @@ def _build(name: str, directory: Path) -> ModuleType:
             shutil.copyfile(path, src / path.name)
         _announce(f"building CPU kernels, once, ~20 s (cached in {directory})")
         start = time.perf_counter()
-        module = cpp_extension.load(name=name, sources=[str(src / s) for s in SOURCES], extra_cflags=CFLAGS,
-                                    extra_ldflags=LDFLAGS, build_directory=str(directory), verbose=False)
+        module = cpp_extension.load(name=name, sources=[str(src / s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                                    extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=False)
         _announce(f"CPU kernels built in {time.perf_counter() - start:.0f} s")
         return module
 

@@ -46,3 +46,22 @@ def test_a_build_removes_a_stale_torch_lock_first(monkeypatch, tmp_path: Path) -
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     assert qkernels._build("llmc_qk_test", directory) == "built" and seen == [False]
+
+
+def test_a_build_leaves_the_extension_name_as_it_was(monkeypatch, tmp_path: Path) -> None:
+    """torch's ``cpp_extension.load`` appends its libraries to the flag lists it is given; the name (a
+    hash of the flags too) must not change in the process that built, or that process would look for
+    its kernels in another folder than every other process (kernels_lockstep_ab.py `where` did)."""
+    from torch.utils import cpp_extension
+
+    def fake_load(name: str, build_directory: str, extra_cflags: list[str], extra_ldflags: list[str],
+                  **kwargs: object) -> str:
+        extra_cflags.append("-DTORCH_WAS_HERE")
+        extra_ldflags += ["-ltorch", "-lc10"]  # what torch 2.13 does
+        (Path(build_directory) / f"{name}.so").write_bytes(b"")
+        return "built"
+
+    name = qkernels.extension_name()
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert qkernels._build("llmc_qk_test", tmp_path / "llmc_qk_test") == "built"
+    assert qkernels.extension_name() == name
