@@ -49,8 +49,8 @@ from llmc.compiler.progress import message
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("qk_binding.cpp", "qk_program.cpp", "qk_scalar.cpp", "qk_avx2.cpp", "qk_avx512.cpp")
-HEADERS = ("qk_common.h", "qk_ops.h", "qk_program.h")
+SOURCES = ("qk_binding.cpp", "qk_pool.cpp", "qk_program.cpp", "qk_scalar.cpp", "qk_avx2.cpp", "qk_avx512.cpp")
+HEADERS = ("qk_common.h", "qk_ops.h", "qk_pool.h", "qk_program.h")
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno")
 """No ``-march``: ISA-specific code is compiled per function (``#pragma GCC target``) and chosen at
 run time, and ``-ffp-contract=off`` keeps every path's float arithmetic identical."""
@@ -220,6 +220,25 @@ def use_isa(name: str) -> Iterator[None]:
         yield
     finally:
         module.set_isa(previous)
+
+
+@contextlib.contextmanager
+def steal_patience(ns: int) -> Iterator[None]:
+    """Inside the block, a native step's idle thread computes a piece another thread holds once that piece has
+    run ``ns`` nanoseconds (0: at once, so that pieces are computed twice and their commits race: for tests)."""
+    module = _module_or_raise()
+    module.set_steal_patience_ns(int(ns))
+    try:
+        yield
+    finally:
+        module.set_steal_patience_ns(-1)
+
+
+def pool_counts() -> tuple[int, int]:
+    """(pieces run, pieces an idle thread computed again) by native steps on more than one thread, in this
+    process: a piece is computed again when the thread that took it held it past the patience (preempted)."""
+    pieces, repeated = _module_or_raise().pool_counts()
+    return int(pieces), int(repeated)
 
 
 def kernel_weight(codes: np.ndarray | torch.Tensor, scales: np.ndarray | torch.Tensor,

@@ -189,6 +189,24 @@ def test_a_sequence_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count(
             assert np.array_equal(a, b), (batched, threads)
 
 
+@pytest.mark.parametrize("threads", [2, 4])
+def test_pieces_computed_twice_by_idle_threads_give_the_same_bits(kernels, threads: int) -> None:
+    # Patience 0: a thread with nothing left to take computes every piece another thread holds, so most
+    # pieces run twice and their commits race; 4 threads on a smaller machine are also preempted inside
+    # pieces and resume after their region ended. Only one copy of each piece may land, and a late one
+    # must write nothing: the outputs stay those of one thread, bit for bit, step after step.
+    cfg, module, weights = model(PIPELINES[1])
+    alone = schedule(SequenceDriver(TorchExecutor(module, weights, threads=1), max_seqs=3), cfg.vocab_size, 11)
+    _, repeated_before = qkernels.pool_counts()
+    with qkernels.steal_patience(0):
+        for _ in range(3):
+            raced = schedule(SequenceDriver(TorchExecutor(module, weights, threads=threads), max_seqs=3),
+                             cfg.vocab_size, 11)
+            for a, b in zip(alone, raced, strict=True):
+                assert np.array_equal(a, b)
+    assert qkernels.pool_counts()[1] > repeated_before  # the races ran
+
+
 def test_every_kernel_path_runs_the_program(kernels) -> None:
     cfg, module, weights = model(PIPELINES[1])
     results = {}

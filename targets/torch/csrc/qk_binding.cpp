@@ -498,6 +498,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa_paths", &llmc_qk::isa_names, "kernel paths this CPU runs, best first");
   m.def("set_isa", &llmc_qk::set_isa, "force a kernel path ('' = the best)");
   m.def("current_isa", &llmc_qk::current_isa);
+  m.def(
+      "pool_counts",
+      [] {
+        const llmc_qk::PoolCounts c = llmc_qk::pool_counts();
+        return std::make_tuple(c.pieces, c.repeated);
+      },
+      "(pieces run, pieces an idle thread computed again) by native steps on more than one thread, in this process");
+  m.def("set_steal_patience_ns", &llmc_qk::set_patience_floor_ns, py::arg("ns"),
+        "least time a native step's piece runs before an idle thread computes it too (0: at once, for tests; "
+        "< 0: the default)");
   m.def("quantize_activations", &llmc_qk::quantize_activations, py::arg("x"), py::arg("isa") = "");
   m.def("to_half_bits", &llmc_qk::to_half_bits, py::arg("x"), py::arg("isa") = "");
 }

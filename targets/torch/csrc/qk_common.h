@@ -124,7 +124,7 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
 struct AttnArgs {
   const float* q;  // [tokens][heads * head_dim] (after RoPE)
   int64_t ldq;
-  float* out;  // [tokens][heads * head_dim]
+  float* out;  // the task's output: its row i, query head g of its kv head at out + i * ldo + g * head_dim
   int64_t ldo;
   // This layer's keys and values, float32 or (kv_f16) IEEE float16 elements. Slot-major:
   // [slots][kv_heads][head_dim] both; block-major: keys [blocks][kv_heads][head_dim][block] (each

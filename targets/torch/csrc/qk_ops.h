@@ -569,7 +569,7 @@ void attention_task(const AttnArgs& a, int seq, int kvh, int i0, int i1, const A
   }
   for (int i = 0; i < rows; ++i)
     for (int g = 0; g < g_n; ++g) {
-      float* dst = a.out + (qs + i0 + i) * a.ldo + static_cast<int64_t>(kvh * g_n + g) * hd;
+      float* dst = a.out + i * a.ldo + static_cast<int64_t>(g) * hd;
       const float* ac = acc + (i * g_n + g) * hd;
       const float inv = 1.0f / sm[i * g_n + g];
       for (int d = 0; d < hd; ++d) dst[d] = ac[d] * inv;

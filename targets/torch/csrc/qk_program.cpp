@@ -1,13 +1,7 @@
-// llmc's native step program and its thread pool (qk_program.h).
+// llmc's native step program (qk_program.h): each step's plan of regions and what their pieces do.
 #include "qk_program.h"
 
-#include <immintrin.h>
-#include <linux/futex.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -16,103 +10,42 @@
 namespace llmc_qk {
 namespace {
 
-constexpr int kSpin = 1 << 14;  // pause loops before a worker sleeps (~0.1-0.5 ms)
+// What a region of the step does (Region::kind).
+enum RegionKind : int32_t {
+  kEmbedRows = 0,    // exclusive: rows of the embedding table
+  kNormRows,         // rms_norm (and the residual sum)
+  kQuantizeRows,     // a linear group's input quantized to int8 (a1: blocks)
+  kGemmTiles,        // a linear group's tiles (a0: first instruction, a1: first GemmPiece, a2: act id)
+  kRopeRows,         // Op::kRope: copied and rotated
+  kRopeQKRows,       // attention's q and k rotated in place
+  kStoreRows,        // attention's new keys and values into their cache slots
+  kAttentionTasks,   // (sequence, kv head, up to 16 query rows) tasks
+  kElementwiseRows,  // Op::kElementwise and Op::kSwiglu
+  kGatherRows,       // exclusive: the rows that get logits
+  kLogitsRows,       // exclusive: the logits view into the caller's tensor
+};
 
-void futex_wait(std::atomic<uint32_t>* word, uint32_t value) {
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT_PRIVATE, value, nullptr, nullptr, 0);
+constexpr int64_t kRowsPerPiece = 16;          // rows of a row region's piece, at least (one piece a thread)
+constexpr int64_t kGemmUnitsPerPiece = 16384;  // tile x block x column units of a GEMM piece (~30-60 us), at least
+
+void copy_rows(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ldd, src + r * lds, sizeof(float) * width);
 }
 
-void futex_wake_all(std::atomic<uint32_t>* word) {
-  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+// w's tiles from t0 on, as a weight of its own (every ISA's kernel indexes tiles from the codes, scales
+// and offsets it is given).
+QWeight tiles_from(const QWeight& w, int64_t t0) {
+  QWeight v = w;
+  const int64_t esz = w.f16_scales ? 2 : 4, scale_elems = t0 * w.blocks * w.nsub() * kRows;
+  v.codes = w.codes + t0 * w.blocks * w.code_bytes_per_block();
+  v.scales = static_cast<const char*>(w.scales) + scale_elems * esz;
+  if (w.offsets != nullptr) v.offsets = static_cast<const char*>(w.offsets) + scale_elems * esz;
+  v.out = w.out - t0 * kRows;
+  v.tiles = w.tiles - t0;
+  return v;
 }
 
 }  // namespace
-
-ThreadPool::ThreadPool(int threads) : n_(std::max(1, threads)) {
-  for (int t = 1; t < n_; ++t) threads_.emplace_back([this, t] { work(t); });
-}
-
-ThreadPool::~ThreadPool() {
-  stop_.store(true);
-  generation_.fetch_add(1);
-  futex_wake_all(&generation_);
-  for (auto& t : threads_) t.join();
-}
-
-void ThreadPool::work(int tid) {
-  uint32_t seen = 0;
-  for (;;) {
-    uint32_t g;
-    int spins = 0;
-    while ((g = generation_.load(std::memory_order_acquire)) == seen) {
-      if (++spins < kSpin) {
-        _mm_pause();
-        continue;
-      }
-      sleepers_.fetch_add(1);
-      if (generation_.load() == seen) futex_wait(&generation_, seen);
-      sleepers_.fetch_sub(1);
-      spins = 0;
-    }
-    seen = g;
-    if (stop_.load()) return;
-    (*job_)(tid, n_);
-    done_.fetch_add(1, std::memory_order_release);
-  }
-}
-
-void ThreadPool::run(const std::function<void(int, int)>& fn) {
-  if (n_ == 1) {
-    fn(0, 1);
-    return;
-  }
-  job_ = &fn;
-  done_.store(0, std::memory_order_relaxed);
-  generation_.fetch_add(1);
-  if (sleepers_.load() > 0) futex_wake_all(&generation_);
-  fn(0, n_);
-  while (done_.load(std::memory_order_acquire) < n_ - 1) _mm_pause();
-}
-
-void ThreadPool::parallel_for(int64_t n, int64_t serial_below, const std::function<void(int64_t, int64_t)>& fn) {
-  if (n <= 0) return;
-  if (n_ == 1 || n < serial_below || n == 1) {
-    fn(0, n);
-    return;
-  }
-  run([&](int t, int nt) {
-    const int64_t b = n * t / nt, e = n * (t + 1) / nt;
-    if (b < e) fn(b, e);
-  });
-}
-
-void ThreadPool::dynamic_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn) {
-  if (n <= 0) return;
-  if (n_ == 1 || n == 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i, i + 1, 0);
-    return;
-  }
-  std::atomic<int64_t> counter{0};
-  run([&](int t, int) {
-    int64_t i = counter.fetch_add(1);
-    while (i < n) {  // the thread's next task is claimed before this one runs
-      const int64_t next = std::min<int64_t>(counter.fetch_add(1), n);
-      fn(i, next, t);
-      i = next;
-    }
-  });
-}
-
-ThreadPool& shared_pool(int threads) {
-  static std::mutex lock;
-  static std::unique_ptr<ThreadPool> pool;
-  std::lock_guard<std::mutex> guard(lock);
-  if (!pool || pool->size() != std::max(1, threads)) {
-    pool.reset();
-    pool = std::make_unique<ThreadPool>(threads);
-  }
-  return *pool;
-}
 
 int32_t Program::add_buffer(int64_t width, bool output_rows) {
   buffers_.push_back(Buffer{width, output_rows, {}, 0});
@@ -142,172 +75,37 @@ size_t Program::linear_group_end(size_t first) const {
   return end;
 }
 
-void Program::linear(size_t first, size_t end, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
-  const Instr& ins = code_[first];
-  const QWeight& w = *qweights_[ins.weight];
-  const int64_t rows = rows_of(ins.a, in);
-  ActCache& cache = act_cache_[ins.a.buf];
-  const Buffer& src = buffers_[ins.a.buf];
-  if (cache.version != src.version || !(cache.src == ins.a)) {
-    cache.q.resize(static_cast<size_t>(rows * w.blocks * kBlock));
-    cache.meta.resize(static_cast<size_t>(rows * w.blocks));
-    const float* x = ptr(ins.a);
-    const int64_t ldx = ld(ins.a), width = ins.a.width, blocks = w.blocks;
-    int8_t* q = cache.q.data();
-    ActMeta* meta = cache.meta.data();
-    pool.parallel_for(rows, 8, [&](int64_t c0, int64_t c1) { ops.quantize(x, ldx, width, c0, c1, blocks, q, meta); });
-    cache.src = ins.a;
-    cache.version = src.version;
-    cache.id = new_act_id();
-  }
-  const QAct act{cache.q.data(), cache.meta.data(), rows, w.blocks, cache.id};
-  // The group's tiles in one parallel region (one barrier, not one per weight), split by their bytes:
-  // weight k's tiles are [start[k], start[k + 1]) of the group's, each costing cost[k].
-  const size_t n = end - first;
-  int64_t start[kMaxGroup + 1], cost[kMaxGroup];
-  start[0] = 0;
+
+void Program::piece_rows(const Region& r, int64_t piece, int64_t& r0, int64_t& r1) {
+  r0 = r.a0 * piece / r.pieces;
+  r1 = r.a0 * (piece + 1) / r.pieces;
+}
+
+float* Program::staging(int thread, int64_t floats) {
+  std::vector<float>& s = staging_[static_cast<size_t>(thread)];
+  if (static_cast<int64_t>(s.size()) < floats) s.resize(static_cast<size_t>(floats));
+  return s.data();
+}
+
+void Program::take_input(const StepInput& in) {
+  auto copy = [](std::vector<int64_t>& dst, const int64_t* src, int64_t n) {
+    dst.assign(src, src + n);
+    return dst.data();
+  };
+  step_ = in;
+  step_.token_ids = copy(token_ids_, in.token_ids, in.tokens);
+  step_.query_lens = copy(query_lens_, in.query_lens, in.seqs);
+  step_.ctx_lens = copy(ctx_lens_, in.ctx_lens, in.seqs);
+  step_.tables = copy(tables_, in.tables, in.seqs * in.table_stride);
+  step_.logits_rows = copy(logits_rows_, in.logits_rows, in.outputs);
   int64_t total = 0;
-  for (size_t k = 0; k < n; ++k) {
-    const QWeight& wk = *qweights_[code_[first + k].weight];
-    cost[k] = wk.tile_bytes(wk.code_bytes_per_block());
-    start[k + 1] = start[k] + wk.tiles;
-    total += wk.tiles * cost[k];
-  }
-  // tiles [g0, g1) of the group, in order
-  auto run_tiles = [&](int64_t g0, int64_t g1) {
-    for (size_t k = 0; k < n; ++k) {
-      const int64_t t0 = std::max(g0, start[k]) - start[k], t1 = std::min(g1, start[k + 1]) - start[k];
-      if (t0 >= t1) continue;
-      const Instr& ik = code_[first + k];
-      ops.gemm(*qweights_[ik.weight], act, t0, t1, ptr(ik.dst), ld(ik.dst));
-    }
-  };
-  if (pool.size() == 1 || start[n] * w.blocks * rows < 4096 || start[n] < 2) {  // too small to share
-    run_tiles(0, start[n]);
-    return;
-  }
-  pool.run([&](int t, int nt) {
-    // the first tile whose cumulative cost reaches t / nt of the total, for t and t + 1
-    auto boundary = [&](int part) {
-      const int64_t goal = total * part / nt;
-      int64_t acc = 0;
-      for (size_t k = 0; k < n; ++k) {
-        const int64_t span = (start[k + 1] - start[k]) * cost[k];
-        if (acc + span >= goal) return start[k] + (goal - acc + cost[k] - 1) / cost[k];
-        acc += span;
-      }
-      return start[n];
-    };
-    const int64_t g0 = boundary(t), g1 = t + 1 == nt ? start[n] : boundary(t + 1);
-    if (g0 < g1) run_tiles(g0, g1);
-  });
-}
-
-void Program::attention(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops) {
-  const int64_t tokens = in.tokens, hd = ins.head_dim, kvh = ins.kv_heads;
-  float* q = ptr(ins.a);
-  float* k = ptr(ins.b);
-  const float* v = ptr(ins.c);
-  const int64_t ldq = ld(ins.a), ldk = ld(ins.b), ldv = ld(ins.c);
-  if (ins.rope_table >= 0) {
-    const Rope& rp = ropes_[ins.rope_table];
-    pool.parallel_for(tokens, 64, [&](int64_t r0, int64_t r1) {
-      ops.rope(q, ldq, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
-               positions_.data(), r0, r1);
-      ops.rope(k, ldk, ins.kv_heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
-               positions_.data(), r0, r1);
-    });
-  }
-  const int64_t slot_elems = kvh * hd, layer_elems = static_cast<int64_t>(ins.layer) * in.cache_slots * slot_elems;
-  const int64_t elem = in.kv_f16 ? 2 : 4;
-  char* kc = static_cast<char*>(in.k_cache) + layer_elems * elem;
-  char* vc = static_cast<char*>(in.v_cache) + layer_elems * elem;
-  const int64_t bs = in.block_size;
-  for (auto& t : key_halves_)
-    if (static_cast<int64_t>(t.size()) < hd) t.resize(static_cast<size_t>(hd));
-  // Row r's key and value of kv head h into its cache slot (rounded to float16 for a float16 cache).
-  auto store = [&](int64_t r, int64_t h, int thread) {
-    const int64_t slot = slots_[r], block = slot / bs, off = slot % bs;
-    const float* ksrc = k + r * ldk + h * hd;
-    const float* vsrc = v + r * ldv + h * hd;
-    // values: [slot][kv head][d], or block-major [block][kv head][offset][d]: hd contiguous elements
-    char* vdst = vc + (in.block_major ? ((block * kvh + h) * bs + off) * hd : slot * slot_elems + h * hd) * elem;
-    if (in.kv_f16)
-      ops.to_half(vsrc, reinterpret_cast<uint16_t*>(vdst), hd);
-    else
-      std::memcpy(vdst, vsrc, sizeof(float) * hd);
-    if (!in.block_major) {
-      char* kdst = kc + (slot * slot_elems + h * hd) * elem;
-      if (in.kv_f16)
-        ops.to_half(ksrc, reinterpret_cast<uint16_t*>(kdst), hd);
-      else
-        std::memcpy(kdst, ksrc, sizeof(float) * hd);
-      return;
-    }
-    // keys transposed within the block: [kv head][d][offset], one element every bs (typed stores: a
-    // memcpy of a run-time size per element was a library call each)
-    char* kbase = kc + ((block * kvh + h) * hd * bs + off) * elem;
-    if (in.kv_f16) {
-      uint16_t* halves = key_halves_[thread].data();
-      ops.to_half(ksrc, halves, hd);
-      uint16_t* kdst = reinterpret_cast<uint16_t*>(kbase);
-      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = halves[d];
-    } else {
-      float* kdst = reinterpret_cast<float*>(kbase);
-      for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = ksrc[d];
-    }
-  };
-  // A sequence of more than 16 new rows has several tasks per kv head, each reading the keys of the
-  // rows before its own: its rows are stored first, by every thread. Shorter ones (decode) are
-  // stored by their one task, just before it reads them.
-  long_rows_.clear();
-  for (int64_t s = 0, r = 0; s < in.seqs; r += in.query_lens[s], ++s)
-    if (in.query_lens[s] > 16)
-      for (int64_t i = 0; i < in.query_lens[s]; ++i) long_rows_.push_back(r + i);
-  pool.dynamic_for(static_cast<int64_t>(long_rows_.size()), [&](int64_t i, int64_t, int thread) {
-    for (int64_t h = 0; h < kvh; ++h) store(long_rows_[i], h, thread);
-  });
-  AttnArgs args{q, ldq, ptr(ins.dst), ld(ins.dst), kc, vc, ins.heads, ins.kv_heads, ins.head_dim, ins.f,
-                query_starts_.data(), in.query_lens, in.ctx_lens, in.tables, in.table_stride, in.block_size,
-                in.block_major, in.kv_f16};
-  // tasks: (sequence, kv head, chunk of up to 16 query rows)
-  std::vector<int64_t> task_seq, task_q0;
-  for (int64_t s = 0; s < in.seqs; ++s)
-    for (int64_t i = 0; i < in.query_lens[s]; i += 16) {
-      task_seq.push_back(s);
-      task_q0.push_back(i);
-    }
-  const int64_t n_tasks = static_cast<int64_t>(task_seq.size()) * kvh;
-  const int group = ins.heads / ins.kv_heads;
-  const int64_t need = attention_scratch_floats(ins.head_dim, group, 16);
-  for (auto& s : scratch_)
-    if (static_cast<int64_t>(s.size()) < need) s.resize(static_cast<size_t>(need));
-  pool.dynamic_for(n_tasks, [&](int64_t task, int64_t next, int thread) {
-    AttnTask after;  // its first keys and values start on their way from memory while this task ends
-    if (next < n_tasks)
-      after = AttnTask{static_cast<int>(task_seq[next / kvh]), static_cast<int>(next % kvh),
-                       static_cast<int>(task_q0[next / kvh])};
-    const int64_t t = task / kvh, h = task % kvh;
-    const int64_t s = task_seq[t], i0 = task_q0[t];
-    const int64_t i1 = std::min<int64_t>(i0 + 16, in.query_lens[s]);
-    if (in.query_lens[s] <= 16)
-      for (int64_t i = i0; i < i1; ++i) store(query_starts_[s] + i, h, thread);
-    ops.attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1), after,
-                  scratch_[thread].data());
-  });
-}
-
-void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
-  std::lock_guard<std::mutex> guard(mutex_);
-  ThreadPool& pool = shared_pool(threads);
-  if (static_cast<int>(scratch_.size()) < pool.size()) scratch_.resize(static_cast<size_t>(pool.size()));
-  if (static_cast<int>(key_halves_.size()) < pool.size()) key_halves_.resize(static_cast<size_t>(pool.size()));
+  for (int64_t s = 0; s < in.seqs; ++s) total += in.query_lens[s];
+  if (total != in.tokens) throw std::invalid_argument("query lengths do not add up to the token count");
   // positions, cache slots and each sequence's first row
   positions_.resize(static_cast<size_t>(in.tokens));
   slots_.resize(static_cast<size_t>(in.tokens));
   query_starts_.resize(static_cast<size_t>(in.seqs));
-  int64_t row = 0;
-  for (int64_t s = 0; s < in.seqs; ++s) {
+  for (int64_t s = 0, row = 0; s < in.seqs; ++s) {
     query_starts_[s] = row;
     const int64_t past = in.ctx_lens[s] - in.query_lens[s];
     const int64_t* table = in.tables + s * in.table_stride;
@@ -317,111 +115,498 @@ void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
       slots_[row] = table[pos / in.block_size] * in.block_size + pos % in.block_size;
     }
   }
-  if (row != in.tokens) throw std::invalid_argument("query lengths do not add up to the token count");
-  if (!buffers_[logits_.buf].output_rows && in.outputs != in.tokens)  // the copy below writes `tokens` rows
+  if (!buffers_[logits_.buf].output_rows && in.outputs != in.tokens)  // the copy writes `tokens` rows
     throw std::invalid_argument("the logits view has a row per token: logits_rows must list every row");
-  for (auto& b : buffers_) {
-    const int64_t need = (b.output_rows ? in.outputs : in.tokens) * b.width;
-    if (static_cast<int64_t>(b.data.size()) < need) b.data.resize(static_cast<size_t>(need));
+  for (int64_t r = 0; r < in.outputs; ++r)
+    if (in.logits_rows[r] < 0 || in.logits_rows[r] >= in.tokens) throw std::out_of_range("logits row out of range");
+  // attention tasks: (sequence, chunk of up to 16 query rows), each for every kv head
+  task_seq_.clear();
+  task_q0_.clear();
+  for (int64_t s = 0; s < in.seqs; ++s)
+    for (int64_t i = 0; i < in.query_lens[s]; i += 16) {
+      task_seq_.push_back(s);
+      task_q0_.push_back(i);
+    }
+}
+
+void Program::plan_rows(int32_t kind, size_t instr, int64_t rows, int64_t serial_below, int threads, bool exclusive) {
+  if (rows <= 0) return;
+  Region r;
+  r.kind = kind;
+  r.instr = static_cast<int32_t>(instr);
+  r.exclusive = exclusive;
+  r.a0 = rows;
+  r.pieces = rows < serial_below || threads == 1 ? 1 : threads * std::max<int64_t>(1, rows / (threads * kRowsPerPiece));
+  plan_.push_back(r);
+}
+
+void Program::plan_linear(size_t first, size_t end, int threads) {
+  const Instr& ins = code_[first];
+  const QWeight& w = *qweights_[ins.weight];
+  const int64_t rows = rows_of(ins.a);
+  if (rows <= 0) return;
+  ActCache& cache = act_cache_[ins.a.buf];
+  const Buffer& src = buffers_[ins.a.buf];
+  if (cache.version != src.version || !(cache.src == ins.a)) {
+    // sized here, while no thread runs: a region's pieces never reallocate what another may read
+    if (cache.q.size() < static_cast<size_t>(rows * w.blocks * kBlock))
+      cache.q.resize(static_cast<size_t>(rows * w.blocks * kBlock));
+    if (cache.meta.size() < static_cast<size_t>(rows * w.blocks)) cache.meta.resize(static_cast<size_t>(rows * w.blocks));
+    plan_rows(kQuantizeRows, first, rows, 8, threads);  // profiled as the group's first instruction
+    plan_.back().a1 = w.blocks;
+    cache.src = ins.a;
+    cache.version = src.version;
+    cache.id = new_act_id();
   }
-  auto clock = std::chrono::steady_clock::now();
+  // the group's tiles, member after member, cut into pieces of about equal bytes (the weights streamed)
+  const size_t n = end - first;
+  int64_t tiles = 0, total = 0;
+  for (size_t k = 0; k < n; ++k) {
+    const QWeight& wk = *qweights_[code_[first + k].weight];
+    tiles += wk.tiles;
+    total += wk.tiles * wk.tile_bytes(wk.code_bytes_per_block());
+  }
+  const int64_t units = tiles * w.blocks * rows;
+  int64_t want = threads == 1 || units < 4096 || tiles < 2
+                     ? 1
+                     : threads * std::max<int64_t>(1, units / (threads * kGemmUnitsPerPiece));
+  want = std::min(want, tiles);
+  Region r;
+  r.kind = kGemmTiles;
+  r.instr = static_cast<int32_t>(end - 1);  // profiled as the group's last instruction
+  r.a0 = static_cast<int64_t>(first);
+  r.a1 = static_cast<int64_t>(gemm_pieces_.size());
+  r.a2 = static_cast<int64_t>(cache.id);
+  // piece p ends at the first tile whose cumulative bytes reach (p + 1) / want of the total
+  int64_t start = 0, acc = 0;
+  size_t k = 0;
+  int64_t k0 = 0;  // the group's first tile of member k
+  for (int64_t p = 0; p < want; ++p) {
+    int64_t stop = tiles;
+    if (p + 1 < want) {
+      const int64_t goal = total * (p + 1) / want;
+      while (k < n) {
+        const QWeight& wk = *qweights_[code_[first + k].weight];
+        const int64_t cost = wk.tile_bytes(wk.code_bytes_per_block()), span = wk.tiles * cost;
+        if (acc + span >= goal) {
+          stop = k0 + (goal - acc + cost - 1) / cost;
+          break;
+        }
+        acc += span;
+        k0 += wk.tiles;
+        ++k;
+      }
+    }
+    if (stop > start) gemm_pieces_.push_back(GemmPiece{start, stop});
+    start = std::max(start, stop);
+  }
+  r.pieces = static_cast<int64_t>(gemm_pieces_.size()) - r.a1;
+  plan_.push_back(r);
+}
+
+void Program::build_plan(int threads) {
+  plan_.clear();
+  gemm_pieces_.clear();
   for (size_t index = 0; index < code_.size(); ++index) {
     const Instr& ins = code_[index];
     Buffer& out = buffers_[ins.dst.buf];
-    const int64_t rows = rows_of(ins.dst, in);
+    const int64_t rows = rows_of(ins.dst);
     switch (ins.op) {
-      case Op::kEmbed: {
-        float* y = ptr(ins.dst);
-        const int64_t ldy = ld(ins.dst), width = ins.dst.width;
-        if (ins.kind == 1) {
-          const float* table = vectors_[ins.weight].data();
-          for (int64_t r = 0; r < rows; ++r)
-            std::memcpy(y + r * ldy, table + in.token_ids[r] * width, sizeof(float) * width);
-        } else {
-          const QWeight& w = *qweights_[ins.weight];
-          pool.parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) dequantize_row(w, in.token_ids[r], width, y + r * ldy);
-          });
-        }
+      case Op::kEmbed:
+        plan_rows(kEmbedRows, index, rows, 16, threads, true);
         break;
-      }
       case Op::kRmsNorm:
-      case Op::kAddRmsNorm: {
-        const bool add = ins.op == Op::kAddRmsNorm;
-        const float* a = ptr(ins.a);
-        const float* b = add ? ptr(ins.b) : nullptr;
-        float* y = ptr(ins.dst);
-        float* sum = add ? ptr(ins.dst1) : nullptr;
-        const int64_t lda = ld(ins.a), ldb = add ? ld(ins.b) : 0, ldy = ld(ins.dst), lds = add ? ld(ins.dst1) : 0;
-        const float* w = vectors_[ins.weight].data();
-        pool.parallel_for(rows, 32, [&](int64_t r0, int64_t r1) {
-          ops.rms_norm(a, lda, b, ldb, w, ins.a.width, ins.f, y, ldy, sum, lds, r0, r1);
-        });
-        if (add) buffers_[ins.dst1.buf].version++;
+      case Op::kAddRmsNorm:
+        plan_rows(kNormRows, index, rows, 32, threads);
+        if (ins.op == Op::kAddRmsNorm) buffers_[ins.dst1.buf].version++;
         break;
-      }
       case Op::kLinear: {
         // consecutive linears of one input run as one group (profiled as its last instruction)
         const size_t end = linear_group_end(index);
-        linear(index, end, in, pool, ops);
+        plan_linear(index, end, threads);
         for (size_t k = index + 1; k < end; ++k) buffers_[code_[k].dst.buf].version++;
         index = end - 1;
         break;
       }
-      case Op::kRope: {
-        const float* a = ptr(ins.a);
-        float* y = ptr(ins.dst);
-        const int64_t lda = ld(ins.a), ldy = ld(ins.dst), width = ins.dst.width;
-        const Rope& rp = ropes_[ins.rope_table];
-        pool.parallel_for(rows, 64, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) std::memcpy(y + r * ldy, a + r * lda, sizeof(float) * width);
-          ops.rope(y, ldy, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
-                   positions_.data(), r0, r1);
-        });
+      case Op::kRope:
+        plan_rows(kRopeRows, index, rows, 64, threads);
         break;
-      }
-      case Op::kAttention:
-        attention(ins, in, pool, ops);
+      case Op::kAttention: {
+        if (ins.rope_table >= 0) plan_rows(kRopeQKRows, index, step_.tokens, 64, threads);
+        plan_rows(kStoreRows, index, step_.tokens, 16, threads);
+        const int64_t tasks = static_cast<int64_t>(task_seq_.size()) * ins.kv_heads;
+        if (tasks > 0) {
+          Region r;
+          r.kind = kAttentionTasks;
+          r.instr = static_cast<int32_t>(index);
+          r.pieces = tasks;
+          plan_.push_back(r);
+        }
         if (ins.rope_table >= 0) {  // q and k were rotated in place
           buffers_[ins.a.buf].version++;
           buffers_[ins.b.buf].version++;
         }
         break;
+      }
       case Op::kElementwise:
-      case Op::kSwiglu: {
-        const bool swiglu = ins.op == Op::kSwiglu;
-        const float* a = ptr(ins.a);
-        const float* b = swiglu ? a + ins.dst.width : (ins.kind == 0 ? nullptr : ptr(ins.b));
-        const int64_t lda = ld(ins.a), ldb = swiglu ? lda : (ins.kind == 0 ? 0 : ld(ins.b));
-        float* y = ptr(ins.dst);
-        const int64_t ldy = ld(ins.dst);
-        const int kind = swiglu ? 1 : ins.kind;
-        pool.parallel_for(rows, 32, [&](int64_t r0, int64_t r1) {
-          ops.elementwise(kind, a, lda, b, ldb, y, ldy, ins.dst.width, r0, r1);
-        });
+      case Op::kSwiglu:
+        plan_rows(kElementwiseRows, index, rows, 32, threads);
         break;
-      }
-      case Op::kGatherRows: {
-        const float* a = ptr(ins.a);
-        float* y = ptr(ins.dst);
-        for (int64_t r = 0; r < in.outputs; ++r) {
-          const int64_t src = in.logits_rows[r];
-          if (src < 0 || src >= in.tokens) throw std::out_of_range("logits row out of range");
-          std::memcpy(y + r * ld(ins.dst), a + src * ld(ins.a), sizeof(float) * ins.dst.width);
-        }
+      case Op::kGatherRows:
+        plan_rows(kGatherRows, index, step_.outputs, 1 << 30, threads, true);
         break;
-      }
     }
     out.version++;
-    if (profiling_) {
-      const auto now = std::chrono::steady_clock::now();
-      profile_[index] += std::chrono::duration<double>(now - clock).count();
-      clock = now;
-    }
   }
-  const int64_t rows = rows_of(logits_, in);
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(in.logits + r * logits_.width, ptr(logits_) + r * ld(logits_), sizeof(float) * logits_.width);
+  const size_t planned = plan_.size();
+  plan_rows(kLogitsRows, 0, rows_of(logits_), 16, threads, true);
+  if (plan_.size() > planned) plan_.back().instr = -1;  // not an instruction's time
+}
+
+void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
+  std::lock_guard<std::mutex> guard(mutex_);
+  ThreadPool& pool = shared_pool(threads);
+  const int nt = pool.size();
+  take_input(in);
+  ops_ = &ops;
+  if (static_cast<int>(staging_.size()) < nt) staging_.resize(static_cast<size_t>(nt));
+  if (static_cast<int>(scratch_.size()) < nt) scratch_.resize(static_cast<size_t>(nt));
+  for (const Instr& ins : code_)
+    if (ins.op == Op::kAttention) {
+      const int64_t need = attention_scratch_floats(ins.head_dim, ins.heads / ins.kv_heads, 16);
+      for (auto& s : scratch_)
+        if (static_cast<int64_t>(s.size()) < need) s.resize(static_cast<size_t>(need));
+    }
+  for (auto& b : buffers_) {
+    const int64_t need = (b.output_rows ? in.outputs : in.tokens) * b.width;
+    if (static_cast<int64_t>(b.data.size()) < need) b.data.resize(static_cast<size_t>(need));
+  }
+  build_plan(nt);
+  clock_ = std::chrono::steady_clock::now();
+  pool.run(plan_, *this);
+}
+
+void Program::region_done(size_t index) {
+  if (!profiling_) return;
+  const auto now = std::chrono::steady_clock::now();
+  const int32_t instr = plan_[index].instr;
+  if (instr >= 0) profile_[static_cast<size_t>(instr)] += std::chrono::duration<double>(now - clock_).count();
+  clock_ = now;
+}
+
+void Program::compute(const Region& r, int64_t piece, int64_t next, int thread, bool staged) {
+  const OpsTable& ops = *ops_;
+  switch (r.kind) {
+    case kGemmTiles:
+      compute_gemm(r, piece, thread, staged);
+      return;
+    case kAttentionTasks:
+      compute_attention(r, piece, next, thread, staged);
+      return;
+    case kStoreRows:
+      compute_store(r, piece, thread);
+      if (!staged) commit_store(r, piece, thread);
+      return;
+    default:
+      break;
+  }
+  int64_t r0, r1;
+  piece_rows(r, piece, r0, r1);
+  const int64_t n = r1 - r0;
+  if (r.kind == kLogitsRows) {  // exclusive
+    copy_rows(step_.logits + r0 * logits_.width, logits_.width, ptr(logits_) + r0 * ld(logits_), ld(logits_), n,
+              logits_.width);
+    return;
+  }
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  switch (r.kind) {
+    case kEmbedRows: {  // exclusive
+      float* y = ptr(ins.dst) + r0 * ld(ins.dst);
+      const int64_t ldy = ld(ins.dst), width = ins.dst.width;
+      const int64_t* ids = step_.token_ids + r0;
+      if (ins.kind == 1) {
+        const float* table = vectors_[ins.weight].data();
+        for (int64_t i = 0; i < n; ++i) std::memcpy(y + i * ldy, table + ids[i] * width, sizeof(float) * width);
+      } else {
+        const QWeight& w = *qweights_[ins.weight];
+        for (int64_t i = 0; i < n; ++i) dequantize_row(w, ids[i], width, y + i * ldy);
+      }
+      return;
+    }
+    case kNormRows: {
+      const bool add = ins.op == Op::kAddRmsNorm;
+      const int64_t width = ins.a.width, lda = ld(ins.a), ldb = add ? ld(ins.b) : 0;
+      const float* a = ptr(ins.a) + r0 * lda;
+      const float* b = add ? ptr(ins.b) + r0 * ldb : nullptr;
+      float *y, *sum = nullptr;
+      int64_t ldy, lds = 0;
+      if (staged) {
+        y = staging(thread, (add ? 2 : 1) * n * width);
+        ldy = width;
+        if (add) sum = y + n * width, lds = width;
+      } else {
+        y = ptr(ins.dst) + r0 * ld(ins.dst), ldy = ld(ins.dst);
+        if (add) sum = ptr(ins.dst1) + r0 * ld(ins.dst1), lds = ld(ins.dst1);
+      }
+      ops.rms_norm(a, lda, b, ldb, vectors_[ins.weight].data(), width, ins.f, y, ldy, sum, lds, 0, n);
+      return;
+    }
+    case kQuantizeRows: {
+      const int64_t blocks = r.a1, ldx = ld(ins.a);
+      const float* x = ptr(ins.a) + r0 * ldx;
+      int8_t* q;
+      ActMeta* meta;
+      if (staged) {
+        const int64_t qfloats = (n * blocks * kBlock + 3) / 4;
+        float* s = staging(thread, qfloats + n * blocks * static_cast<int64_t>(sizeof(ActMeta) / sizeof(float)));
+        q = reinterpret_cast<int8_t*>(s);
+        meta = reinterpret_cast<ActMeta*>(s + qfloats);
+      } else {
+        ActCache& cache = act_cache_[ins.a.buf];
+        q = cache.q.data() + r0 * blocks * kBlock;
+        meta = cache.meta.data() + r0 * blocks;
+      }
+      ops.quantize(x, ldx, ins.a.width, 0, n, blocks, q, meta);
+      return;
+    }
+    case kRopeRows: {
+      const int64_t width = ins.dst.width, lda = ld(ins.a);
+      const Rope& rp = ropes_[ins.rope_table];
+      float* y = staged ? staging(thread, n * width) : ptr(ins.dst) + r0 * ld(ins.dst);
+      const int64_t ldy = staged ? width : ld(ins.dst);
+      copy_rows(y, ldy, ptr(ins.a) + r0 * lda, lda, n, width);
+      ops.rope(y, ldy, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
+               positions_.data() + r0, 0, n);
+      return;
+    }
+    case kRopeQKRows: {
+      const Rope& rp = ropes_[ins.rope_table];
+      const int64_t qw = static_cast<int64_t>(ins.heads) * ins.head_dim, kw = static_cast<int64_t>(ins.kv_heads) * ins.head_dim;
+      float* q = ptr(ins.a) + r0 * ld(ins.a);
+      float* k = ptr(ins.b) + r0 * ld(ins.b);
+      int64_t ldq = ld(ins.a), ldk = ld(ins.b);
+      if (staged) {
+        float* s = staging(thread, n * (qw + kw));
+        copy_rows(s, qw, q, ldq, n, qw);
+        copy_rows(s + n * qw, kw, k, ldk, n, kw);
+        q = s, k = s + n * qw, ldq = qw, ldk = kw;
+      }
+      ops.rope(q, ldq, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
+               positions_.data() + r0, 0, n);
+      ops.rope(k, ldk, ins.kv_heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
+               positions_.data() + r0, 0, n);
+      return;
+    }
+    case kElementwiseRows: {
+      const bool swiglu = ins.op == Op::kSwiglu;
+      const int64_t width = ins.dst.width, lda = ld(ins.a);
+      const float* a = ptr(ins.a) + r0 * lda;
+      const int64_t ldb = swiglu ? lda : (ins.kind == 0 ? 0 : ld(ins.b));
+      const float* b = swiglu ? a + width : (ins.kind == 0 ? nullptr : ptr(ins.b) + r0 * ldb);
+      float* y = staged ? staging(thread, n * width) : ptr(ins.dst) + r0 * ld(ins.dst);
+      const int64_t ldy = staged ? width : ld(ins.dst);
+      ops.elementwise(swiglu ? 1 : ins.kind, a, lda, b, ldb, y, ldy, width, 0, n);
+      return;
+    }
+    case kGatherRows: {  // exclusive
+      const float* a = ptr(ins.a);
+      float* y = ptr(ins.dst);
+      for (int64_t i = r0; i < r1; ++i)
+        std::memcpy(y + i * ld(ins.dst), a + step_.logits_rows[i] * ld(ins.a), sizeof(float) * ins.dst.width);
+      return;
+    }
+    default:
+      throw std::logic_error("unknown region kind " + std::to_string(r.kind));
+  }
+}
+
+void Program::commit(const Region& r, int64_t piece, int thread) {
+  switch (r.kind) {
+    case kGemmTiles:
+      commit_gemm(r, piece, thread);
+      return;
+    case kAttentionTasks:
+      commit_attention(r, piece, thread);
+      return;
+    case kStoreRows:
+      commit_store(r, piece, thread);
+      return;
+    default:
+      break;
+  }
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  int64_t r0, r1;
+  piece_rows(r, piece, r0, r1);
+  const int64_t n = r1 - r0;
+  const float* s = staging_[static_cast<size_t>(thread)].data();
+  switch (r.kind) {
+    case kNormRows: {
+      const int64_t width = ins.a.width;
+      copy_rows(ptr(ins.dst) + r0 * ld(ins.dst), ld(ins.dst), s, width, n, width);
+      if (ins.op == Op::kAddRmsNorm) copy_rows(ptr(ins.dst1) + r0 * ld(ins.dst1), ld(ins.dst1), s + n * width, width, n, width);
+      return;
+    }
+    case kQuantizeRows: {
+      const int64_t blocks = r.a1, qfloats = (n * blocks * kBlock + 3) / 4;
+      ActCache& cache = act_cache_[ins.a.buf];
+      std::memcpy(cache.q.data() + r0 * blocks * kBlock, s, static_cast<size_t>(n * blocks * kBlock));
+      std::memcpy(cache.meta.data() + r0 * blocks, s + qfloats, sizeof(ActMeta) * static_cast<size_t>(n * blocks));
+      return;
+    }
+    case kRopeRows:
+    case kElementwiseRows:
+      copy_rows(ptr(ins.dst) + r0 * ld(ins.dst), ld(ins.dst), s, ins.dst.width, n, ins.dst.width);
+      return;
+    case kRopeQKRows: {
+      const int64_t qw = static_cast<int64_t>(ins.heads) * ins.head_dim, kw = static_cast<int64_t>(ins.kv_heads) * ins.head_dim;
+      copy_rows(ptr(ins.a) + r0 * ld(ins.a), ld(ins.a), s, qw, n, qw);
+      copy_rows(ptr(ins.b) + r0 * ld(ins.b), ld(ins.b), s + n * qw, kw, n, kw);
+      return;
+    }
+    default:
+      throw std::logic_error("region kind " + std::to_string(r.kind) + " has no staged form");
+  }
+}
+
+// Member k's tiles [t0, t1) of a linear group's piece, and where they sit in the staging: fn(k, t0, t1, offset).
+template <typename Fn>
+void Program::for_piece_members(const Region& r, int64_t piece, Fn&& fn) const {
+  const size_t first = static_cast<size_t>(r.a0), end = static_cast<size_t>(r.instr) + 1;  // instr: the last member
+  const GemmPiece& gp = gemm_pieces_[static_cast<size_t>(r.a1 + piece)];
+  const int64_t rows = rows_of(code_[first].a);
+  int64_t k0 = 0, offset = 0;
+  for (size_t k = first; k < end; ++k) {
+    const int64_t mt = qweights_[code_[k].weight]->tiles;
+    const int64_t t0 = std::max(gp.g0, k0) - k0, t1 = std::min(gp.g1, k0 + mt) - k0;
+    if (t0 < t1) {
+      fn(k, t0, t1, offset);
+      offset += rows * (t1 - t0) * kRows;
+    }
+    k0 += mt;
+  }
+}
+
+void Program::compute_gemm(const Region& r, int64_t piece, int thread, bool staged) {
+  const Instr& head = code_[static_cast<size_t>(r.a0)];
+  const ActCache& cache = act_cache_[head.a.buf];
+  const int64_t rows = rows_of(head.a);
+  const QAct act{cache.q.data(), cache.meta.data(), rows, qweights_[head.weight]->blocks, static_cast<uint64_t>(r.a2)};
+  const GemmPiece& gp = gemm_pieces_[static_cast<size_t>(r.a1 + piece)];
+  float* stage = staged ? staging(thread, rows * (gp.g1 - gp.g0) * kRows) : nullptr;
+  for_piece_members(r, piece, [&](size_t k, int64_t t0, int64_t t1, int64_t offset) {
+    const Instr& ik = code_[k];
+    const QWeight& w = *qweights_[ik.weight];
+    if (staged)
+      ops_->gemm(tiles_from(w, t0), act, 0, t1 - t0, stage + offset, (t1 - t0) * kRows);
+    else
+      ops_->gemm(w, act, t0, t1, ptr(ik.dst), ld(ik.dst));
+  });
+}
+
+void Program::commit_gemm(const Region& r, int64_t piece, int thread) {
+  const int64_t rows = rows_of(code_[static_cast<size_t>(r.a0)].a);
+  const float* stage = staging_[static_cast<size_t>(thread)].data();
+  for_piece_members(r, piece, [&](size_t k, int64_t t0, int64_t t1, int64_t offset) {
+    const Instr& ik = code_[k];
+    const int64_t valid = std::min(qweights_[ik.weight]->out, t1 * kRows) - t0 * kRows;
+    copy_rows(ptr(ik.dst) + t0 * kRows, ld(ik.dst), stage + offset, (t1 - t0) * kRows, rows, valid);
+  });
+}
+
+void Program::compute_attention(const Region& r, int64_t piece, int64_t next, int thread, bool staged) {
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  const int64_t kvh = ins.kv_heads, hd = ins.head_dim, group = ins.heads / ins.kv_heads;
+  const int64_t t = piece / kvh, h = piece % kvh, s = task_seq_[t], i0 = task_q0_[t];
+  const int64_t i1 = std::min<int64_t>(i0 + 16, step_.query_lens[s]);
+  const int64_t elem = step_.kv_f16 ? 2 : 4;
+  const int64_t layer_bytes = static_cast<int64_t>(ins.layer) * step_.cache_slots * kvh * hd * elem;
+  float* out;
+  int64_t ldo;
+  if (staged) {
+    out = staging(thread, (i1 - i0) * group * hd);
+    ldo = group * hd;
+  } else {
+    out = ptr(ins.dst) + (query_starts_[s] + i0) * ld(ins.dst) + h * group * hd;
+    ldo = ld(ins.dst);
+  }
+  const AttnArgs args{ptr(ins.a), ld(ins.a), out, ldo,
+                      static_cast<char*>(step_.k_cache) + layer_bytes, static_cast<char*>(step_.v_cache) + layer_bytes,
+                      ins.heads, ins.kv_heads, ins.head_dim, ins.f, query_starts_.data(), step_.query_lens,
+                      step_.ctx_lens, step_.tables, step_.table_stride, step_.block_size, step_.block_major,
+                      step_.kv_f16};
+  AttnTask after;  // its first keys and values start on their way from memory while this task ends
+  if (next < r.pieces)
+    after = AttnTask{static_cast<int>(task_seq_[next / kvh]), static_cast<int>(next % kvh),
+                     static_cast<int>(task_q0_[next / kvh])};
+  ops_->attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1), after,
+                  scratch_[static_cast<size_t>(thread)].data());
+}
+
+void Program::commit_attention(const Region& r, int64_t piece, int thread) {
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  const int64_t kvh = ins.kv_heads, hd = ins.head_dim, group = ins.heads / ins.kv_heads;
+  const int64_t t = piece / kvh, h = piece % kvh, s = task_seq_[t], i0 = task_q0_[t];
+  const int64_t i1 = std::min<int64_t>(i0 + 16, step_.query_lens[s]);
+  copy_rows(ptr(ins.dst) + (query_starts_[s] + i0) * ld(ins.dst) + h * group * hd, ld(ins.dst),
+            staging_[static_cast<size_t>(thread)].data(), group * hd, i1 - i0, group * hd);
+}
+
+// Staging per row and kv head: its value, then its key, head_dim cache elements each.
+void Program::compute_store(const Region& r, int64_t piece, int thread) {
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  int64_t r0, r1;
+  piece_rows(r, piece, r0, r1);
+  const int64_t kvh = ins.kv_heads, hd = ins.head_dim, elem = step_.kv_f16 ? 2 : 4;
+  char* s = reinterpret_cast<char*>(staging(thread, ((r1 - r0) * kvh * 2 * hd * elem + 3) / 4));
+  const float* k = ptr(ins.b);
+  const float* v = ptr(ins.c);
+  for (int64_t row = r0; row < r1; ++row)
+    for (int64_t h = 0; h < kvh; ++h, s += 2 * hd * elem) {
+      const float* ksrc = k + row * ld(ins.b) + h * hd;
+      const float* vsrc = v + row * ld(ins.c) + h * hd;
+      if (step_.kv_f16) {
+        ops_->to_half(vsrc, reinterpret_cast<uint16_t*>(s), hd);
+        ops_->to_half(ksrc, reinterpret_cast<uint16_t*>(s + hd * elem), hd);
+      } else {
+        std::memcpy(s, vsrc, sizeof(float) * hd);
+        std::memcpy(s + hd * elem, ksrc, sizeof(float) * hd);
+      }
+    }
+}
+
+void Program::commit_store(const Region& r, int64_t piece, int thread) {
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  int64_t r0, r1;
+  piece_rows(r, piece, r0, r1);
+  const int64_t kvh = ins.kv_heads, hd = ins.head_dim, elem = step_.kv_f16 ? 2 : 4, bs = step_.block_size;
+  const int64_t slot_elems = kvh * hd, layer_elems = static_cast<int64_t>(ins.layer) * step_.cache_slots * slot_elems;
+  char* kc = static_cast<char*>(step_.k_cache) + layer_elems * elem;
+  char* vc = static_cast<char*>(step_.v_cache) + layer_elems * elem;
+  const char* s = reinterpret_cast<const char*>(staging_[static_cast<size_t>(thread)].data());
+  for (int64_t row = r0; row < r1; ++row)
+    for (int64_t h = 0; h < kvh; ++h, s += 2 * hd * elem) {
+      const int64_t slot = slots_[row], block = slot / bs, off = slot % bs;
+      // values: [slot][kv head][d], or block-major [block][kv head][offset][d]: hd contiguous elements
+      char* vdst = vc + (step_.block_major ? ((block * kvh + h) * bs + off) * hd : slot * slot_elems + h * hd) * elem;
+      std::memcpy(vdst, s, static_cast<size_t>(hd * elem));
+      const char* key = s + hd * elem;
+      if (!step_.block_major) {
+        std::memcpy(kc + (slot * slot_elems + h * hd) * elem, key, static_cast<size_t>(hd * elem));
+        continue;
+      }
+      // keys transposed within the block: [kv head][d][offset], one element every bs (typed stores: a
+      // memcpy of a run-time size per element was a library call each)
+      char* kbase = kc + ((block * kvh + h) * hd * bs + off) * elem;
+      if (step_.kv_f16) {
+        const uint16_t* src = reinterpret_cast<const uint16_t*>(key);
+        uint16_t* kdst = reinterpret_cast<uint16_t*>(kbase);
+        for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = src[d];
+      } else {
+        const float* src = reinterpret_cast<const float*>(key);
+        float* kdst = reinterpret_cast<float*>(kbase);
+        for (int64_t d = 0; d < hd; ++d) kdst[d * bs] = src[d];
+      }
+    }
 }
 
 }  // namespace llmc_qk

@@ -1,49 +1,18 @@
 // llmc's native step program: an IR function lowered (targets/torch/native.py) to a list of
-// instructions over float32 row buffers, run in one call per step on a persistent thread pool.
+// instructions over float32 row buffers, run in one call per step on a persistent thread pool: each
+// step's instructions become a plan of parallel regions (qk_pool.h) whose pieces any thread may finish.
 // Plain C++ (no torch): the binding (qk_binding.cpp) converts tensors to pointers.
 #pragma once
 
-#include <atomic>
+#include <chrono>
 #include <cstdint>
-#include <functional>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 #include "qk_common.h"
+#include "qk_pool.h"
 
 namespace llmc_qk {
-
-// Worker threads that spin briefly between jobs, then sleep on a futex. The calling thread is
-// thread 0 of every job, so a pool of n runs n - 1 workers.
-class ThreadPool {
- public:
-  explicit ThreadPool(int threads);
-  ~ThreadPool();
-  ThreadPool(const ThreadPool&) = delete;
-  ThreadPool& operator=(const ThreadPool&) = delete;
-  int size() const { return n_; }
-  // fn(thread, threads) on every thread; returns when all are done.
-  void run(const std::function<void(int, int)>& fn);
-  // fn(begin, end) over [0, n) in one contiguous chunk per thread (serial below `serial_below`).
-  void parallel_for(int64_t n, int64_t serial_below, const std::function<void(int64_t, int64_t)>& fn);
-  // fn(i, next, thread) for i in [0, n), handed out one at a time (uneven tasks); `next` is the task the
-  // same thread runs after i (n: none), for prefetching its data.
-  void dynamic_for(int64_t n, const std::function<void(int64_t, int64_t, int)>& fn);
-
- private:
-  void work(int tid);
-  int n_;
-  std::vector<std::thread> threads_;
-  std::atomic<uint32_t> generation_{0};
-  std::atomic<int> done_{0};
-  std::atomic<int> sleepers_{0};
-  std::atomic<bool> stop_{false};
-  const std::function<void(int, int)>* job_ = nullptr;
-};
-
-// The process's pool for `threads` threads (recreated when the count changes).
-ThreadPool& shared_pool(int threads);
 
 enum class Op : int32_t {
   kEmbed = 0,        // dst = table rows of token ids (quantized table: qweight; float: ftable)
@@ -95,7 +64,7 @@ struct StepInput {
   float* logits = nullptr;   // [outputs][logits width]
 };
 
-class Program {
+class Program : public RegionRunner {
  public:
   int32_t add_buffer(int64_t width, bool output_rows);
   int32_t add_qweight(const QWeight* w) {
@@ -125,6 +94,11 @@ class Program {
   // One step; `threads` sizes the shared pool.
   void run(const StepInput& in, int threads, const OpsTable& ops);
 
+  // RegionRunner: what the step's regions do.
+  void compute(const Region& r, int64_t piece, int64_t next, int thread, bool staged) override;
+  void commit(const Region& r, int64_t piece, int thread) override;
+  void region_done(size_t index) override;
+
  private:
   struct Buffer {
     int64_t width;
@@ -139,19 +113,38 @@ class Program {
     std::vector<int8_t> q;
     std::vector<ActMeta> meta;
   };
+  // A linear group's piece: tiles [g0, g1) of the group's, its members' tiles one after another.
+  struct GemmPiece {
+    int64_t g0, g1;
+  };
   float* ptr(const View& v) { return buffers_[v.buf].data.data() + v.col; }
   int64_t ld(const View& v) const { return buffers_[v.buf].width; }
-  int64_t rows_of(const View& v, const StepInput& in) const {
-    return buffers_[v.buf].output_rows ? in.outputs : in.tokens;
-  }
+  int64_t rows_of(const View& v) const { return buffers_[v.buf].output_rows ? step_.outputs : step_.tokens; }
+  // The step's input copied into the program (a thread that resumes late may still read it), and
+  // positions, cache slots, first rows and attention tasks derived from it.
+  void take_input(const StepInput& in);
+  // The step's regions, in order, with the buffers' versions and activation caches they imply.
+  void build_plan(int threads);
+  void plan_rows(int32_t kind, size_t instr, int64_t rows, int64_t serial_below, int threads, bool exclusive = false);
   // Instructions [first, end) are linears of one input (linear_group_end): quantized once, their tiles
-  // split across the pool in one region by bytes.
-  void linear(size_t first, size_t end, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
+  // in one region of pieces of about equal work.
+  void plan_linear(size_t first, size_t end, int threads);
   // The end of the run of linears from `first` (at most kMaxGroup) that read the same view, write none
   // of it and each write a buffer of its own.
   size_t linear_group_end(size_t first) const;
   static constexpr size_t kMaxGroup = 8;
-  void attention(const Instr& ins, const StepInput& in, ThreadPool& pool, const OpsTable& ops);
+  // Rows [r0, r1) of a region of `rows` rows in `pieces` pieces.
+  static void piece_rows(const Region& r, int64_t piece, int64_t& r0, int64_t& r1);
+  // `thread`'s staging of at least `floats` floats.
+  float* staging(int thread, int64_t floats);
+  template <typename Fn>
+  void for_piece_members(const Region& r, int64_t piece, Fn&& fn) const;
+  void compute_gemm(const Region& r, int64_t piece, int thread, bool staged);
+  void commit_gemm(const Region& r, int64_t piece, int thread);
+  void compute_attention(const Region& r, int64_t piece, int64_t next, int thread, bool staged);
+  void commit_attention(const Region& r, int64_t piece, int thread);
+  void compute_store(const Region& r, int64_t piece, int thread);
+  void commit_store(const Region& r, int64_t piece, int thread);
 
   std::vector<Buffer> buffers_;
   std::vector<const QWeight*> qweights_;
@@ -166,13 +159,20 @@ class Program {
   int layers_ = 0, kv_heads_ = 0, head_dim_ = 0;
   std::vector<ActCache> act_cache_;
   // per step
+  StepInput step_;
+  const OpsTable* ops_ = nullptr;
+  std::vector<int64_t> token_ids_, query_lens_, ctx_lens_, tables_, logits_rows_;
   std::vector<int64_t> positions_, slots_, query_starts_;
-  std::vector<std::vector<float>> scratch_;
-  std::vector<std::vector<uint16_t>> key_halves_;  // per thread: a key as float16 before it is transposed
-  std::vector<int64_t> long_rows_;  // rows of sequences with more than 16 new rows this step
+  std::vector<int64_t> task_seq_, task_q0_;  // attention tasks: (sequence, first row) per kv head
+  std::vector<Region> plan_;
+  std::vector<GemmPiece> gemm_pieces_;
+  // per thread
+  std::vector<std::vector<float>> scratch_;  // attention
+  std::vector<std::vector<float>> staging_;
   std::mutex mutex_;  // one step at a time per program
   bool profiling_ = false;
   std::vector<double> profile_;
+  std::chrono::steady_clock::time_point clock_;
 };
 
 }  // namespace llmc_qk
