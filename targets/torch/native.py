@@ -5,8 +5,10 @@
 value is dead; ``split`` / ``split_heads`` / ``merge_heads`` are views, not copies), linears on
 llmc's int8-activation kernels (activations quantized once per buffer and step, shared by the
 linears that read them), RMSNorm, RoPE, SwiGLU and causal attention over the executor's paged KV
-cache. A step then runs every instruction on one persistent thread pool (workers spin between the
-ops of a step and sleep between steps), with the GIL released.
+cache. A step then runs every instruction on one persistent thread pool, with the GIL released
+(``csrc/qk_pool.h``): each instruction's work is cut into pieces that any thread may finish, so a
+thread the OS preempts (a co-located server loop or load client) does not hold the others at the op's
+end; workers spin between the ops of a step and sleep between steps.
 
 It applies to CPU modules whose matmul weights are all quantized (GGUF blocks or llmc's int4/int8
 groups the kernels take) with float32 activations; :func:`lower_native` returns a reason instead

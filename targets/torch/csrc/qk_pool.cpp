@@ -115,7 +115,13 @@ void ThreadPool::run(const std::vector<Region>& plan, RegionRunner& runner) {
   pieces_run.fetch_add(pieces, std::memory_order_relaxed);
   plan_ = &plan;
   runner_ = &runner;
-  current_.store(0);
+  size_t start = 0;  // serial regions first: on this thread, before the workers join
+  for (; start < plan.size() && plan[start].serial; ++start) {
+    runner.compute(plan[start], 0, 1, 0, false);
+    runner.region_done(start);
+  }
+  if (start == plan.size()) return;
+  current_.store(start);
   active_.store(true);
   generation_.fetch_add(1);
   if (sleepers_.load() > 0) futex_wake_all(&generation_);
@@ -151,11 +157,19 @@ bool ThreadPool::try_commit(size_t index, int64_t piece, int tid) {
     runner_->commit(r, piece, tid);
   }
   state.store(2, std::memory_order_release);
-  if (s.done.fetch_add(1, std::memory_order_acq_rel) + 1 == r.pieces) {
-    runner_->region_done(index);
-    current_.store(index + 1, std::memory_order_release);
-  }
+  if (s.done.fetch_add(1, std::memory_order_acq_rel) + 1 == r.pieces) advance(index, tid);
   return true;
+}
+
+void ThreadPool::advance(size_t index, int tid) {
+  const std::vector<Region>& plan = *plan_;
+  runner_->region_done(index);
+  size_t k = index + 1;
+  for (; k < plan.size() && plan[k].serial; ++k) {
+    runner_->compute(plan[k], 0, 1, tid, false);
+    runner_->region_done(k);
+  }
+  current_.store(k, std::memory_order_release);
 }
 
 int64_t ThreadPool::stealable(size_t index, int64_t now, int64_t patience) const {

@@ -11,7 +11,8 @@
 // writes nothing. Whoever commits a region's last piece starts the next: the plan advances without
 // waiting for the calling thread either.
 // An "exclusive" region's pieces write their destination directly and only their claimer runs them
-// (pure copies, where staging would double the bytes moved).
+// (pure copies, where staging would double the bytes moved). A "serial" region is one such piece that
+// the thread which ended the region before runs at once, as the calling thread would: no hand-over.
 //
 // What a piece reads must stay valid and unchanged until its region ends, and what a late thread may
 // still read until the step ends: run() returns only once no thread is inside the step.
@@ -31,6 +32,8 @@ struct Region {
   int32_t instr = 0;  // the runner's (profiled instruction)
   int64_t pieces = 1;
   bool exclusive = false;
+  bool serial = false;  // one piece, too small to share: run directly by the thread that ends the region before
+
   int64_t a0 = 0, a1 = 0, a2 = 0;  // the runner's parameters
 };
 
@@ -72,6 +75,8 @@ class ThreadPool {
   void take_part(int tid);
   void run_region(size_t index, int tid);
   bool try_commit(size_t index, int64_t piece, int tid);
+  // Region `index` is done: runs the serial regions after it on this thread, then starts the next.
+  void advance(size_t index, int tid);
   // A piece of region `index` for thread tid to run: the front of its own run, else the back of another's;
   // -1: none left.
   int64_t take(size_t index, int tid);

@@ -137,6 +137,7 @@ void Program::plan_rows(int32_t kind, size_t instr, int64_t rows, int64_t serial
   r.exclusive = exclusive;
   r.a0 = rows;
   r.pieces = rows < serial_below || threads == 1 ? 1 : threads * std::max<int64_t>(1, rows / (threads * kRowsPerPiece));
+  r.serial = r.pieces == 1;
   plan_.push_back(r);
 }
 
@@ -201,6 +202,7 @@ void Program::plan_linear(size_t first, size_t end, int threads) {
     start = std::max(start, stop);
   }
   r.pieces = static_cast<int64_t>(gemm_pieces_.size()) - r.a1;
+  r.serial = r.pieces == 1;
   plan_.push_back(r);
 }
 
@@ -240,6 +242,7 @@ void Program::build_plan(int threads) {
           r.kind = kAttentionTasks;
           r.instr = static_cast<int32_t>(index);
           r.pieces = tasks;
+          r.serial = tasks == 1;
           plan_.push_back(r);
         }
         if (ins.rope_table >= 0) {  // q and k were rotated in place
