@@ -8,10 +8,12 @@ instructions timed (``NativeProgram.set_profiling``; a linear group counts as it
 step is a *decode* step when every sequence in it has one new row, else a *prompt* step (it holds a
 prompt chunk, maybe beside decode rows). Prints, per kind, the steps, their rows and the milliseconds per
 step of each op (embed, rms_norm, add_rms_norm, linear, rope, attention, elementwise, swiglu,
-gather_rows); ``--json`` writes the same figures. Only artifacts whose executor runs native steps (the
-default CPU compile) can be profiled; the prompts are fresh random ids, so the prefix cache never
-shortens the profiled prompts. The timers cost little (a clock read per instruction), but like any
-profile this is a diagnosis, not a benchmark: `llmc bench` and ``llamacpp_compare.py`` measure speed.
+gather_rows), and how many of the pool's pieces a thread computed again because another held it past
+the patience (``qkernels.pool_counts``: preempted threads); ``--json`` writes the same figures. Only
+artifacts whose executor runs native steps (the default CPU compile) can be profiled; the prompts are
+fresh random ids, so the prefix cache never shortens the profiled prompts. The timers cost little (a clock
+read per instruction), but like any profile this is a diagnosis, not a benchmark: `llmc bench` and
+``llamacpp_compare.py`` measure speed.
 """
 
 from __future__ import annotations
@@ -95,21 +97,27 @@ def main(argv: list[str] | None = None) -> int:
         def prompts() -> list[list[int]]:
             return [rng.integers(0, vocab, args.prompt_len).tolist() for _ in range(args.seqs)]
 
+        from llmc.targets.torch import qkernels
+
         engine.generate(prompts(), params)  # warm-up: kernels, buffers, pages
         profile = StepProfile()
         profile.attach(native)
+        pieces0, repeated0 = qkernels.pool_counts()
         engine.generate(prompts(), params)
+        pieces1, repeated1 = qkernels.pool_counts()
     finally:
         engine.close()
     summary = profile.summary()
+    pool = {"pieces": pieces1 - pieces0, "repeated": repeated1 - repeated0}
     for kind, row in summary.items():
         print(f"{kind}: {row['steps']} steps, {row['rows']} rows, {row['wall_ms_per_step']:.2f} ms a step")
         for name, ms in row["ops_ms_per_step"].items():
             print(f"  {name:<14} {ms:9.3f} ms")
+    print(f"pool: {pool['pieces']} pieces, {pool['repeated']} computed again by an idle thread")
     if args.json:
         args.json.write_text(json.dumps({"artifact": str(args.artifact), "seqs": args.seqs,
                                          "prompt_len": args.prompt_len, "gen_len": args.gen_len,
-                                         "threads": args.threads, "kinds": summary}, indent=1) + "\n")
+                                         "threads": args.threads, "kinds": summary, "pool": pool}, indent=1) + "\n")
     return 0
 
 

@@ -29,9 +29,10 @@ def test_profile_splits_prompt_and_decode_steps(tmp_path: Path) -> None:
     write_random_hf_model(hf, seed=3, vocab_size=99)
     artifact = compile_model(hf, tmp_path / "artifact", CompileOptions(quant="int8"))  # native steps need blocks
     out = tmp_path / "profile.json"
-    assert _script().main([str(artifact), "--seqs", "3", "--prompt-len", "20", "--gen-len", "4", "--threads", "1",
+    assert _script().main([str(artifact), "--seqs", "3", "--prompt-len", "20", "--gen-len", "4", "--threads", "2",
                            "--json", str(out)]) == 0
-    kinds = json.loads(out.read_text())["kinds"]
+    report = json.loads(out.read_text())
+    kinds = report["kinds"]
     decode, prompt = kinds["decode"], kinds["prompt"]
     # 3 fresh 20-token prompts (60 rows) and 3 more tokens each (the first comes from the prompt's step):
     # 69 rows in all, a decode step at most one row per sequence (a prompt step may hold decode rows too)
@@ -41,3 +42,5 @@ def test_profile_splits_prompt_and_decode_steps(tmp_path: Path) -> None:
         ops = row["ops_ms_per_step"]
         assert ops["linear"] > 0 and ops["attention"] > 0
         assert sum(ops.values()) <= row["wall_ms_per_step"] * 1.01  # the ops are inside the step's call
+    pool = report["pool"]  # two threads: the steps ran on the pool, some pieces maybe twice (preempted)
+    assert pool["pieces"] > 0 and 0 <= pool["repeated"] <= pool["pieces"]
