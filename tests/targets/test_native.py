@@ -191,20 +191,56 @@ def test_a_sequence_gets_the_same_bits_alone_in_a_batch_and_on_any_thread_count(
 
 @pytest.mark.parametrize("threads", [2, 4])
 def test_pieces_computed_twice_by_idle_threads_give_the_same_bits(kernels, threads: int) -> None:
-    # Patience 0: a thread with nothing left to take computes every piece another thread holds, so most
-    # pieces run twice and their commits race; 4 threads on a smaller machine are also preempted inside
-    # pieces and resume after their region ended. Only one copy of each piece may land, and a late one
-    # must write nothing: the outputs stay those of one thread, bit for bit, step after step.
-    cfg, module, weights = model(PIPELINES[1])
+    # Patience 0: a thread with nothing left to take computes every piece another thread holds, so pieces
+    # run twice and their commits race; 4 threads on a smaller machine are also preempted inside pieces
+    # and resume after their region ended. Only one copy of each piece may land, and a late one must write
+    # nothing: the outputs stay those of one thread, bit for bit, step after step. (A model wide enough
+    # that its linears and norms are cut into pieces; the schedule repeats until some piece did run twice,
+    # which the thread timing decides, at most 30 times.)
+    cfg, module, weights = model(PIPELINES[1], hidden=256, inter=512, heads=8, kv_heads=4, head_dim=32)
     alone = schedule(SequenceDriver(TorchExecutor(module, weights, threads=1), max_seqs=3), cfg.vocab_size, 11)
     _, repeated_before = qkernels.pool_counts()
     with qkernels.steal_patience(0):
-        for _ in range(3):
+        for _ in range(30):
             raced = schedule(SequenceDriver(TorchExecutor(module, weights, threads=threads), max_seqs=3),
                              cfg.vocab_size, 11)
             for a, b in zip(alone, raced, strict=True):
                 assert np.array_equal(a, b)
+            if qkernels.pool_counts()[1] > repeated_before + 10:
+                break
     assert qkernels.pool_counts()[1] > repeated_before  # the races ran
+
+
+def test_programs_stepping_at_once_from_two_threads_keep_their_bits(kernels) -> None:
+    # Two executors in one process (two engines, two models) step at the same time: their programs share
+    # the process's pools (2 and 3 threads here), which run one plan at a time, and neither pool is
+    # replaced under the other.
+    import threading
+
+    cfg, module, weights = model(PIPELINES[1])
+    alone = schedule(SequenceDriver(TorchExecutor(module, weights, threads=1), max_seqs=3), cfg.vocab_size, 13)
+    results: dict[int, list[list[np.ndarray]]] = {2: [], 3: []}
+    errors: list[BaseException] = []
+
+    def drive(threads: int) -> None:
+        try:
+            for _ in range(4):
+                driver = SequenceDriver(TorchExecutor(module, weights, threads=threads), max_seqs=3)
+                results[threads].append(schedule(driver, cfg.vocab_size, 13))
+        except BaseException as e:  # re-raised below
+            errors.append(e)
+
+    workers = [threading.Thread(target=drive, args=(n,)) for n in results]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    for runs in results.values():
+        assert len(runs) == 4
+        for run in runs:
+            for a, b in zip(alone, run, strict=True):
+                assert np.array_equal(a, b)
 
 
 def test_every_kernel_path_runs_the_program(kernels) -> None:

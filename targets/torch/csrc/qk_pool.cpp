@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <mutex>
 
 namespace llmc_qk {
@@ -245,13 +246,13 @@ void set_patience_floor_ns(int64_t ns) { patience_floor.store(ns < 0 ? kDefaultP
 PoolCounts pool_counts() { return PoolCounts{pieces_run.load(), pieces_repeated.load()}; }
 
 ThreadPool& shared_pool(int threads) {
+  // One pool per thread count, kept for the process: a program stepping on one while another asks for a
+  // different count must not see its pool destroyed under it.
   static std::mutex lock;
-  static std::unique_ptr<ThreadPool> pool;
+  static std::map<int, std::unique_ptr<ThreadPool>> pools;
   std::lock_guard<std::mutex> guard(lock);
-  if (!pool || pool->size() != std::max(1, threads)) {
-    pool.reset();
-    pool = std::make_unique<ThreadPool>(threads);
-  }
+  std::unique_ptr<ThreadPool>& pool = pools[std::max(1, threads)];
+  if (!pool) pool = std::make_unique<ThreadPool>(threads);
   return *pool;
 }
 

@@ -115,7 +115,8 @@ struct PoolCounts {
 };
 PoolCounts pool_counts();
 
-// The process's pool for `threads` threads (recreated when the count changes).
+// The process's pool of `threads` threads (made on first use, kept for the process; programs share it,
+// one plan at a time).
 ThreadPool& shared_pool(int threads);
 
 }  // namespace llmc_qk

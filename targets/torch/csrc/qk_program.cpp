@@ -87,6 +87,38 @@ float* Program::staging(int thread, int64_t floats) {
   return s.data();
 }
 
+int64_t Program::stage_floats(const Region& r, int64_t piece) const {
+  if (r.exclusive) return 0;
+  const Instr& ins = code_[static_cast<size_t>(r.instr)];
+  if (r.kind == kGemmTiles) {
+    const GemmPiece& gp = gemm_pieces_[static_cast<size_t>(r.a1 + piece)];
+    return rows_of(code_[static_cast<size_t>(r.a0)].a) * (gp.g1 - gp.g0) * kRows;
+  }
+  if (r.kind == kAttentionTasks) {
+    const int64_t t = piece / ins.kv_heads, i0 = task_q0_[t];
+    const int64_t rows = std::min<int64_t>(16, step_.query_lens[task_seq_[t]] - i0);
+    return rows * ins.heads * ins.head_dim / ins.kv_heads;
+  }
+  int64_t r0, r1;
+  piece_rows(r, piece, r0, r1);
+  const int64_t n = r1 - r0;
+  switch (r.kind) {
+    case kNormRows:
+      return (ins.op == Op::kAddRmsNorm ? 2 : 1) * n * ins.a.width;
+    case kQuantizeRows:  // the int8 values (rounded up to whole floats), then the blocks' ActMeta
+      return (n * r.a1 * kBlock + 3) / 4 + n * r.a1 * static_cast<int64_t>(sizeof(ActMeta) / sizeof(float));
+    case kRopeRows:
+    case kElementwiseRows:
+      return n * ins.dst.width;
+    case kRopeQKRows:
+      return n * (ins.heads + ins.kv_heads) * ins.head_dim;
+    case kStoreRows:  // staged even when it runs alone (compute_store)
+      return (n * ins.kv_heads * 2 * ins.head_dim * (step_.kv_f16 ? 2 : 4) + 3) / 4;
+    default:
+      return 0;
+  }
+}
+
 void Program::take_input(const StepInput& in) {
   auto copy = [](std::vector<int64_t>& dst, const int64_t* src, int64_t n) {
     dst.assign(src, src + n);
@@ -285,6 +317,12 @@ void Program::run(const StepInput& in, int threads, const OpsTable& ops) {
     if (static_cast<int64_t>(b.data.size()) < need) b.data.resize(static_cast<size_t>(need));
   }
   build_plan(nt);
+  // every thread's staging sized for the largest piece now, while no thread runs: no piece allocates
+  int64_t stage = 0;
+  for (const Region& r : plan_)
+    for (int64_t p = 0; p < r.pieces; ++p) stage = std::max(stage, stage_floats(r, p));
+  for (auto& s : staging_)
+    if (static_cast<int64_t>(s.size()) < stage) s.resize(static_cast<size_t>(stage));
   clock_ = std::chrono::steady_clock::now();
   pool.run(plan_, *this);
 }
@@ -344,7 +382,7 @@ void Program::compute(const Region& r, int64_t piece, int64_t next, int thread, 
       float *y, *sum = nullptr;
       int64_t ldy, lds = 0;
       if (staged) {
-        y = staging(thread, (add ? 2 : 1) * n * width);
+        y = staging(thread, stage_floats(r, piece));
         ldy = width;
         if (add) sum = y + n * width, lds = width;
       } else {
@@ -361,7 +399,7 @@ void Program::compute(const Region& r, int64_t piece, int64_t next, int thread, 
       ActMeta* meta;
       if (staged) {
         const int64_t qfloats = (n * blocks * kBlock + 3) / 4;
-        float* s = staging(thread, qfloats + n * blocks * static_cast<int64_t>(sizeof(ActMeta) / sizeof(float)));
+        float* s = staging(thread, stage_floats(r, piece));
         q = reinterpret_cast<int8_t*>(s);
         meta = reinterpret_cast<ActMeta*>(s + qfloats);
       } else {
@@ -375,7 +413,7 @@ void Program::compute(const Region& r, int64_t piece, int64_t next, int thread, 
     case kRopeRows: {
       const int64_t width = ins.dst.width, lda = ld(ins.a);
       const Rope& rp = ropes_[ins.rope_table];
-      float* y = staged ? staging(thread, n * width) : ptr(ins.dst) + r0 * ld(ins.dst);
+      float* y = staged ? staging(thread, stage_floats(r, piece)) : ptr(ins.dst) + r0 * ld(ins.dst);
       const int64_t ldy = staged ? width : ld(ins.dst);
       copy_rows(y, ldy, ptr(ins.a) + r0 * lda, lda, n, width);
       ops.rope(y, ldy, ins.heads, ins.head_dim, ins.rot, ins.half, rp.cos_t.data(), rp.sin_t.data(),
@@ -389,7 +427,7 @@ void Program::compute(const Region& r, int64_t piece, int64_t next, int thread, 
       float* k = ptr(ins.b) + r0 * ld(ins.b);
       int64_t ldq = ld(ins.a), ldk = ld(ins.b);
       if (staged) {
-        float* s = staging(thread, n * (qw + kw));
+        float* s = staging(thread, stage_floats(r, piece));
         copy_rows(s, qw, q, ldq, n, qw);
         copy_rows(s + n * qw, kw, k, ldk, n, kw);
         q = s, k = s + n * qw, ldq = qw, ldk = kw;
@@ -406,7 +444,7 @@ void Program::compute(const Region& r, int64_t piece, int64_t next, int thread, 
       const float* a = ptr(ins.a) + r0 * lda;
       const int64_t ldb = swiglu ? lda : (ins.kind == 0 ? 0 : ld(ins.b));
       const float* b = swiglu ? a + width : (ins.kind == 0 ? nullptr : ptr(ins.b) + r0 * ldb);
-      float* y = staged ? staging(thread, n * width) : ptr(ins.dst) + r0 * ld(ins.dst);
+      float* y = staged ? staging(thread, stage_floats(r, piece)) : ptr(ins.dst) + r0 * ld(ins.dst);
       const int64_t ldy = staged ? width : ld(ins.dst);
       ops.elementwise(swiglu ? 1 : ins.kind, a, lda, b, ldb, y, ldy, width, 0, n);
       return;
@@ -495,7 +533,7 @@ void Program::compute_gemm(const Region& r, int64_t piece, int thread, bool stag
   const int64_t rows = rows_of(head.a);
   const QAct act{cache.q.data(), cache.meta.data(), rows, qweights_[head.weight]->blocks, static_cast<uint64_t>(r.a2)};
   const GemmPiece& gp = gemm_pieces_[static_cast<size_t>(r.a1 + piece)];
-  float* stage = staged ? staging(thread, rows * (gp.g1 - gp.g0) * kRows) : nullptr;
+  float* stage = staged ? staging(thread, stage_floats(r, piece)) : nullptr;
   for_piece_members(r, piece, [&](size_t k, int64_t t0, int64_t t1, int64_t offset) {
     const Instr& ik = code_[k];
     const QWeight& w = *qweights_[ik.weight];
@@ -526,7 +564,7 @@ void Program::compute_attention(const Region& r, int64_t piece, int64_t next, in
   float* out;
   int64_t ldo;
   if (staged) {
-    out = staging(thread, (i1 - i0) * group * hd);
+    out = staging(thread, stage_floats(r, piece));
     ldo = group * hd;
   } else {
     out = ptr(ins.dst) + (query_starts_[s] + i0) * ld(ins.dst) + h * group * hd;
@@ -560,7 +598,7 @@ void Program::compute_store(const Region& r, int64_t piece, int thread) {
   int64_t r0, r1;
   piece_rows(r, piece, r0, r1);
   const int64_t kvh = ins.kv_heads, hd = ins.head_dim, elem = step_.kv_f16 ? 2 : 4;
-  char* s = reinterpret_cast<char*>(staging(thread, ((r1 - r0) * kvh * 2 * hd * elem + 3) / 4));
+  char* s = reinterpret_cast<char*>(staging(thread, stage_floats(r, piece)));
   const float* k = ptr(ins.b);
   const float* v = ptr(ins.c);
   for (int64_t row = r0; row < r1; ++row)

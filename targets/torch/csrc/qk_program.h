@@ -135,8 +135,10 @@ class Program : public RegionRunner {
   static constexpr size_t kMaxGroup = 8;
   // Rows [r0, r1) of a region of `rows` rows in `pieces` pieces.
   static void piece_rows(const Region& r, int64_t piece, int64_t& r0, int64_t& r1);
-  // `thread`'s staging of at least `floats` floats.
+  // `thread`'s staging of at least `floats` floats (sized before the step for its largest piece).
   float* staging(int thread, int64_t floats);
+  // The staging a piece of region r computes into, in floats (0: it writes its destination directly).
+  int64_t stage_floats(const Region& r, int64_t piece) const;
   template <typename Fn>
   void for_piece_members(const Region& r, int64_t piece, Fn&& fn) const;
   void compute_gemm(const Region& r, int64_t piece, int thread, bool staged);
