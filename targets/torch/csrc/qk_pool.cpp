@@ -116,13 +116,7 @@ void ThreadPool::run(const std::vector<Region>& plan, RegionRunner& runner) {
   pieces_run.fetch_add(pieces, std::memory_order_relaxed);
   plan_ = &plan;
   runner_ = &runner;
-  size_t start = 0;  // serial regions first: on this thread, before the workers join
-  for (; start < plan.size() && plan[start].serial; ++start) {
-    runner.compute(plan[start], 0, 1, 0, false);
-    runner.region_done(start);
-  }
-  if (start == plan.size()) return;
-  current_.store(start);
+  current_.store(0);
   active_.store(true);
   generation_.fetch_add(1);
   if (sleepers_.load() > 0) futex_wake_all(&generation_);
@@ -141,7 +135,10 @@ void ThreadPool::take_part(int tid) {
   const size_t regions = plan_->size();
   size_t k = current_.load(std::memory_order_acquire);
   while (k < regions) {
-    run_region(k, tid);
+    if (!(*plan_)[k].serial)
+      run_region(k, tid);
+    else if (tid == 0)
+      start_from(k, tid);
     size_t c;
     while ((c = current_.load(std::memory_order_acquire)) == k) _mm_pause();
     k = c;
@@ -158,15 +155,17 @@ bool ThreadPool::try_commit(size_t index, int64_t piece, int tid) {
     runner_->commit(r, piece, tid);
   }
   state.store(2, std::memory_order_release);
-  if (s.done.fetch_add(1, std::memory_order_acq_rel) + 1 == r.pieces) advance(index, tid);
+  if (s.done.fetch_add(1, std::memory_order_acq_rel) + 1 == r.pieces) {
+    runner_->region_done(index);
+    start_from(index + 1, tid);
+  }
   return true;
 }
 
-void ThreadPool::advance(size_t index, int tid) {
+void ThreadPool::start_from(size_t index, int tid) {
   const std::vector<Region>& plan = *plan_;
-  runner_->region_done(index);
-  size_t k = index + 1;
-  for (; k < plan.size() && plan[k].serial; ++k) {
+  size_t k = index;
+  for (; tid == 0 && k < plan.size() && plan[k].serial; ++k) {
     runner_->compute(plan[k], 0, 1, tid, false);
     runner_->region_done(k);
   }

@@ -9,10 +9,11 @@
 // that finishes it; a later finisher discards its copy. So a region ends as soon as every piece is
 // committed once, whichever threads did them, and a thread that resumes late in a region that has ended
 // writes nothing. Whoever commits a region's last piece starts the next: the plan advances without
-// waiting for the calling thread either.
+// waiting for the calling thread, but for its serial regions (below).
 // An "exclusive" region's pieces write their destination directly and only their claimer runs them
 // (pure copies, where staging would double the bytes moved). A "serial" region is one such piece that
-// the thread which ended the region before runs at once, as the calling thread would: no hand-over.
+// the calling thread runs, as it would without a pool (its core keeps the small activations, and the
+// logits Python reads next, in cache): the thread that ends the region before it hands over to it.
 //
 // What a piece reads must stay valid and unchanged until its region ends, and what a late thread may
 // still read until the step ends: run() returns only once no thread is inside the step.
@@ -32,7 +33,7 @@ struct Region {
   int32_t instr = 0;  // the runner's (profiled instruction)
   int64_t pieces = 1;
   bool exclusive = false;
-  bool serial = false;  // one piece, too small to share: run directly by the thread that ends the region before
+  bool serial = false;  // one piece, too small to share: run directly by the calling thread (thread 0)
 
   int64_t a0 = 0, a1 = 0, a2 = 0;  // the runner's parameters
 };
@@ -75,8 +76,9 @@ class ThreadPool {
   void take_part(int tid);
   void run_region(size_t index, int tid);
   bool try_commit(size_t index, int64_t piece, int tid);
-  // Region `index` is done: runs the serial regions after it on this thread, then starts the next.
-  void advance(size_t index, int tid);
+  // The plan goes on at region `index`: thread 0 runs the serial regions from there; the first region
+  // that is not serial (or, for another thread, `index` itself) becomes the current one.
+  void start_from(size_t index, int tid);
   // A piece of region `index` for thread tid to run: the front of its own run, else the back of another's;
   // -1: none left.
   int64_t take(size_t index, int tid);
