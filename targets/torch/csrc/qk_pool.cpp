@@ -135,7 +135,7 @@ void ThreadPool::take_part(int tid) {
   const size_t regions = plan_->size();
   size_t k = current_.load(std::memory_order_acquire);
   while (k < regions) {
-    if (!(*plan_)[k].serial)
+    if (!(*plan_)[k].serial())
       run_region(k, tid);
     else if (tid == 0)
       start_from(k, tid);
@@ -165,7 +165,7 @@ bool ThreadPool::try_commit(size_t index, int64_t piece, int tid) {
 void ThreadPool::start_from(size_t index, int tid) {
   const std::vector<Region>& plan = *plan_;
   size_t k = index;
-  for (; tid == 0 && k < plan.size() && plan[k].serial; ++k) {
+  for (; tid == 0 && k < plan.size() && plan[k].serial(); ++k) {
     runner_->compute(plan[k], 0, 1, tid, false);
     runner_->region_done(k);
   }

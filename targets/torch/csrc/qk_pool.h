@@ -33,8 +33,8 @@ struct Region {
   int32_t instr = 0;  // the runner's (profiled instruction)
   int64_t pieces = 1;
   bool exclusive = false;
-  bool serial = false;  // one piece, too small to share: run directly by the calling thread (thread 0)
-
+  // A region of one piece is serial: too small to share, run directly by the calling thread (thread 0).
+  bool serial() const { return pieces == 1; }
   int64_t a0 = 0, a1 = 0, a2 = 0;  // the runner's parameters
 };
 

@@ -95,9 +95,8 @@ int64_t Program::stage_floats(const Region& r, int64_t piece) const {
     return rows_of(code_[static_cast<size_t>(r.a0)].a) * (gp.g1 - gp.g0) * kRows;
   }
   if (r.kind == kAttentionTasks) {
-    const int64_t t = piece / ins.kv_heads, i0 = task_q0_[t];
-    const int64_t rows = std::min<int64_t>(16, step_.query_lens[task_seq_[t]] - i0);
-    return rows * ins.heads * ins.head_dim / ins.kv_heads;
+    const AttnPiece a = attention_piece(ins, piece);
+    return (a.i1 - a.i0) * ins.heads * ins.head_dim / ins.kv_heads;
   }
   int64_t r0, r1;
   piece_rows(r, piece, r0, r1);
@@ -169,7 +168,6 @@ void Program::plan_rows(int32_t kind, size_t instr, int64_t rows, int64_t serial
   r.exclusive = exclusive;
   r.a0 = rows;
   r.pieces = rows < serial_below || threads == 1 ? 1 : threads * std::max<int64_t>(1, rows / (threads * kRowsPerPiece));
-  r.serial = r.pieces == 1;
   plan_.push_back(r);
 }
 
@@ -234,7 +232,6 @@ void Program::plan_linear(size_t first, size_t end, int threads) {
     start = std::max(start, stop);
   }
   r.pieces = static_cast<int64_t>(gemm_pieces_.size()) - r.a1;
-  r.serial = r.pieces == 1;
   plan_.push_back(r);
 }
 
@@ -274,7 +271,6 @@ void Program::build_plan(int threads) {
           r.kind = kAttentionTasks;
           r.instr = static_cast<int32_t>(index);
           r.pieces = tasks;
-          r.serial = tasks == 1;
           plan_.push_back(r);
         }
         if (ins.rope_table >= 0) {  // q and k were rotated in place
@@ -554,11 +550,16 @@ void Program::commit_gemm(const Region& r, int64_t piece, int thread) {
   });
 }
 
+Program::AttnPiece Program::attention_piece(const Instr& ins, int64_t piece) const {
+  const int64_t t = piece / ins.kv_heads, s = task_seq_[t], i0 = task_q0_[t];
+  return AttnPiece{s, piece % ins.kv_heads, i0, std::min<int64_t>(i0 + 16, step_.query_lens[s])};
+}
+
 void Program::compute_attention(const Region& r, int64_t piece, int64_t next, int thread, bool staged) {
   const Instr& ins = code_[static_cast<size_t>(r.instr)];
   const int64_t kvh = ins.kv_heads, hd = ins.head_dim, group = ins.heads / ins.kv_heads;
-  const int64_t t = piece / kvh, h = piece % kvh, s = task_seq_[t], i0 = task_q0_[t];
-  const int64_t i1 = std::min<int64_t>(i0 + 16, step_.query_lens[s]);
+  const AttnPiece task = attention_piece(ins, piece);
+  const int64_t s = task.seq, h = task.kvh, i0 = task.i0, i1 = task.i1;
   const int64_t elem = step_.kv_f16 ? 2 : 4;
   const int64_t layer_bytes = static_cast<int64_t>(ins.layer) * step_.cache_slots * kvh * hd * elem;
   float* out;
@@ -576,20 +577,20 @@ void Program::compute_attention(const Region& r, int64_t piece, int64_t next, in
                       step_.ctx_lens, step_.tables, step_.table_stride, step_.block_size, step_.block_major,
                       step_.kv_f16};
   AttnTask after;  // its first keys and values start on their way from memory while this task ends
-  if (next < r.pieces)
-    after = AttnTask{static_cast<int>(task_seq_[next / kvh]), static_cast<int>(next % kvh),
-                     static_cast<int>(task_q0_[next / kvh])};
+  if (next < r.pieces) {
+    const AttnPiece n = attention_piece(ins, next);
+    after = AttnTask{static_cast<int>(n.seq), static_cast<int>(n.kvh), static_cast<int>(n.i0)};
+  }
   ops_->attention(args, static_cast<int>(s), static_cast<int>(h), static_cast<int>(i0), static_cast<int>(i1), after,
                   scratch_[static_cast<size_t>(thread)].data());
 }
 
 void Program::commit_attention(const Region& r, int64_t piece, int thread) {
   const Instr& ins = code_[static_cast<size_t>(r.instr)];
-  const int64_t kvh = ins.kv_heads, hd = ins.head_dim, group = ins.heads / ins.kv_heads;
-  const int64_t t = piece / kvh, h = piece % kvh, s = task_seq_[t], i0 = task_q0_[t];
-  const int64_t i1 = std::min<int64_t>(i0 + 16, step_.query_lens[s]);
-  copy_rows(ptr(ins.dst) + (query_starts_[s] + i0) * ld(ins.dst) + h * group * hd, ld(ins.dst),
-            staging_[static_cast<size_t>(thread)].data(), group * hd, i1 - i0, group * hd);
+  const int64_t width = static_cast<int64_t>(ins.heads / ins.kv_heads) * ins.head_dim;  // a kv head's queries
+  const AttnPiece task = attention_piece(ins, piece);
+  copy_rows(ptr(ins.dst) + (query_starts_[task.seq] + task.i0) * ld(ins.dst) + task.kvh * width, ld(ins.dst),
+            staging_[static_cast<size_t>(thread)].data(), width, task.i1 - task.i0, width);
 }
 
 // Staging per row and kv head: its value, then its key, head_dim cache elements each.

@@ -143,6 +143,11 @@ class Program : public RegionRunner {
   void for_piece_members(const Region& r, int64_t piece, Fn&& fn) const;
   void compute_gemm(const Region& r, int64_t piece, int thread, bool staged);
   void commit_gemm(const Region& r, int64_t piece, int thread);
+  // An attention region's piece: sequence, kv head and its query rows [i0, i1) (attention tasks).
+  struct AttnPiece {
+    int64_t seq, kvh, i0, i1;
+  };
+  AttnPiece attention_piece(const Instr& ins, int64_t piece) const;
   void compute_attention(const Region& r, int64_t piece, int64_t next, int thread, bool staged);
   void commit_attention(const Region& r, int64_t piece, int thread);
   void compute_store(const Region& r, int64_t piece, int thread);
