@@ -119,8 +119,7 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
 }
 
 template <int BITS, bool SUB16, bool SYM>
-void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, float* y, int64_t ldy) {
-  const PackedAct a = pack_act(qa, SUB16 ? 2 : 1, SYM ? -w.zero : 0);
+void gemm_variant(const QWeight& w, const PackedAct& a, int64_t c0, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   // Tiles in groups whose weights stay in L2 while every column block passes over them.
   const int64_t tile_bytes = w.tile_bytes(w.code_bytes_per_block());
   const int64_t group = a.cols <= 8 ? (t1 - t0) : (tile_bytes > 0 ? (256 * 1024) / tile_bytes + 1 : 1);
@@ -129,7 +128,7 @@ void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, floa
     // 16 columns a pass where there are: 16 accumulators beside the block's 8 code vectors fill the 32 zmm
     // registers, and each tile's codes are decoded and read from L2 half as often as with 8 (32 rows: the
     // GEMM 0.90-0.92x the time of 8-column passes, the Q8_0 head 0.75x, a 32-sequence step ~0.91x).
-    int64_t c = 0;
+    int64_t c = c0;
     for (; c + 16 <= a.cols; c += 16)
       for (int64_t t = g0; t < g1; ++t) tile_cols<16, BITS, SUB16, SYM>(w, a, t, c, y, ldy);
     if (c + 8 <= a.cols) {
@@ -154,25 +153,32 @@ void gemm_variant(const QWeight& w, const QAct& qa, int64_t t0, int64_t t1, floa
 namespace {
 
 template <int BITS>
-void gemm_bits(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+void gemm_bits(const QWeight& w, const PackedAct& a, int64_t c0, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   const bool s16 = w.sub16 != 0, sym = w.offsets == nullptr;
   if (s16) {
-    sym ? gemm_variant<BITS, true, true>(w, a, t0, t1, y, ldy) : gemm_variant<BITS, true, false>(w, a, t0, t1, y, ldy);
+    sym ? gemm_variant<BITS, true, true>(w, a, c0, t0, t1, y, ldy)
+        : gemm_variant<BITS, true, false>(w, a, c0, t0, t1, y, ldy);
   } else {
-    sym ? gemm_variant<BITS, false, true>(w, a, t0, t1, y, ldy)
-        : gemm_variant<BITS, false, false>(w, a, t0, t1, y, ldy);
+    sym ? gemm_variant<BITS, false, true>(w, a, c0, t0, t1, y, ldy)
+        : gemm_variant<BITS, false, false>(w, a, c0, t0, t1, y, ldy);
   }
 }
 
 }  // namespace
 
-void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+void gemm_avx512_columns(const QWeight& w, const PackedAct& a, int64_t c0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy) {
   switch (w.code_bits) {
-    case 4: gemm_bits<4>(w, a, t0, t1, y, ldy); break;
-    case 5: gemm_bits<5>(w, a, t0, t1, y, ldy); break;
-    case 6: gemm_bits<6>(w, a, t0, t1, y, ldy); break;
-    default: gemm_bits<8>(w, a, t0, t1, y, ldy); break;
+    case 4: gemm_bits<4>(w, a, c0, t0, t1, y, ldy); break;
+    case 5: gemm_bits<5>(w, a, c0, t0, t1, y, ldy); break;
+    case 6: gemm_bits<6>(w, a, c0, t0, t1, y, ldy); break;
+    default: gemm_bits<8>(w, a, c0, t0, t1, y, ldy); break;
   }
+}
+
+void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
+  const PackedAct pa = pack_act(a, w.nsub(), w.offsets == nullptr ? -w.zero : 0);
+  gemm_avx512_columns(w, pa, 0, t0, t1, y, ldy);
 }
 
 void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
@@ -213,4 +219,7 @@ void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
 namespace llmc_qk {
 const OpsTable ops_avx512 = {"avx512", gemm_avx512, quantize_avx512, avx512::rms_norm, avx512::elementwise, avx512::rope,
                              avx512::attention, avx512::to_half};
+// AMX: the AVX-512 path's ops, and tile matrix multiplies where a GEMM has 16 columns or more (qk_amx.cpp).
+const OpsTable ops_amx = {"amx", gemm_amx, quantize_avx512, avx512::rms_norm, avx512::elementwise, avx512::rope,
+                          avx512::attention, avx512::to_half};
 }  // namespace llmc_qk

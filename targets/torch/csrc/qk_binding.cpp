@@ -38,6 +38,7 @@ bool cpu_has_avx512() {
 
 std::vector<Isa> supported_isas() {  // best first
   std::vector<Isa> out;
+  if (cpu_has_avx512() && amx_enable()) out.push_back({"amx", gemm_amx, quantize_avx512, &ops_amx});
   if (cpu_has_avx512()) out.push_back({"avx512", gemm_avx512, quantize_avx512, &ops_avx512});
   if (cpu_has_avx2()) out.push_back({"avx2", gemm_avx2, quantize_avx2, &ops_avx2});
   out.push_back({"scalar", gemm_scalar, quantize_scalar, &ops_scalar});

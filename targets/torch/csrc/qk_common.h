@@ -119,6 +119,16 @@ void quantize_avx2(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t 
 void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
 void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
                      ActMeta* meta);
+// The AVX-512 kernel over columns [c0, a.cols) of activations already packed for w (pack_act(a, w.nsub(),
+// symmetric ? -w.zero : 0)): the AMX path's columns past its last full group of 16.
+void gemm_avx512_columns(const QWeight& w, const PackedAct& a, int64_t c0, int64_t t0, int64_t t1, float* y,
+                         int64_t ldy);
+// AMX-INT8 tile multiplies for each full group of 16 columns, the AVX-512 kernel for the rest: the same
+// integer block sums, so the same bits. Only called once amx_enable() returned true.
+void gemm_amx(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
+// Whether this CPU and its OS run AMX-INT8 tiles, asking the kernel (Linux) for the tile state's permission
+// on first use; false on other systems.
+bool amx_enable();
 
 // Attention over the paged KV cache (one layer): see attention() in qk_ops.h.
 struct AttnArgs {
@@ -176,6 +186,7 @@ struct OpsTable {
 extern const OpsTable ops_scalar;
 extern const OpsTable ops_avx2;
 extern const OpsTable ops_avx512;
+extern const OpsTable ops_amx;
 
 // float16 <-> float32 without F16C (scalar path and layout building).
 float half_to_float(uint16_t h);
