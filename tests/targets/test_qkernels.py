@@ -15,7 +15,9 @@ path this CPU has (AVX-512 VNNI, AVX2, portable C++). Two properties are checked
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
 import threading
 import time
 from pathlib import Path
@@ -196,6 +198,29 @@ def test_activation_quantization_is_the_same_on_every_path(kernels) -> None:
     nonzero = d > 0
     assert np.all(np.abs(q * d[..., None] - blocks)[nonzero] <= (d[..., None] * 0.50001 + 1e-30)[nonzero])
     assert not q[1].any() and not q[:, 2, 70 - 64:].any()  # zero rows and the padding quantize to 0
+
+
+def _os_grants_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX-INT8 with AVX-512 VNNI and Linux grants the tile data (an
+    independent check of the extension's detection)."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    have = set(flags.split(":", 1)[1].split())
+    if not {"amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= have:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+    return libc.syscall(sys_arch_prctl, req_xcomp_perm, xtiledata) == 0
+
+
+def test_amx_is_the_first_path_where_cpu_and_os_grant_it(kernels) -> None:
+    assert ("amx" in qkernels.isa_paths()) == _os_grants_amx()
+    if "amx" in qkernels.isa_paths():
+        assert qkernels.isa_paths()[:2] == ["amx", "avx512"]
 
 
 def test_unknown_or_missing_path_is_refused(kernels) -> None:
