@@ -58,6 +58,8 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+static_assert(sizeof(TileConfig) == 64, "the LDTILECFG operand is 64 bytes");
+
 TileConfig tile_config(bool sub16) {
   TileConfig c;
   const int k_bytes = sub16 ? 16 : 32;
@@ -191,7 +193,19 @@ void tile_group(const QWeight& w, const PackedAct& a, const uint8_t* codes8, int
   __m512 acc[kCols];
 #pragma GCC unroll 16
   for (int c = 0; c < kCols; ++c) acc[c] = _mm512_setzero_ps();
+  // The first group asks for the next tile's codes, scales and offsets a block at a time, as it goes: at 32
+  // columns a tile takes about as long as its successor's bytes take to come from memory.
+  const bool fetch = c0 == 0 && t + 1 < w.tiles;
+  const int64_t cb = w.code_bytes_per_block(), esz = f16 ? 2 : 4, sblock = nsub * kRows * esz;
+  const char* next_codes = reinterpret_cast<const char*>(w.codes) + (t + 1) * nb * cb;
+  const char* next_scales = static_cast<const char*>(w.scales) + (sbase + nb * nsub * kRows) * esz;
+  const char* next_offsets = SYM ? nullptr : static_cast<const char*>(w.offsets) + (sbase + nb * nsub * kRows) * esz;
   const auto issue = [&](int64_t b) {
+    if (fetch) {
+      for (int64_t l = 0; l < cb; l += 64) _mm_prefetch(next_codes + b * cb + l, _MM_HINT_T0);
+      _mm_prefetch(next_scales + b * sblock, _MM_HINT_T0);
+      if (!SYM) _mm_prefetch(next_offsets + b * sblock, _MM_HINT_T0);
+    }
     const int8_t* q = a.q + (b * a.cols + c0) * kBlock;
     if (b & 1)
       multiply_block<SUB16, SYM, 1>(q, codes8 + b * 512, sums[1]);
@@ -244,16 +258,20 @@ void gemm_amx(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y,
   const PackedAct pa = pack_act(a, w.nsub(), w.offsets == nullptr ? -w.zero : 0);
   const int64_t full = a.cols / kCols * kCols;
   if (full > 0) {
-    // Loaded on every call: another library (oneDNN, say) may have configured this thread's tiles since.
-    const TileConfig config = tile_config(w.sub16 != 0);
-    _tile_loadconfig(&config);
+    // Loaded where this thread's tiles are configured otherwise (by another shape of weight, or by another
+    // library such as oneDNN): reading the configuration costs ~7 ns, loading it and releasing the tiles
+    // ~80 ns a call, and a step makes thousands of calls. The tiles stay configured after the call.
+    alignas(64) static const TileConfig configs[2] = {tile_config(false), tile_config(true)};
+    const TileConfig& config = configs[w.sub16 != 0];
+    alignas(64) TileConfig current;
+    _tile_storeconfig(&current);
+    if (std::memcmp(&current, &config, sizeof(TileConfig)) != 0) _tile_loadconfig(&config);
     switch (w.code_bits) {
       case 4: gemm_bits<4>(w, pa, t0, t1, y, ldy); break;
       case 5: gemm_bits<5>(w, pa, t0, t1, y, ldy); break;
       case 6: gemm_bits<6>(w, pa, t0, t1, y, ldy); break;
       default: gemm_bits<8>(w, pa, t0, t1, y, ldy); break;
     }
-    _tile_release();
   }
   if (full < a.cols) gemm_avx512_columns(w, pa, full, t0, t1, y, ldy);
 }
