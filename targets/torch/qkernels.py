@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("qk_binding.cpp", "qk_pool.cpp", "qk_program.cpp", "qk_scalar.cpp", "qk_avx2.cpp", "qk_avx512.cpp",
            "qk_amx.cpp")
-HEADERS = ("qk_common.h", "qk_ops.h", "qk_pool.h", "qk_program.h")
+HEADERS = ("qk_common.h", "qk_avx512_codes.h", "qk_ops.h", "qk_pool.h", "qk_program.h")
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno")
 """No ``-march``: ISA-specific code is compiled per function (``#pragma GCC target``) and chosen at
 run time, and ``-ffp-contract=off`` keeps every path's float arithmetic identical."""

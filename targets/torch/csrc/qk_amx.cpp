@@ -41,6 +41,8 @@ bool amx_enable() {
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c,amx-tile,amx-int8")
 
+#include "qk_avx512_codes.h"
+
 namespace llmc_qk {
 namespace {
 
@@ -82,45 +84,34 @@ TileConfig tile_config(bool sub16) {
 // One block's integer sums of 16 columns (A: a column's int8 values a row, stride 32) by 16 rows (B: the
 // block's 512 code bytes) into sums[0] (inputs 0-31, or 0-15 with sub16) and sums[1] (sub16: 16-31).
 // Signed codes (symmetric weights, already u - zero) multiply as signed bytes, others as unsigned.
+// The tile multiply of signed (tdpbssd) or unsigned (tdpbsud) codes; register numbers are literals.
+#define LLMC_AMX_DP(c, a, b) \
+  if constexpr (SIGNED) _tile_dpbssd(c, a, b); else _tile_dpbsud(c, a, b)
+// 32 inputs on set (c, a, b): sums[0].
+#define LLMC_AMX_BLOCK32(c, a, b) \
+  _tile_zero(c); _tile_loadd(a, q, kBlock); _tile_loadd(b, codes, 64); LLMC_AMX_DP(c, a, b); \
+  _tile_stored(c, sums[0], kRows * 4)
+// Inputs 0-15 and 16-31 into sums c0 and c1, from A 2 and 3 and B 4 and 5 (loaded before): sums[0], sums[1].
+#define LLMC_AMX_BLOCK16(c0, c1) \
+  _tile_zero(c0); _tile_zero(c1); LLMC_AMX_DP(c0, 2, 4); LLMC_AMX_DP(c1, 3, 5); \
+  _tile_stored(c0, sums[0], kRows * 4); _tile_stored(c1, sums[1], kRows * 4)
+
 template <bool SUB16, bool SIGNED, int SET>
 inline void multiply_block(const int8_t* q, const uint8_t* codes, int32_t (*sums)[kCols * kRows]) {
-  constexpr int ld = kRows * 4;
   if constexpr (!SUB16) {
-    if constexpr (SET == 0) {
-      _tile_zero(0);
-      _tile_loadd(2, q, kBlock);
-      _tile_loadd(4, codes, 64);
-      if constexpr (SIGNED) _tile_dpbssd(0, 2, 4); else _tile_dpbsud(0, 2, 4);
-      _tile_stored(0, sums[0], ld);
-    } else {
-      _tile_zero(1);
-      _tile_loadd(3, q, kBlock);
-      _tile_loadd(5, codes, 64);
-      if constexpr (SIGNED) _tile_dpbssd(1, 3, 5); else _tile_dpbsud(1, 3, 5);
-      _tile_stored(1, sums[0], ld);
-    }
+    if constexpr (SET == 0) { LLMC_AMX_BLOCK32(0, 2, 4); } else { LLMC_AMX_BLOCK32(1, 3, 5); }
   } else {
     _tile_loadd(2, q, kBlock);
     _tile_loadd(3, q + 16, kBlock);
     _tile_loadd(4, codes, 64);
     _tile_loadd(5, codes + 256, 64);
-    if constexpr (SET == 0) {
-      _tile_zero(0);
-      _tile_zero(1);
-      if constexpr (SIGNED) { _tile_dpbssd(0, 2, 4); _tile_dpbssd(1, 3, 5); }
-      else { _tile_dpbsud(0, 2, 4); _tile_dpbsud(1, 3, 5); }
-      _tile_stored(0, sums[0], ld);
-      _tile_stored(1, sums[1], ld);
-    } else {
-      _tile_zero(6);
-      _tile_zero(7);
-      if constexpr (SIGNED) { _tile_dpbssd(6, 2, 4); _tile_dpbssd(7, 3, 5); }
-      else { _tile_dpbsud(6, 2, 4); _tile_dpbsud(7, 3, 5); }
-      _tile_stored(6, sums[0], ld);
-      _tile_stored(7, sums[1], ld);
-    }
+    if constexpr (SET == 0) { LLMC_AMX_BLOCK16(0, 1); } else { LLMC_AMX_BLOCK16(6, 7); }
   }
 }
+
+#undef LLMC_AMX_BLOCK16
+#undef LLMC_AMX_BLOCK32
+#undef LLMC_AMX_DP
 
 inline __m512 load_scales(const void* base, int64_t index, bool f16) {
   if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
@@ -136,28 +127,11 @@ const uint8_t* tile_bytes8(const QWeight& w, int64_t t, uint8_t* buf) {
   constexpr int64_t cb = code_block_bytes(BITS);
   const uint8_t* codes = w.codes + t * w.blocks * cb;
   if (BITS == 8 && !SYM) return codes;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i zero = _mm512_set1_epi8(static_cast<char>(SYM ? w.zero : 0));
   for (int64_t b = 0; b < w.blocks; ++b) {
     const uint8_t* src = codes + b * cb;
     __m512i wv[8];
-    if (BITS == 8) {
-      for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(src + j * 64);
-    } else {
-      for (int j = 0; j < 4; ++j) {
-        const __m512i p = _mm512_loadu_si512(src + j * 64);
-        wv[j] = _mm512_and_si512(p, m4);
-        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
-      }
-      for (int plane = 0; plane < BITS - 4; ++plane) {  // bit 4 + plane of each code, one mask bit a byte
-        const __m512i bit = _mm512_set1_epi8(static_cast<char>(0x10 << plane));
-        for (int j = 0; j < 8; ++j) {
-          uint64_t m;
-          std::memcpy(&m, src + 256 + plane * 64 + j * 8, 8);
-          wv[j] = _mm512_or_si512(wv[j], _mm512_maskz_mov_epi8(static_cast<__mmask64>(m), bit));
-        }
-      }
-    }
+    decode_block<BITS>(src, wv);
     for (int j = 0; j < 8; ++j) {
       if (SYM) wv[j] = _mm512_sub_epi8(wv[j], zero);  // wraps to the signed byte u - zero
       _mm512_storeu_si512(buf + b * 512 + j * 64, wv[j]);

@@ -12,6 +12,8 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")
 
+#include "qk_avx512_codes.h"
+
 namespace llmc_qk {
 namespace {
 
@@ -38,7 +40,6 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
   const int nsub = SUB16 ? 2 : 1;
   const int64_t sbase = t * nb * nsub * kRows;
   const bool f16 = w.f16_scales != 0;
-  const __m512i m4 = _mm512_set1_epi8(0x0F);
   __m512 acc[NC];
 #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
@@ -53,23 +54,7 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
       if (!SYM) _mm_prefetch(obytes + (b + kAhead) * nsub * kRows * esz, _MM_HINT_T0);
     }
     __m512i wv[8];
-    if (BITS == 8) {
-      for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(codes + b * 512 + j * 64);
-    } else {
-      for (int j = 0; j < 4; ++j) {
-        const __m512i p = _mm512_loadu_si512(codes + b * cb + j * 64);
-        wv[j] = _mm512_and_si512(p, m4);
-        wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(p, 4), m4);
-      }
-      for (int plane = 0; plane < BITS - 4; ++plane) {  // bit 4 + plane of each code, one mask bit a byte
-        const __m512i bit = _mm512_set1_epi8(static_cast<char>(0x10 << plane));
-        for (int j = 0; j < 8; ++j) {
-          uint64_t m;
-          std::memcpy(&m, codes + b * cb + 256 + plane * 64 + j * 8, 8);
-          wv[j] = _mm512_or_si512(wv[j], _mm512_maskz_mov_epi8(static_cast<__mmask64>(m), bit));
-        }
-      }
-    }
+    decode_block<BITS>(codes + b * cb, wv);
     const int64_t si = sbase + b * nsub * kRows;
     const __m512 s0 = load_scales(w.scales, si, f16);
     const __m512 s1 = SUB16 ? load_scales(w.scales, si + kRows, f16) : s0;
