@@ -1,9 +1,10 @@
 // AMX-INT8 path of the int8-activation kernels (qk_common.h), for GEMMs of 16 columns or more.
-// One tile multiply (tdpbsud) takes a block of 32 inputs of 16 columns (the A tile: a column's 32 int8
-// activations a row) against the block of a weight tile (the B tile: 8 rows of 64 bytes, byte r*4 + i of
-// row j the code u(r, 4j + i), which is the 8-bit kernel layout as stored) and gives the 16 x 16 exact
-// integer sums S. The sums go through memory into zmm registers, where each is scaled and added in the
-// order every other path uses: so the same bits as the AVX-512, AVX2 and scalar paths.
+// One tile multiply (tdpbssd for symmetric codes, tdpbsud for the others) takes a block of 32 inputs of
+// 16 columns (the A tile: a column's 32 int8 activations a row) against the block of a weight tile (the B
+// tile: 8 rows of 64 bytes, byte r*4 + i of row j the code u(r, 4j + i), which is the 8-bit kernel layout)
+// and gives the 16 x 16 exact integer sums S. The sums go through memory into zmm registers, where each is
+// scaled and added in the order every other path uses: so the same bits as the AVX-512, AVX2 and scalar
+// paths.
 // Codes are widened to bytes once per tile (symmetric ones to signed u - zero, which folds the zero point's
 // correction into the integer sum: the same integer), into the thread's scratch, and every column group
 // reads them from there. Scales per 16 inputs (sub16) take two multiplies of 16 inputs a block.
