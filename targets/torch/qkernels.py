@@ -4,8 +4,8 @@ The extension (``csrc/qk_*.cpp``) keeps each quantized weight in a kernel layout
 (:class:`KernelWeight`: 16 interleaved rows per tile, codes of 4 or 8 bits, a scale and offset per
 16 or 32 inputs) that holds every GGUF block type llmc runs and llmc's own int4/int8 groups
 exactly. A matmul quantizes the activations once per call to int8 in blocks of 32 (as llama.cpp
-does) and computes exact integer dot products: AMX-INT8 tile multiplies (``tdpbsud``, for groups of
-16 rows and more; the OS must grant the tile state), AVX-512 VNNI (``vpdpbusd``), AVX2
+does) and computes exact integer dot products: AMX-INT8 tile multiplies (``tdpbssd``/``tdpbsud``, for groups
+of 16 rows and more; the OS must grant the tile state), AVX-512 VNNI (``vpdpbusd``), AVX2
 (``vpmaddubsw``/``vpmaddwd``) or portable C++, chosen at run time from the CPU's features (the
 build never assumes the CPU it runs on: the cached library is valid on any x86-64). All the
 paths give identical results. ``LLMC_CPU_ISA=scalar|avx2|avx512|amx`` (or :func:`use_isa`) forces

@@ -2,7 +2,7 @@
 
 Every quantized weight form the torch target runs (the GGUF block types and llmc's own int4/int8
 groups), on random and on SmolLM2's real tensors, for 1, 7, 32 and 128 input rows, on every kernel
-path this CPU has (AVX-512 VNNI, AVX2, portable C++). Two properties are checked:
+path this CPU has (AMX-INT8, AVX-512 VNNI, AVX2, portable C++). Two properties are checked:
 
 * every path gives the same bits as the portable one (they do the same integer dot products and
   the same float operations in the same order);

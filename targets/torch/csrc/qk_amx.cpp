@@ -82,9 +82,6 @@ TileConfig tile_config(bool sub16) {
   return c;
 }
 
-// One block's integer sums of 16 columns (A: a column's int8 values a row, stride 32) by 16 rows (B: the
-// block's 512 code bytes) into sums[0] (inputs 0-31, or 0-15 with sub16) and sums[1] (sub16: 16-31).
-// Signed codes (symmetric weights, already u - zero) multiply as signed bytes, others as unsigned.
 // The tile multiply of signed (tdpbssd) or unsigned (tdpbsud) codes; register numbers are literals.
 #define LLMC_AMX_DP(c, a, b) \
   if constexpr (SIGNED) _tile_dpbssd(c, a, b); else _tile_dpbsud(c, a, b)
@@ -97,6 +94,9 @@ TileConfig tile_config(bool sub16) {
   _tile_zero(c0); _tile_zero(c1); LLMC_AMX_DP(c0, 2, 4); LLMC_AMX_DP(c1, 3, 5); \
   _tile_stored(c0, sums[0], kRows * 4); _tile_stored(c1, sums[1], kRows * 4)
 
+// One block's integer sums of 16 columns (A: a column's int8 values a row, stride 32) by 16 rows (B: the
+// block's 512 code bytes) into sums[0] (inputs 0-31, or 0-15 with sub16) and sums[1] (sub16: 16-31).
+// Signed codes (symmetric weights, already u - zero) multiply as signed bytes, others as unsigned.
 template <bool SUB16, bool SIGNED, int SET>
 inline void multiply_block(const int8_t* q, const uint8_t* codes, int32_t (*sums)[kCols * kRows]) {
   if constexpr (!SUB16) {
@@ -113,12 +113,6 @@ inline void multiply_block(const int8_t* q, const uint8_t* codes, int32_t (*sums
 #undef LLMC_AMX_BLOCK16
 #undef LLMC_AMX_BLOCK32
 #undef LLMC_AMX_DP
-
-inline __m512 load_scales(const void* base, int64_t index, bool f16) {
-  if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-      static_cast<const uint16_t*>(base) + index)));
-  return _mm512_loadu_ps(static_cast<const float*>(base) + index);
-}
 
 // Tile t's codes as bytes in the 8-bit layout: symmetric weights as signed u - zero (exact: |u - zero| < 128
 // for every symmetric format), others as the unsigned codes; the stored codes themselves where they are
@@ -201,8 +195,7 @@ void tile_group(const QWeight& w, const PackedAct& a, const uint8_t* codes8, int
       add_part<SYM>(sums[b & 1][1], s1, o1, a.d + i0, a.sx + i0 * nsub + 1, nsub, acc);
     }
   }
-  const int64_t left = w.out - t * kRows;
-  const __mmask16 mask = left >= kRows ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 mask = valid_rows(w, t);
 #pragma GCC unroll 16
   for (int c = 0; c < kCols; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * ldy + t * kRows, mask, acc[c]);
 }

@@ -19,12 +19,6 @@ namespace {
 
 constexpr int64_t kAhead = 24;  // blocks prefetched ahead by the few-column kernels
 
-inline __m512 load_scales(const void* base, int64_t index, bool f16) {
-  if (f16) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-      static_cast<const uint16_t*>(base) + index)));
-  return _mm512_loadu_ps(static_cast<const float*>(base) + index);
-}
-
 inline __m512i bcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -97,8 +91,7 @@ void tile_cols(const QWeight& w, const PackedAct& a, int64_t t, int64_t c0, floa
       }
     }
   }
-  const int64_t left = w.out - t * kRows;
-  const __mmask16 mask = left >= kRows ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  const __mmask16 mask = valid_rows(w, t);
 #pragma GCC unroll 16
   for (int c = 0; c < NC; ++c) _mm512_mask_storeu_ps(y + (c0 + c) * ldy + t * kRows, mask, acc[c]);
 }
