@@ -146,8 +146,8 @@ inline void add_part(const int32_t* sums, __m512 scale, __m512 offset, const flo
   }
 }
 
-// Tile t against columns [c0, c0 + 16), its codes as bytes at `codes8` (blocks x 512, widen_tile's layout). Block
-// b + 1's multiplies are issued before block b's sums are scaled, on the other set of tile registers.
+// Tile t against columns [c0, c0 + 16), its codes as bytes at `codes8` (blocks x 512, widen_tile's layout).
+// Block b + 1's multiplies are issued before block b's sums are scaled, on the other set of tile registers.
 template <bool SUB16, bool SYM>
 void tile_group(const QWeight& w, const PackedAct& a, const uint8_t* codes8, int64_t t, int64_t c0, float* y,
                 int64_t ldy) {
@@ -159,8 +159,8 @@ void tile_group(const QWeight& w, const PackedAct& a, const uint8_t* codes8, int
   __m512 acc[kCols];
 #pragma GCC unroll 16
   for (int c = 0; c < kCols; ++c) acc[c] = _mm512_setzero_ps();
-  // The first group asks for the next tile's codes, scales and offsets a block at a time, as it goes: at 32
-  // columns a tile takes about as long as its successor's bytes take to come from memory.
+  // The first group asks for the next tile's codes, scales and offsets a block at a time, so that they come
+  // from memory while this tile computes.
   const bool fetch = c0 == 0 && t + 1 < w.tiles;
   const int64_t cb = w.code_bytes_per_block(), esz = f16 ? 2 : 4, sblock = nsub * kRows * esz;
   const char* next_codes = reinterpret_cast<const char*>(w.codes) + (t + 1) * nb * cb;
@@ -201,20 +201,21 @@ void tile_group(const QWeight& w, const PackedAct& a, const uint8_t* codes8, int
 // meanwhile), then every other group passes over the span's tiles. Up to 2 groups a span is one tile, whose
 // widened codes stay in L1 (spans of L2's size measured slower at 16 and 32 rows). With more, a span's codes
 // fill L2, so each group's activations stay in L1 across the span and its outputs touch 16 rows of y at a
-// time, not all the columns' (the 49152 x 576 head at 128 rows: 0.90x of AVX-512 tile by tile, 1.33x so).
+// time, not all the columns' (the 49152 x 576 head at 128 rows: 0.90x of AVX-512 tile by tile, 1.32x so).
 template <int BITS, bool SUB16, bool SYM>
 void gemm_tiles(const QWeight& w, const PackedAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy) {
   const int64_t groups = a.cols / kCols, tile_codes = w.blocks * 512;
   const int64_t fit = (256 * 1024) / tile_codes, span = groups > 2 && fit > 1 ? fit : 1;
   constexpr bool widened = BITS != 8 || SYM;  // else the stored codes are read as they are
   uint8_t* buf = widened ? thread_scratch(span * tile_codes) : nullptr;
+  const auto slot = [&](int64_t t, int64_t s0) { return buf + (t - s0) * tile_codes; };  // widened only
   const auto codes_of = [&](int64_t t, int64_t s0) -> const uint8_t* {
-    return widened ? buf + (t - s0) * tile_codes : w.codes + t * tile_codes;
+    return widened ? slot(t, s0) : w.codes + t * tile_codes;
   };
   for (int64_t s0 = t0; s0 < t1; s0 += span) {
     const int64_t s1 = s0 + span < t1 ? s0 + span : t1;
     for (int64_t t = s0; t < s1; ++t) {
-      if (widened) widen_tile<BITS, SYM>(w, t, buf + (t - s0) * tile_codes);
+      if (widened) widen_tile<BITS, SYM>(w, t, slot(t, s0));
       tile_group<SUB16, SYM>(w, a, codes_of(t, s0), t, 0, y, ldy);
     }
     for (int64_t g = 1; g < groups; ++g)
