@@ -17,7 +17,7 @@ from llmc.compiler.version import __version__
 
 SOFTWARE = ("numpy", "torch", "onnxruntime", "onnxruntime-genai", "transformers", "llama-cpp-python", "apache-tvm",
             "gguf", "safetensors", "tokenizers")
-_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+_CPU_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
 def _cpu_model() -> str:

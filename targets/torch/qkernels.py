@@ -5,11 +5,11 @@ The extension (``csrc/qk_*.cpp``) keeps each quantized weight in a kernel layout
 16 or 32 inputs) that holds every GGUF block type llmc runs and llmc's own int4/int8 groups
 exactly. A matmul quantizes the activations once per call to int8 in blocks of 32 (as llama.cpp
 does) and computes exact integer dot products: AMX-INT8 tile multiplies (``tdpbssd``/``tdpbsud``, for groups
-of 16 rows and more; the OS must grant the tile state), AVX-512 VNNI (``vpdpbusd``), AVX2
-(``vpmaddubsw``/``vpmaddwd``) or portable C++, chosen at run time from the CPU's features (the
-build never assumes the CPU it runs on: the cached library is valid on any x86-64). All the
-paths give identical results. ``LLMC_CPU_ISA=scalar|avx2|avx512|amx`` (or :func:`use_isa`) forces
-one.
+of 16 rows and more; the OS must grant the tile state), AVX-512 VNNI (``vpdpbusd``), AVX-VNNI (the
+same instruction on 256 bits: Intel cores without AVX-512), AVX2 (``vpmaddubsw``/``vpmaddwd``) or
+portable C++, chosen at run time from the CPU's features (the build never assumes the CPU it runs
+on: the cached library is valid on any x86-64). All the paths give identical results.
+``LLMC_CPU_ISA=scalar|avx2|avxvnni|avx512|amx`` (or :func:`use_isa`) forces one.
 
 Error bound of the int8 activations, per output: each activation block of 32 values is rounded
 to ``d * q`` with ``d = max|x| / 127``, an error of at most ``d / 2`` per value, so an output
@@ -51,9 +51,9 @@ from llmc.compiler.progress import message
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("qk_binding.cpp", "qk_pool.cpp", "qk_program.cpp", "qk_scalar.cpp", "qk_avx2.cpp", "qk_avx512.cpp",
-           "qk_amx.cpp")
-HEADERS = ("qk_common.h", "qk_avx512_codes.h", "qk_ops.h", "qk_pool.h", "qk_program.h")
+SOURCES = ("qk_binding.cpp", "qk_pool.cpp", "qk_program.cpp", "qk_scalar.cpp", "qk_avx2.cpp", "qk_avxvnni.cpp",
+           "qk_avx512.cpp", "qk_amx.cpp")
+HEADERS = ("qk_common.h", "qk_avx2_gemm.h", "qk_avx512_codes.h", "qk_ops.h", "qk_pool.h", "qk_program.h")
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG", "-ffp-contract=off", "-fno-math-errno")
 """No ``-march``: ISA-specific code is compiled per function (``#pragma GCC target``) and chosen at
 run time, and ``-ffp-contract=off`` keeps every path's float arithmetic identical."""
@@ -204,7 +204,7 @@ def _module_or_raise() -> ModuleType:
 
 
 def isa_paths() -> list[str]:
-    """The kernel paths this CPU runs, best first (a subset of ``amx``, ``avx512``, ``avx2``, ``scalar``)."""
+    """The kernel paths this CPU runs, best first (of ``amx``, ``avx512``, ``avxvnni``, ``avx2``, ``scalar``)."""
     return list(_module_or_raise().isa_paths())
 
 

@@ -200,17 +200,21 @@ def test_activation_quantization_is_the_same_on_every_path(kernels) -> None:
     assert not q[1].any() and not q[:, 2, 70 - 64:].any()  # zero rows and the padding quantize to 0
 
 
-def _os_grants_amx() -> bool:
-    """Whether /proc/cpuinfo lists AMX-INT8 with AVX-512 VNNI and Linux grants the tile data (an
-    independent check of the extension's detection)."""
+def _cpu_flags() -> set[str]:
+    """The flags /proc/cpuinfo lists (empty off Linux x86-64): an independent check of the extension's
+    detection."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
-        return False
+        return set()
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    have = set(flags.split(":", 1)[1].split())
-    if not {"amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= have:
+        return set()
+    return set(flags.split(":", 1)[1].split())
+
+
+def _os_grants_amx() -> bool:
+    """Whether /proc/cpuinfo lists AMX-INT8 with AVX-512 VNNI and Linux grants the tile data."""
+    if not {"amx_tile", "amx_int8", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= _cpu_flags():
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     sys_arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
@@ -221,6 +225,13 @@ def test_amx_is_the_first_path_where_cpu_and_os_grant_it(kernels) -> None:
     assert ("amx" in qkernels.isa_paths()) == _os_grants_amx()
     if "amx" in qkernels.isa_paths():
         assert qkernels.isa_paths()[:2] == ["amx", "avx512"]
+
+
+def test_avxvnni_is_listed_where_the_cpu_has_it_just_before_avx2(kernels) -> None:
+    paths = qkernels.isa_paths()
+    assert ("avxvnni" in paths) == ({"avx2", "fma", "f16c", "avx_vnni"} <= _cpu_flags())
+    if "avxvnni" in paths:
+        assert paths.index("avxvnni") + 1 == paths.index("avx2")
 
 
 def test_unknown_or_missing_path_is_refused(kernels) -> None:

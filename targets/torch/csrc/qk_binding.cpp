@@ -29,6 +29,11 @@ bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
 
+bool cpu_has_avxvnni() {
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+}
+
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -40,6 +45,7 @@ std::vector<Isa> supported_isas() {  // best first
   std::vector<Isa> out;
   if (cpu_has_avx512() && amx_enable()) out.push_back({"amx", gemm_amx, quantize_avx512, &ops_amx});
   if (cpu_has_avx512()) out.push_back({"avx512", gemm_avx512, quantize_avx512, &ops_avx512});
+  if (cpu_has_avxvnni()) out.push_back({"avxvnni", gemm_avxvnni, quantize_avx2, &ops_avxvnni});
   if (cpu_has_avx2()) out.push_back({"avx2", gemm_avx2, quantize_avx2, &ops_avx2});
   out.push_back({"scalar", gemm_scalar, quantize_scalar, &ops_scalar});
   return out;

@@ -116,6 +116,8 @@ void quantize_scalar(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_
 void gemm_avx2(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
 void quantize_avx2(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
                    ActMeta* meta);
+// qk_avx2.cpp's GEMM with vpdpbusd (AVX-VNNI, 256-bit): the same integer block sums, so the same bits.
+void gemm_avxvnni(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
 void gemm_avx512(const QWeight& w, const QAct& a, int64_t t0, int64_t t1, float* y, int64_t ldy);
 void quantize_avx512(const float* x, int64_t ldx, int64_t in, int64_t c0, int64_t c1, int64_t blocks, int8_t* q,
                      ActMeta* meta);
@@ -185,6 +187,7 @@ struct OpsTable {
 
 extern const OpsTable ops_scalar;
 extern const OpsTable ops_avx2;
+extern const OpsTable ops_avxvnni;
 extern const OpsTable ops_avx512;
 extern const OpsTable ops_amx;
 
