@@ -11,7 +11,7 @@
 // Compiled for these instructions by the including unit's pragma; only called after a run-time CPU check.
 // With AVX-VNNI every code takes one vpdpbusd per code vector and column (u8 x s8, 4 products summed into
 // int32: no int16 stage, no sign trick), the same exact integer sums, so the same bits as every path.
-#pragma once
+// No include guard: the header is parameterized by those two macros, and each unit includes it once.
 #ifndef LLMC_QK_AVX2_GEMM
 #error "define LLMC_QK_AVX2_GEMM (the entry point's name) before including qk_avx2_gemm.h"
 #endif
